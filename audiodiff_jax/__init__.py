@@ -1,0 +1,1 @@
+"""audiodiff-jax: latent audio diffusion transformers trained on device meshes."""

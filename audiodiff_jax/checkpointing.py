@@ -1,0 +1,152 @@
+"""Orbax checkpoints of a training run (DESIGN.md contract 4).
+
+A run's checkpoints live in ``WORKDIR/checkpoints``, one Orbax step directory per
+saved step, each holding these items:
+
+- ``state``: the train state (params, optimizer state, EMA params, step, RNG), saved
+  sharded from every process;
+- ``data_iter``: the Grain iterator state of every process (one JSON file each);
+- ``config``: the resolved config as JSON;
+- ``dataset_card``: the dataset card of the latents the run trained on.
+
+Saves are asynchronous: ``save`` returns once device arrays are copied to host memory
+and the write goes on in the background. Orbax writes each step into a temporary
+directory and renames it when every process has finished, so a step that was being
+written when a job died is never listed as complete.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import grain
+import jax
+import orbax.checkpoint as ocp
+from absl import logging
+from etils import epath
+
+ITEMS = ("state", "data_iter", "config", "dataset_card")
+
+
+def checkpoint_dir(workdir: str) -> epath.Path:
+    return epath.Path(workdir) / "checkpoints"
+
+
+class RunCheckpointer:
+    """Saves and restores one run's checkpoints."""
+
+    def __init__(self, workdir: str, *, keep_last: int, keep_every: int, async_save: bool):
+        options = ocp.CheckpointManagerOptions(
+            max_to_keep=keep_last,
+            keep_period=keep_every or None,
+            enable_async_checkpointing=async_save,
+            create=True,
+        )
+        self.directory = checkpoint_dir(workdir)
+        self.manager = ocp.CheckpointManager(self.directory, options=options, item_names=ITEMS)
+
+    def latest_step(self) -> int | None:
+        return self.manager.latest_step()
+
+    def all_steps(self) -> list[int]:
+        return list(self.manager.all_steps())
+
+    def save(
+        self,
+        step: int,
+        state: Any,
+        data_iter: grain.DatasetIterator,
+        config: dict,
+        dataset_card: dict,
+    ) -> bool:
+        """Starts saving ``step``; returns whether a save was started."""
+        args = ocp.args.Composite(
+            state=ocp.args.StandardSave(state),
+            data_iter=grain.checkpoint.CheckpointSave(data_iter),
+            config=ocp.args.JsonSave(config),
+            dataset_card=ocp.args.JsonSave(dataset_card),
+        )
+        saved = self.manager.save(step, args=args, force=True)
+        if saved:
+            logging.info("checkpoint: saving step %d to %s (async)", step, self.directory)
+        return saved
+
+    def restore(self, step: int, abstract_state: Any, data_iter: grain.DatasetIterator) -> Any:
+        """Restores the train state onto the shardings of ``abstract_state``, and the
+        iterator in place. Returns the state."""
+        args = ocp.args.Composite(
+            state=ocp.args.StandardRestore(abstract_state),
+            data_iter=grain.checkpoint.CheckpointRestore(data_iter),
+        )
+        restored = self.manager.restore(step, args=args)
+        return restored.state
+
+    def wait(self) -> None:
+        self.manager.wait_until_finished()
+
+    def close(self) -> None:
+        self.manager.wait_until_finished()
+        self.manager.close()
+
+
+def _resolve_step_dir(path: str) -> tuple[epath.Path, int]:
+    """``path`` is a run workdir, its ``checkpoints`` folder, or one step folder."""
+    p = epath.Path(path)
+    if not p.exists():
+        raise FileNotFoundError(f"train.init_from={path!r} does not exist")
+    for root in (p / "checkpoints", p):
+        if root.is_dir():
+            steps = ocp.utils.checkpoint_steps(root)
+            if steps:
+                return root, max(steps)
+    if p.name.isdigit() and (p / "state").exists():
+        return p.parent, int(p.name)
+    raise FileNotFoundError(
+        f"train.init_from={path!r} holds no complete checkpoint (looked for step folders "
+        f"with a 'state' item in {p} and {p / 'checkpoints'})"
+    )
+
+
+def restore_params(path: str, abstract_params: Any, *, use_ema: bool = False) -> tuple[Any, int]:
+    """Restores only the weights of another run's checkpoint (no optimizer state).
+
+    Args:
+      path: a run workdir, its checkpoints folder, or a step folder.
+      abstract_params: params pytree of jax.ShapeDtypeStruct with shardings.
+      use_ema: restore the EMA weights instead of the raw ones.
+
+    Returns:
+      (params, step of the checkpoint they came from).
+    """
+    root, step = _resolve_step_dir(path)
+    key = "ema_params" if use_ema else "params"
+    item_dir = root / str(step) / "state"
+    restore_args = ocp.checkpoint_utils.construct_restore_args(abstract_params)
+    with ocp.PyTreeCheckpointer() as ckptr:
+        restored = ckptr.restore(
+            item_dir,
+            args=ocp.args.PyTreeRestore(
+                item={key: abstract_params},
+                restore_args={key: restore_args},
+                partial_restore=True,
+            ),
+        )
+    logging.info("init_from: restored %s of step %d from %s", key, step, item_dir)
+    return restored[key], step
+
+
+def read_config_json(path: str) -> dict:
+    """Reads the resolved config saved with the latest (or given) checkpoint."""
+    import json
+
+    root, step = _resolve_step_dir(path)
+    cfg_dir = root / str(step) / "config"
+    files = [f for f in cfg_dir.iterdir() if f.is_file()] if cfg_dir.exists() else []
+    if not files:
+        raise FileNotFoundError(f"no config item in {cfg_dir}")
+    return json.loads(files[0].read_text())
+
+
+def process_info() -> str:
+    return f"process {jax.process_index()}/{jax.process_count()} pid {os.getpid()}"

@@ -1,0 +1,359 @@
+"""Typed configuration: the one place that holds every default.
+
+Config files under ``configs/`` are Python (``get_config(arg) -> ConfigDict``). They
+start from :func:`default_configdict` (built from the dataclasses below) and override
+fields, so a default is written exactly once. :func:`from_configdict` turns the
+ConfigDict a program received (after ``--config.section.key=value`` overrides) into a
+frozen :class:`Config`, refusing unknown and missing keys with a message that names
+them. :func:`validate` then checks the shapes against the mesh before anything
+compiles. Library code takes the typed sub-configs, never raw dicts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import typing
+from typing import Any
+
+import ml_collections
+
+
+class ConfigError(ValueError):
+    """A config field has a value that cannot work; the message names the field."""
+
+
+@dataclasses.dataclass(frozen=True)
+class TextEncoderConfig:
+    """Small transformer over sentencepiece ids, trained jointly with the DiT."""
+
+    vocab_size: int = 512
+    width: int = 64
+    depth: int = 1
+    num_heads: int = 2
+    mlp_ratio: float = 4.0
+    max_len: int = 32  # tokens per caption (padded / truncated to this)
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    """Diffusion Transformer over 1-D latent sequences ``[frames, channels]``."""
+
+    preset: str = ""  # informational: the size preset name this config came from
+    latent_channels: int = 8
+    width: int = 64
+    depth: int = 2
+    num_heads: int = 2
+    mlp_ratio: float = 4.0
+    freq_dim: int = 256  # sinusoidal embedding size for timestep / timing conditioning
+    max_seconds: float = 600.0  # seconds_total / seconds_start are normalized by this
+    rope_theta: float = 10000.0
+    attention: str = "xla"  # xla | cudnn | splash
+    remat: str = "none"  # none | full | dots_saveable | dots_with_no_batch_dims_saveable
+    dtype: str = "float32"  # compute dtype: float32 | bfloat16
+    param_dtype: str = "float32"
+    text: TextEncoderConfig = dataclasses.field(default_factory=TextEncoderConfig)
+
+
+@dataclasses.dataclass(frozen=True)
+class DiffusionConfig:
+    """Continuous-time v-prediction with the cosine schedule."""
+
+    schedule_shift: float = 1.0  # 1.0 = plain cosine; >1 moves time toward more noise
+    timestep_sampling: str = "uniform"  # uniform | logit_normal
+    logit_normal_mean: float = 0.0
+    logit_normal_std: float = 1.0
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+    """Latent shards (ArrayRecord + dataset card) read through Grain."""
+
+    shards_dir: str = ""  # folder holding dataset_card.json and *.array_record
+    window_frames: int = 64  # training crop length in latent frames
+    global_batch_size: int = 8
+    shuffle_seed: int = 0
+    num_epochs: int = 0  # 0 = repeat forever
+    cfg_dropout: float = 0.1  # probability that a caption is replaced by the empty one
+    tokenizer: str = ""  # sentencepiece model; "" = the one named in the dataset card
+    worker_count: int = 0  # Grain worker processes per host (0 = in the main process)
+    prefetch: int = 2  # batches prefetched on the host
+
+
+@dataclasses.dataclass(frozen=True)
+class MeshConfig:
+    """Device mesh. ICI sizes within a slice; DCN sizes across slices (multi-slice pods).
+
+    At most one ICI size may be -1 (all remaining devices of a slice).
+    """
+
+    data: int = -1
+    fsdp: int = 1
+    sequence: int = 1
+    tensor: int = 1
+    dcn_data: int = 1
+    dcn_fsdp: int = 1
+    dcn_sequence: int = 1
+    dcn_tensor: int = 1
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimConfig:
+    """AdamW with linear warmup and cosine decay, global-norm clipping, weight EMA."""
+
+    learning_rate: float = 1e-4
+    warmup_steps: int = 100
+    decay_steps: int = 0  # 0 = train.num_steps
+    end_lr_ratio: float = 0.1  # final lr = learning_rate * end_lr_ratio
+    b1: float = 0.9
+    b2: float = 0.99
+    eps: float = 1e-8
+    weight_decay: float = 0.01
+    grad_clip_norm: float = 1.0
+    ema_decay: float = 0.999
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    num_steps: int = 1000
+    seed: int = 0
+    log_every: int = 10
+    init_from: str = ""  # another run's workdir or checkpoint step dir: weights only
+    peak_tflops_per_device: float = 0.0  # for MFU; 0 = look up from the device kind
+
+
+@dataclasses.dataclass(frozen=True)
+class CheckpointConfig:
+    every_steps: int = 500
+    keep_last: int = 3
+    keep_every: int = 0  # also keep every K-th step forever (0 = off)
+    async_save: bool = True
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
+    diffusion: DiffusionConfig = dataclasses.field(default_factory=DiffusionConfig)
+    data: DataConfig = dataclasses.field(default_factory=DataConfig)
+    mesh: MeshConfig = dataclasses.field(default_factory=MeshConfig)
+    optim: OptimConfig = dataclasses.field(default_factory=OptimConfig)
+    train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
+    checkpoint: CheckpointConfig = dataclasses.field(default_factory=CheckpointConfig)
+
+
+# ---------------------------------------------------------------------------
+# ConfigDict <-> dataclasses
+
+
+def _to_dict(obj) -> dict[str, Any]:
+    return dataclasses.asdict(obj)
+
+
+def default_configdict() -> ml_collections.ConfigDict:
+    """All defaults as a ConfigDict: the base every config file starts from."""
+    return ml_collections.ConfigDict(_to_dict(Config()))
+
+
+def _is_dataclass_type(tp) -> bool:
+    return isinstance(tp, type) and dataclasses.is_dataclass(tp)
+
+
+def _coerce(value, tp, path: str):
+    """Checks (and mildly coerces: int -> float) one leaf value against its type."""
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{path}={value!r} must be a bool")
+        return value
+    if tp in (int, float, str):
+        if not isinstance(value, tp) or isinstance(value, bool):
+            raise ConfigError(f"{path}={value!r} must be of type {tp.__name__}")
+        return value
+    return value
+
+
+def _build(cls, data, path: str):
+    if isinstance(data, ml_collections.ConfigDict):
+        data = data.to_dict()
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path or 'config'} must be a section (dict), got {data!r}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - set(fields))
+    missing = sorted(set(fields) - set(data))
+    prefix = f"{path}." if path else ""
+    if unknown:
+        raise ConfigError(
+            "unknown config key(s): "
+            + ", ".join(prefix + k for k in unknown)
+            + f"; valid keys of {path or 'config'}: {', '.join(sorted(fields))}"
+        )
+    if missing:
+        raise ConfigError("missing config key(s): " + ", ".join(prefix + k for k in missing))
+    kwargs = {}
+    for name in fields:
+        tp = hints[name]
+        if _is_dataclass_type(tp):
+            kwargs[name] = _build(tp, data[name], prefix + name)
+        else:
+            kwargs[name] = _coerce(data[name], tp, prefix + name)
+    return cls(**kwargs)
+
+
+def from_configdict(cd: ml_collections.ConfigDict | dict) -> Config:
+    """Converts a ConfigDict into a typed Config, refusing unknown and missing keys."""
+    return _build(Config, cd, "")
+
+
+def to_json(cfg: Config) -> str:
+    return json.dumps(_to_dict(cfg), indent=2, sort_keys=True)
+
+
+def from_json(text: str) -> Config:
+    return from_configdict(json.loads(text))
+
+
+def replace(cfg, **changes):
+    """``dataclasses.replace`` that accepts dotted paths: replace(cfg, **{"model.width": 8})."""
+    nested: dict[str, dict] = {}
+    flat = {}
+    for key, value in changes.items():
+        head, _, rest = key.partition(".")
+        if rest:
+            nested.setdefault(head, {})[rest] = value
+        else:
+            flat[head] = value
+    for head, sub in nested.items():
+        flat[head] = replace(getattr(cfg, head), **sub)
+    return dataclasses.replace(cfg, **flat)
+
+
+# ---------------------------------------------------------------------------
+# Validation (before anything compiles)
+
+ATTENTION_IMPLS = ("xla", "cudnn", "splash")
+REMAT_POLICIES = ("none", "full", "dots_saveable", "dots_with_no_batch_dims_saveable")
+DTYPES = ("float32", "bfloat16")
+TIMESTEP_SAMPLING = ("uniform", "logit_normal")
+MESH_AXES = ("data", "fsdp", "sequence", "tensor")
+
+
+def _check(cond: bool, msg: str):
+    if not cond:
+        raise ConfigError(msg)
+
+
+def resolve_mesh_shape(mesh: MeshConfig, num_devices: int) -> dict[str, int]:
+    """Resolves the -1 entry of the ICI mesh shape for ``num_devices`` devices.
+
+    Returns the total (ICI x DCN) size of every mesh axis.
+    """
+    ici = {a: getattr(mesh, a) for a in MESH_AXES}
+    dcn = {a: getattr(mesh, "dcn_" + a) for a in MESH_AXES}
+    for a, v in dcn.items():
+        _check(v >= 1, f"mesh.dcn_{a}={v} must be >= 1")
+    num_slices = 1
+    for v in dcn.values():
+        num_slices *= v
+    _check(
+        num_devices % num_slices == 0,
+        f"{num_devices} devices cannot form {num_slices} slices (product of mesh.dcn_*)",
+    )
+    per_slice = num_devices // num_slices
+    wild = [a for a, v in ici.items() if v == -1]
+    _check(len(wild) <= 1, f"at most one mesh axis may be -1, got {', '.join('mesh.' + a for a in wild)}")
+    for a, v in ici.items():
+        _check(v == -1 or v >= 1, f"mesh.{a}={v} must be -1 or >= 1")
+    known = 1
+    for v in ici.values():
+        if v != -1:
+            known *= v
+    if wild:
+        _check(
+            per_slice % known == 0,
+            f"mesh sizes {ici} do not divide the {per_slice} devices per slice "
+            f"(mesh.{wild[0]}=-1 would not be an integer)",
+        )
+        ici[wild[0]] = per_slice // known
+    else:
+        _check(
+            known == per_slice,
+            f"mesh sizes {ici} use {known} devices per slice but {per_slice} are available; "
+            "set one axis to -1",
+        )
+    return {a: ici[a] * dcn[a] for a in MESH_AXES}
+
+
+def validate(cfg: Config, num_devices: int | None = None) -> None:
+    """Checks that a config can work, naming the field that cannot.
+
+    Args:
+      cfg: the config.
+      num_devices: devices the mesh will be built from; with it, shapes are checked
+        against the resolved mesh (heads and widths against ``tensor``, batch against
+        ``data * fsdp``, the window against ``sequence``).
+    """
+    m, d = cfg.model, cfg.data
+    _check(m.attention in ATTENTION_IMPLS, f"model.attention={m.attention!r}; one of {ATTENTION_IMPLS}")
+    _check(m.remat in REMAT_POLICIES, f"model.remat={m.remat!r}; one of {REMAT_POLICIES}")
+    _check(m.dtype in DTYPES, f"model.dtype={m.dtype!r}; one of {DTYPES}")
+    _check(m.param_dtype in DTYPES, f"model.param_dtype={m.param_dtype!r}; one of {DTYPES}")
+    for name, sub in (("model", m), ("model.text", m.text)):
+        _check(
+            sub.width > 0 and sub.depth > 0 and sub.num_heads > 0,
+            f"{name}: width, depth, num_heads must be > 0",
+        )
+        _check(
+            sub.width % sub.num_heads == 0,
+            f"{name}.width={sub.width} is not divisible by {name}.num_heads={sub.num_heads}",
+        )
+        _check(
+            (sub.width // sub.num_heads) % 2 == 0,
+            f"{name}.width/{name}.num_heads={sub.width // sub.num_heads} must be even (rotary embeddings)",
+        )
+    _check(m.latent_channels > 0, f"model.latent_channels={m.latent_channels} must be > 0")
+    _check(m.freq_dim % 2 == 0, f"model.freq_dim={m.freq_dim} must be even")
+    _check(m.text.max_len > 0, f"model.text.max_len={m.text.max_len} must be > 0")
+    _check(m.text.vocab_size > 3, f"model.text.vocab_size={m.text.vocab_size} must be > 3")
+    df = cfg.diffusion
+    _check(
+        df.timestep_sampling in TIMESTEP_SAMPLING,
+        f"diffusion.timestep_sampling={df.timestep_sampling!r}; one of {TIMESTEP_SAMPLING}",
+    )
+    _check(df.schedule_shift > 0, f"diffusion.schedule_shift={df.schedule_shift} must be > 0")
+    _check(df.logit_normal_std > 0, f"diffusion.logit_normal_std={df.logit_normal_std} must be > 0")
+    _check(d.window_frames > 0, f"data.window_frames={d.window_frames} must be > 0")
+    _check(d.global_batch_size > 0, f"data.global_batch_size={d.global_batch_size} must be > 0")
+    _check(0.0 <= d.cfg_dropout <= 1.0, f"data.cfg_dropout={d.cfg_dropout} must be in [0, 1]")
+    o = cfg.optim
+    _check(o.learning_rate > 0, f"optim.learning_rate={o.learning_rate} must be > 0")
+    _check(0.0 <= o.ema_decay < 1.0, f"optim.ema_decay={o.ema_decay} must be in [0, 1)")
+    _check(o.warmup_steps >= 0, f"optim.warmup_steps={o.warmup_steps} must be >= 0")
+    t, c = cfg.train, cfg.checkpoint
+    _check(t.num_steps > 0, f"train.num_steps={t.num_steps} must be > 0")
+    _check(t.log_every > 0, f"train.log_every={t.log_every} must be > 0")
+    _check(c.every_steps > 0, f"checkpoint.every_steps={c.every_steps} must be > 0")
+    _check(c.keep_last >= 1, f"checkpoint.keep_last={c.keep_last} must be >= 1")
+    if num_devices is None:
+        return
+    sizes = resolve_mesh_shape(cfg.mesh, num_devices)
+    tp = sizes["tensor"]
+    for name, sub in (("model", m), ("model.text", m.text)):
+        _check(
+            sub.num_heads % tp == 0, f"{name}.num_heads={sub.num_heads} is not divisible by mesh.tensor={tp}"
+        )
+        mlp = int(sub.width * sub.mlp_ratio)
+        _check(mlp % tp == 0, f"{name}.width*mlp_ratio={mlp} is not divisible by mesh.tensor={tp}")
+    batch_shards = sizes["data"] * sizes["fsdp"]
+    _check(
+        d.global_batch_size % batch_shards == 0,
+        f"data.global_batch_size={d.global_batch_size} is not divisible by "
+        f"mesh.data*mesh.fsdp={batch_shards} (incl. dcn_*)",
+    )
+    _check(
+        d.window_frames % sizes["sequence"] == 0,
+        f"data.window_frames={d.window_frames} is not divisible by mesh.sequence={sizes['sequence']}",
+    )
+    fs = sizes["fsdp"]
+    _check(m.width % fs == 0, f"model.width={m.width} is not divisible by mesh.fsdp={fs}")

@@ -1,0 +1,88 @@
+"""Metric sinks of a run: TensorBoard event files, an absl log line, a JSONL history.
+
+Only process 0 writes. The JSONL file ``WORKDIR/metrics.jsonl`` holds one row per
+step with the per-step loss (so runs can be compared step by step) and one row per
+log step with every metric.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+import jax
+from absl import logging
+
+
+class MetricWriter:
+    def __init__(self, workdir: str):
+        self.enabled = jax.process_index() == 0
+        self._tb = None
+        self._jsonl = None
+        if self.enabled:
+            from tensorboardX import SummaryWriter
+
+            os.makedirs(workdir, exist_ok=True)
+            self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
+            self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a")
+
+    def write_step_losses(self, steps_losses: list[tuple[int, float]]) -> None:
+        if not self.enabled:
+            return
+        for step, loss in steps_losses:
+            self._jsonl.write(json.dumps({"step": step, "loss": loss}) + "\n")
+
+    def write_scalars(self, step: int, scalars: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
+        for k, v in scalars.items():
+            self._tb.add_scalar(k, float(v), step)
+        self._jsonl.write(
+            json.dumps({"step": step, "scalars": {k: float(v) for k, v in scalars.items()}}) + "\n"
+        )
+        self.flush()
+
+    def write_text(self, tag: str, text: str, step: int = 0) -> None:
+        if self.enabled:
+            self._tb.add_text(tag, text, step)
+
+    def flush(self) -> None:
+        if self.enabled:
+            self._tb.flush()
+            self._jsonl.flush()
+
+    def close(self) -> None:
+        if self.enabled:
+            self._tb.close()
+            self._jsonl.close()
+
+
+def read_loss_history(workdir: str) -> dict[int, float]:
+    """Per-step losses of a run, the last row winning where a restart repeated steps."""
+    out: dict[int, float] = {}
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+        for line in f:
+            row = json.loads(line)
+            if "loss" in row:
+                out[row["step"]] = row["loss"]
+    return out
+
+
+def log_line(step: int, num_steps: int, scalars: dict[str, float], steps_per_s: float) -> None:
+    eta_s = (num_steps - step) / steps_per_s if steps_per_s > 0 else float("inf")
+    parts = [f"step {step}/{num_steps}"]
+    for k, v in scalars.items():
+        parts.append(f"{k.split('/')[-1]}={v:.4g}")
+    parts.append(f"{steps_per_s:.2f} steps/s")
+    parts.append(f"ETA {_fmt_seconds(eta_s)}")
+    logging.info(" ".join(parts))
+
+
+def _fmt_seconds(s: float) -> str:
+    if s == float("inf"):
+        return "?"
+    s = int(s)
+    h, rem = divmod(s, 3600)
+    m, sec = divmod(rem, 60)
+    return f"{h}h{m:02d}m{sec:02d}s" if h else f"{m}m{sec:02d}s"

@@ -1,0 +1,140 @@
+"""The Diffusion Transformer (DiT) over 1-D latent sequences ``[frames, channels]``.
+
+One forward pass, in the order a batch goes through it:
+
+1. ``x_embedder``: latent channels -> width, per frame.
+2. Conditioning vector ``c`` (one per example) = ``t_embedder(t)`` +
+   ``start_embedder(seconds_start / max_seconds)`` +
+   ``total_embedder(seconds_total / max_seconds)``.
+3. ``text_encoder``: caption tokens -> context for cross-attention, and its pad mask.
+4. ``blocks``: ``DiTBlock`` x depth. Each: AdaLN-zero self-attention with RoPE over
+   frames (keys beyond ``num_frames`` masked), cross-attention to the caption (pad
+   tokens masked), AdaLN-zero MLP. The modulation and the cross-attention output
+   start at zero, so every block starts as the identity.
+5. ``final_layer``: AdaLN-modulated LayerNorm and a zero-initialized projection back to
+   latent channels, in float32. The model output is exactly zero at initialization.
+
+Attribute names are checkpoint keys; do not rename them.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from audiodiff_jax import names
+from audiodiff_jax.config import ModelConfig
+from audiodiff_jax.model.attention import Attention, rope_tables
+from audiodiff_jax.model.layers import Dense, LayerNorm, Mlp, ParamKeys, ScalarEmbedder, dtype_of
+from audiodiff_jax.model.text_encoder import TextEncoder
+from audiodiff_jax.sharding import constrain
+
+REMAT_POLICIES = {
+    "full": None,  # save nothing: recompute the whole block in the backward pass
+    "dots_saveable": jax.checkpoint_policies.dots_saveable,
+    "dots_with_no_batch_dims_saveable": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+def modulate(x_btd: jax.Array, shift_bd: jax.Array, scale_bd: jax.Array) -> jax.Array:
+    return x_btd * (1 + scale_bd[:, None, :]) + shift_bd[:, None, :]
+
+
+class DiTBlock(nnx.Module):
+    """AdaLN-zero transformer block with self-attention, cross-attention and an MLP."""
+
+    def __init__(self, cfg: ModelConfig, *, dtype, param_dtype, keys: ParamKeys):
+        w = cfg.width
+        kw = dict(dtype=dtype, param_dtype=param_dtype, keys=keys)
+        # shift, scale, gate for attention and for the MLP. Zero-init: gates are 0 at
+        # start, so the block is the identity (DiT's adaLN-Zero).
+        self.modulation = Dense(
+            w, 6 * w, (names.EMBED, names.MODULATION), kernel_init=jax.nn.initializers.zeros, **kw
+        )
+        self.norm1 = LayerNorm(w, use_affine=False, **kw)
+        self.self_attn = Attention(w, cfg.num_heads, impl=cfg.attention, **kw)
+        self.cross_norm = LayerNorm(w, **kw)
+        # Ungated (as PixArt-alpha); its zero-initialized output keeps the block an identity at start.
+        self.cross_attn = Attention(w, cfg.num_heads, impl=cfg.attention, zero_init_out=True, **kw)
+        self.norm2 = LayerNorm(w, use_affine=False, **kw)
+        self.mlp = Mlp(w, int(w * cfg.mlp_ratio), **kw)
+
+    def __call__(self, x_btd, silu_c_bd, ctx_bsd, text_mask_bs, frame_mask_bt, rope):
+        mod = self.modulation(silu_c_bd)
+        shift1, scale1, gate1, shift2, scale2, gate2 = jnp.split(mod, 6, axis=-1)
+        h = modulate(self.norm1(x_btd), shift1, scale1)
+        x_btd = x_btd + gate1[:, None, :] * self.self_attn(h, kv_mask_bs=frame_mask_bt, rope=rope)
+        x_btd = x_btd + self.cross_attn(
+            self.cross_norm(x_btd), ctx_bsd, kv_mask_bs=text_mask_bs, kv_length_axis=names.TEXT_LENGTH
+        )
+        h = modulate(self.norm2(x_btd), shift2, scale2)
+        x_btd = x_btd + gate2[:, None, :] * self.mlp(h)
+        return constrain(x_btd, (names.BATCH, names.LENGTH, names.ACT_EMBED))
+
+
+class FinalLayer(nnx.Module):
+    """AdaLN-modulated LayerNorm, then a zero-initialized projection to latent channels."""
+
+    def __init__(self, width: int, out_channels: int, *, dtype, param_dtype, keys: ParamKeys):
+        zeros = jax.nn.initializers.zeros
+        kw = dict(dtype=dtype, param_dtype=param_dtype, keys=keys)
+        self.modulation = Dense(width, 2 * width, (names.EMBED, names.MODULATION), kernel_init=zeros, **kw)
+        self.norm = LayerNorm(width, use_affine=False, **kw)
+        self.linear = Dense(width, out_channels, (names.EMBED, names.LATENT), kernel_init=zeros, **kw)
+
+    def __call__(self, x_btd, silu_c_bd):
+        shift, scale = jnp.split(self.modulation(silu_c_bd), 2, axis=-1)
+        return self.linear(modulate(self.norm(x_btd), shift, scale))
+
+
+class DiT(nnx.Module):
+    """Predicts v ``[B, T, latent_channels]`` (float32) from noisy latents and conditioning."""
+
+    def __init__(self, cfg: ModelConfig, *, keys: ParamKeys):
+        dt, pdt = dtype_of(cfg.dtype), dtype_of(cfg.param_dtype)
+        kw = dict(dtype=dt, param_dtype=pdt, keys=keys)
+        w = cfg.width
+        self.cfg = cfg
+        self.x_embedder = Dense(cfg.latent_channels, w, (names.LATENT, names.EMBED), **kw)
+        self.t_embedder = ScalarEmbedder(cfg.freq_dim, w, **kw)
+        self.start_embedder = ScalarEmbedder(cfg.freq_dim, w, **kw)
+        self.total_embedder = ScalarEmbedder(cfg.freq_dim, w, **kw)
+        self.text_encoder = TextEncoder(
+            cfg.text, w, impl=cfg.attention, dtype=cfg.dtype, param_dtype=cfg.param_dtype, keys=keys
+        )
+        self.blocks = nnx.List([DiTBlock(cfg, **kw) for _ in range(cfg.depth)])
+        self.final_layer = FinalLayer(w, cfg.latent_channels, **kw)
+
+    def __call__(
+        self,
+        x_btc: jax.Array,
+        t_b: jax.Array,
+        tokens_bl: jax.Array,
+        seconds_start_b: jax.Array,
+        seconds_total_b: jax.Array,
+        num_frames_b: jax.Array,
+    ) -> jax.Array:
+        cfg = self.cfg
+        frames = x_btc.shape[1]
+        x = self.x_embedder(x_btc)
+        x = constrain(x, (names.BATCH, names.LENGTH, names.ACT_EMBED))
+        c = (
+            self.t_embedder(t_b)
+            + self.start_embedder(seconds_start_b / cfg.max_seconds)
+            + self.total_embedder(seconds_total_b / cfg.max_seconds)
+        )
+        silu_c = jax.nn.silu(c)
+        ctx, text_mask = self.text_encoder(tokens_bl)
+        # Padding is always at the end: frame i is real iff i < num_frames.
+        frame_mask = jnp.arange(frames, dtype=jnp.int32)[None, :] < num_frames_b.astype(jnp.int32)[:, None]
+        rope = rope_tables(frames, cfg.width // cfg.num_heads, cfg.rope_theta)
+
+        def run_block(block, x, silu_c, ctx, text_mask, frame_mask, rope):
+            return block(x, silu_c, ctx, text_mask, frame_mask, rope)
+
+        if cfg.remat != "none":
+            run_block = nnx.remat(run_block, policy=REMAT_POLICIES[cfg.remat])
+        for block in self.blocks:
+            x = run_block(block, x, silu_c, ctx, text_mask, frame_mask, rope)
+        return self.final_layer(x, silu_c).astype(jnp.float32)

@@ -1,0 +1,32 @@
+"""Demo config: a small DiT that learns something in a few CPU minutes (`make demo`).
+
+    audiodiff-train --config=configs/demo.py --workdir=demo_out/run \
+        --config.data.shards_dir=demo_out/shards
+"""
+
+from audiodiff_jax import config as config_lib
+from audiodiff_jax.model import presets
+
+
+def get_config(arg=None):
+    del arg
+    config = config_lib.default_configdict()
+    presets.apply_preset(config.model, "tiny")
+    config.model.preset = "demo"
+    config.model.latent_channels = 16
+    config.model.width = 128
+    config.model.depth = 4
+    config.model.num_heads = 4
+    config.model.text.vocab_size = 256
+    config.model.text.width = 64
+    config.model.text.num_heads = 2
+    config.model.text.max_len = 24
+    config.data.window_frames = 128
+    config.data.global_batch_size = 16
+    config.optim.learning_rate = 5e-4
+    config.optim.warmup_steps = 50
+    config.optim.ema_decay = 0.995
+    config.train.num_steps = 600
+    config.train.log_every = 25
+    config.checkpoint.every_steps = 200
+    return config

@@ -1,0 +1,235 @@
+"""The Grain loader: latent shards -> per-host numpy batches -> global jax.Arrays.
+
+One batch, from shard to step::
+
+    ShardSource[i]             decoded record (latents [frames, C], caption, timing)
+    shuffle + repeat           a global stream of records, reshuffled every epoch
+    random_map(_CropAndTokenize)   crop/pad to the window, normalize, CFG dropout, tokens
+    [process_index::process_count] this host's elements of the stream
+    batch(b, drop_remainder)   b = data.global_batch_size // process_count
+    to_iter_dataset / mp_prefetch  threads and (optionally) worker processes
+    make_global_batch          jax.make_array_from_process_local_data over (data, fsdp)
+
+Per-process sharding slices the *stream* (after shuffle and repeat), not the record
+set: in every global batch, process p holds stream elements p, p + P, p + 2P, ...
+Each process therefore sees a disjoint part of every epoch, all processes advance at
+the same rate, and no record is ever dropped, also when the record count is not
+divisible by the process count (an epoch boundary then simply falls inside a
+batch, and next epoch the records land on different processes). The global batch
+at step s is the same set of records for any process count.
+
+Randomness (crop offset, caption dropout) comes from Grain's ``random_map``, whose
+generator is seeded by (seed, index of the element in the global stream), and the
+shuffle is a seeded index permutation per epoch. A batch is thus a pure function of
+(shuffle_seed, step, process_index, process_count): iterator state is just a
+position, and a restored iterator continues bit for bit. Batching happens before the
+worker processes split the stream, so each worker builds whole batches and the
+output (and its order) does not depend on ``worker_count``; the saved state does,
+so restore with the same ``worker_count``.
+
+Every process saves and restores its own iterator through Orbax with Grain's
+handler (``process_{i}-of-{n}.json`` inside the item directory)::
+
+    ocp.args.Composite(..., data_iter=grain.checkpoint.CheckpointSave(iterator))
+    ocp.args.Composite(..., data_iter=grain.checkpoint.CheckpointRestore(iterator))
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import grain
+import jax
+import numpy as np
+from absl import flags
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from audiodiff_jax.config import ConfigError, DataConfig
+from data_pipeline.shards import DatasetCard, ShardSource
+from data_pipeline.tokenizer import Tokenizer
+
+BATCH_AXES = ("data", "fsdp")  # mesh axes the batch dimension is sharded over
+# A channel with zero variance (constant latents) would divide by zero; this floor
+# leaves such a channel at its (zero) centred value instead.
+_MIN_STD = 1e-6
+
+
+class _CropAndTokenize(grain.transforms.RandomMap):
+    """Record -> training example: random window, normalization, CFG dropout, tokens.
+
+    Both random draws are made for every element, in a fixed order, so the stream of
+    draws never depends on the data (e.g. on whether a clip is long enough to crop).
+    """
+
+    def __init__(
+        self,
+        *,
+        window_frames: int,
+        latent_rate: float,
+        mean: np.ndarray,
+        std: np.ndarray,
+        tokenizer: Tokenizer,
+        text_max_len: int,
+        cfg_dropout: float,
+    ):
+        self.window_frames = window_frames
+        self.latent_rate = latent_rate
+        self.mean = np.asarray(mean, np.float32)
+        self.inv_std = (1.0 / np.maximum(np.asarray(std, np.float64), _MIN_STD)).astype(np.float32)
+        self.tokenizer = tokenizer
+        self.text_max_len = text_max_len
+        self.cfg_dropout = cfg_dropout
+        self.null_tokens = tokenizer.encode("", text_max_len)
+
+    def random_map(self, record: dict[str, Any], rng: np.random.Generator) -> dict[str, Any]:
+        latents = record["latents"]
+        frames, channels = latents.shape
+        window = self.window_frames
+        offset = int(rng.integers(0, max(frames - window, 0) + 1))
+        drop_caption = bool(rng.random() < self.cfg_dropout)
+        n = min(frames, window)
+        out = np.zeros((window, channels), np.float32)
+        out[:n] = (latents[offset : offset + n].astype(np.float32) - self.mean) * self.inv_std
+        mask = np.zeros(window, np.float32)
+        mask[:n] = 1.0
+        tokens = (
+            self.null_tokens if drop_caption else self.tokenizer.encode(record["caption"], self.text_max_len)
+        )
+        return {
+            "latents": out,
+            "loss_mask": mask,
+            "num_frames": np.int32(n),
+            "tokens": tokens,
+            "seconds_start": np.float32(record["seconds_start"] + offset / self.latent_rate),
+            "seconds_total": np.float32(record["seconds_total"]),
+            "record_index": np.int32(record["record_index"]),
+        }
+
+
+def resolve_tokenizer_path(data_cfg: DataConfig, card: DatasetCard) -> str:
+    """``data.tokenizer`` if set, else the tokenizer file named by the dataset card."""
+    if data_cfg.tokenizer:
+        path = data_cfg.tokenizer
+    elif card.tokenizer:
+        path = os.path.join(data_cfg.shards_dir, card.tokenizer)
+    else:
+        raise ConfigError(
+            f"data.tokenizer is empty and the dataset card in {data_cfg.shards_dir} names no tokenizer; "
+            "train one with audiodiff-tokenizer --shards_dir=... or set data.tokenizer"
+        )
+    if not os.path.exists(path):
+        raise ConfigError(f"tokenizer file {path} does not exist (from data.tokenizer or the dataset card)")
+    return path
+
+
+def make_dataset(
+    data_cfg: DataConfig, *, text_max_len: int, process_index: int, process_count: int
+) -> grain.IterDataset:
+    """Builds this process's Grain pipeline of training batches.
+
+    Args:
+      data_cfg: the ``data`` section of the config.
+      text_max_len: caption tokens per example (``model.text.max_len``).
+      process_index / process_count: this host's place among the data-loading hosts
+        (``jax.process_index()`` / ``jax.process_count()``).
+
+    Returns:
+      An IterDataset; ``iter()`` of it gives a checkpointable iterator
+      (``get_state``/``set_state``) of dicts of numpy arrays, with
+      ``b = data.global_batch_size // process_count``, ``T = data.window_frames``,
+      ``L = text_max_len``:
+
+      - ``latents`` float32 [b, T, C], normalized with the card's mean/std, zero padded
+      - ``loss_mask`` float32 [b, T] (1 = real frame, 0 = padding)
+      - ``num_frames`` int32 [b]: real frames in the window
+      - ``tokens`` int32 [b, L]: caption ids (the null caption where dropped for CFG)
+      - ``seconds_start`` float32 [b]: start of the window in its song
+      - ``seconds_total`` float32 [b]: length of the whole song
+      - ``record_index`` int32 [b]: which record (for debugging; not a model input)
+    """
+    d = data_cfg
+    if not d.shards_dir:
+        raise ConfigError("data.shards_dir is empty; point it at a folder with dataset_card.json")
+    if process_count < 1 or not 0 <= process_index < process_count:
+        raise ValueError(f"process_index={process_index} must be in [0, process_count={process_count})")
+    if d.global_batch_size % process_count:
+        raise ConfigError(
+            f"data.global_batch_size={d.global_batch_size} is not divisible by "
+            f"the process count {process_count}"
+        )
+    if d.window_frames < 1:
+        raise ConfigError(f"data.window_frames={d.window_frames} must be >= 1")
+    if not 0.0 <= d.cfg_dropout <= 1.0:
+        raise ConfigError(f"data.cfg_dropout={d.cfg_dropout} must be in [0, 1]")
+    if d.num_epochs < 0 or d.worker_count < 0 or d.prefetch < 0:
+        raise ConfigError(
+            f"data.num_epochs={d.num_epochs}, data.worker_count={d.worker_count}, "
+            f"data.prefetch={d.prefetch} must be >= 0"
+        )
+    if not 0 <= d.shuffle_seed < 2**32:
+        raise ConfigError(f"data.shuffle_seed={d.shuffle_seed} must be in [0, 2**32)")
+    local_batch = d.global_batch_size // process_count
+
+    source = ShardSource(d.shards_dir)
+    card = source.card
+    transform = _CropAndTokenize(
+        window_frames=d.window_frames,
+        latent_rate=card.codec.latent_rate,
+        mean=np.asarray(card.latent_mean),
+        std=np.asarray(card.latent_std),
+        tokenizer=Tokenizer(resolve_tokenizer_path(d, card)),
+        text_max_len=text_max_len,
+        cfg_dropout=d.cfg_dropout,
+    )
+    # ds.seed derives the shuffle's and the random_map's seeds from one number.
+    ds = grain.MapDataset.source(source).seed(d.shuffle_seed)
+    ds = ds.shuffle()  # the permutation is reseeded with the epoch (index // len)
+    ds = ds.repeat(None if d.num_epochs == 0 else d.num_epochs)
+    ds = ds.random_map(transform)  # seeded by the element's index in the global stream
+    if d.num_epochs:
+        # Every process must yield the same number of batches, or the last step of a
+        # multi-host run would wait forever for the processes that ran out.
+        usable = len(ds) // d.global_batch_size * d.global_batch_size
+        if usable == 0:
+            raise ConfigError(
+                f"data.num_epochs={d.num_epochs} x {len(source)} records is less than one global batch "
+                f"(data.global_batch_size={d.global_batch_size})"
+            )
+        ds = ds[:usable]
+    ds = ds[process_index::process_count]
+    ds = ds.batch(local_batch, drop_remainder=True)
+    # One thread per prefetched batch: a thread builds a whole batch.
+    ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=d.prefetch, prefetch_buffer_size=d.prefetch))
+    if d.worker_count > 0:
+        # Grain's multiprocess prefetch reads its own absl flags (in the parent too);
+        # outside an absl app (tests, notebooks) they were never parsed and reading
+        # them raises UnparsedFlagAccessError, so take the defaults then.
+        if not flags.FLAGS.is_parsed():
+            flags.FLAGS.mark_as_parsed()
+        ds = ds.mp_prefetch(
+            grain.MultiprocessingOptions(
+                num_workers=d.worker_count, per_worker_buffer_size=max(d.prefetch, 1)
+            )
+        )
+    return ds
+
+
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+    """Batch axis over the mesh's ``data`` and ``fsdp`` axes; every other dimension replicated."""
+    axes = tuple(a for a in BATCH_AXES if a in mesh.axis_names)
+    return NamedSharding(mesh, PartitionSpec(axes or None))
+
+
+def make_global_batch(local_batch: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
+    """Assembles global arrays from every process's local batch.
+
+    Each process passes its own ``[b, ...]`` arrays; the result has global batch
+    ``b * process_count``, sharded over (data, fsdp). This assumes the processes own
+    distinct slices of that batch axis, i.e. the (data, fsdp) axes span the hosts;
+    hosts that differ only along ``sequence``/``tensor`` would need identical batches.
+    """
+    sharding = batch_sharding(mesh)
+    return {
+        k: jax.make_array_from_process_local_data(sharding, np.asarray(v)) for k, v in local_batch.items()
+    }

@@ -1,0 +1,155 @@
+"""Local multi-process launcher: N processes on this machine, joined by jax.distributed.
+
+For development and tests of multi-host behaviour without a pod:
+
+    python -m launch.local --num_processes=2 --devices_per_process=4 -- \
+        audiodiff-train --config=configs/tiny.py --workdir=/tmp/run2 \
+        --config.data.shards_dir=/tmp/shards
+
+Each child gets the coordinator address, process count and its process id through
+environment variables that ``audiodiff-train`` reads (``AUDIODIFF_COORDINATOR``,
+``AUDIODIFF_NUM_PROCESSES``, ``AUDIODIFF_PROCESS_ID``), and ``devices_per_process``
+fake CPU devices. The launcher forwards SIGTERM/SIGINT to every child, and when one
+child fails it gives the others ``--grace_s`` seconds to exit before killing them,
+so a dead peer can never leave the job hanging. It exits with the first non-zero
+child status (or 124 on timeout).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+from absl import app, flags, logging
+
+_NUM = flags.DEFINE_integer("num_processes", 2, "Processes to start.")
+_DEVICES = flags.DEFINE_integer(
+    "devices_per_process", 4, "Fake CPU devices per process (0 = leave XLA_FLAGS)."
+)
+_TIMEOUT = flags.DEFINE_integer("timeout_s", 0, "Kill everything after this many seconds (0 = no limit).")
+_GRACE = flags.DEFINE_integer("grace_s", 30, "Seconds the others get to exit after one child fails.")
+_LOG_DIR = flags.DEFINE_string("logs_to", "", "Write each child's output to DIR/process_K.log.")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def child_env(base: dict, *, coordinator: str, num: int, pid: int, devices: int) -> dict:
+    env = dict(base)
+    env["AUDIODIFF_COORDINATOR"] = coordinator
+    env["AUDIODIFF_NUM_PROCESSES"] = str(num)
+    env["AUDIODIFF_PROCESS_ID"] = str(pid)
+    if devices:
+        flags_ = [
+            f for f in env.get("XLA_FLAGS", "").split() if "xla_force_host_platform_device_count" not in f
+        ]
+        flags_.append(f"--xla_force_host_platform_device_count={devices}")
+        env["XLA_FLAGS"] = " ".join(flags_)
+        env.setdefault("JAX_PLATFORMS", "cpu")
+    return env
+
+
+def launch(
+    command: list[str],
+    *,
+    num_processes: int,
+    devices_per_process: int,
+    timeout_s: float = 0,
+    grace_s: float = 30,
+    log_dir: str = "",
+    env: dict | None = None,
+) -> int:
+    """Runs ``command`` as ``num_processes`` cooperating processes; returns the exit status."""
+    coordinator = f"127.0.0.1:{free_port()}"
+    base = dict(os.environ if env is None else env)
+    procs: list[subprocess.Popen] = []
+    logs = []
+    for pid in range(num_processes):
+        out = None
+        if log_dir:
+            os.makedirs(log_dir, exist_ok=True)
+            out = open(os.path.join(log_dir, f"process_{pid}.log"), "w")
+            logs.append(out)
+        procs.append(
+            subprocess.Popen(
+                command,
+                env=child_env(
+                    base, coordinator=coordinator, num=num_processes, pid=pid, devices=devices_per_process
+                ),
+                stdout=out,
+                stderr=subprocess.STDOUT if out else None,
+            )
+        )
+    logging.info("launched %d processes (coordinator %s): %s", num_processes, coordinator, " ".join(command))
+
+    def forward(signum, frame):
+        for p in procs:
+            if p.poll() is None:
+                p.send_signal(signum)
+
+    old = {s: signal.signal(s, forward) for s in (signal.SIGTERM, signal.SIGINT)}
+    start = time.monotonic()
+    failed_at = None
+    status = 0
+    try:
+        while True:
+            codes = [p.poll() for p in procs]
+            if all(c is not None for c in codes):
+                break
+            bad = [c for c in codes if c not in (None, 0)]
+            if bad and failed_at is None:
+                failed_at = time.monotonic()
+                status = bad[0]
+                logging.error("a process exited with status %d; the others get %ds to exit", bad[0], grace_s)
+            if failed_at is not None and time.monotonic() - failed_at > grace_s:
+                logging.error("killing the remaining processes")
+                for p in procs:
+                    if p.poll() is None:
+                        p.kill()
+            if timeout_s and time.monotonic() - start > timeout_s:
+                logging.error("timeout after %ss: killing all processes", timeout_s)
+                for p in procs:
+                    if p.poll() is None:
+                        p.kill()
+                status = 124
+                for p in procs:
+                    p.wait()
+                break
+            time.sleep(0.2)
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
+        for f in logs:
+            f.close()
+    if status == 0:
+        status = next((p.returncode for p in procs if p.returncode != 0), 0)
+    return status
+
+
+def main(argv):
+    command = argv[1:]
+    if command and command[0] == "--":
+        command = command[1:]
+    if not command:
+        raise app.UsageError("give the command after --")
+    sys.exit(
+        launch(
+            command,
+            num_processes=_NUM.value,
+            devices_per_process=_DEVICES.value,
+            timeout_s=_TIMEOUT.value,
+            grace_s=_GRACE.value,
+            log_dir=_LOG_DIR.value,
+        )
+    )
+
+
+if __name__ == "__main__":
+    app.run(main)

@@ -1,0 +1,70 @@
+"""Shared helpers of the tests: tiny configs, demo shards, reading checkpoints back."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import numpy as np
+
+from audiodiff_jax import config as config_lib
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def tiny_config(shards_dir: str, **changes) -> config_lib.Config:
+    from configs import tiny
+
+    cd = tiny.get_config()
+    cd.data.shards_dir = shards_dir
+    cfg = config_lib.from_configdict(cd)
+    return config_lib.replace(cfg, **changes) if changes else cfg
+
+
+def write_shards(out_dir: str, *, num_clips: int = 48, latent_channels: int = 8, num_shards: int = 2) -> str:
+    from data_pipeline import demo_shards
+
+    demo_shards.write_demo_shards(
+        out_dir,
+        num_clips=num_clips,
+        latent_channels=latent_channels,
+        num_shards=num_shards,
+        seed=0,
+        vocab_size=256,
+    )
+    return out_dir
+
+
+def bin_path(name: str) -> str:
+    """A console script of this package, installed beside the running interpreter."""
+    return os.path.join(os.path.dirname(sys.executable), name)
+
+
+def read_state(workdir: str, step: int | None = None) -> dict:
+    """The saved train state of a run as numpy arrays (restored without a mesh)."""
+    import orbax.checkpoint as ocp
+
+    root = os.path.join(workdir, "checkpoints")
+    if step is None:
+        step = max(int(d) for d in os.listdir(root) if d.isdigit())
+    with ocp.PyTreeCheckpointer() as ckptr:
+        meta = ckptr.metadata(os.path.join(root, str(step), "state"))
+        tree = meta.item_metadata.tree if hasattr(meta, "item_metadata") else meta.tree
+        import jax
+
+        restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree)
+        return ckptr.restore(os.path.join(root, str(step), "state"), restore_args=restore_args)
+
+
+def assert_trees_equal(a, b, what: str):
+    import jax
+
+    la, ta = jax.tree_util.tree_flatten_with_path(a)
+    lb, tb = jax.tree_util.tree_flatten_with_path(b)
+    assert ta == tb, f"{what}: tree structures differ"
+    for (path, x), (_, y) in zip(la, lb, strict=True):
+        x, y = np.asarray(x), np.asarray(y)
+        assert x.shape == y.shape and x.dtype == y.dtype, f"{what}{jax.tree_util.keystr(path)}: shape/dtype"
+        assert np.array_equal(np.atleast_1d(x).view(np.uint8), np.atleast_1d(y).view(np.uint8)), (
+            f"{what}{jax.tree_util.keystr(path)} differs"
+        )

@@ -1,0 +1,94 @@
+"""Config conversion and validation: bad configs fail early, naming the field."""
+
+import json
+
+import pytest
+from ml_collections import config_flags  # noqa: F401  (the config files are loaded like the CLI does)
+
+from audiodiff_jax import config as config_lib
+from audiodiff_jax.config import ConfigError
+
+
+def _load(name, arg=None):
+    import importlib
+
+    mod = importlib.import_module(f"configs.{name}")
+    return mod.get_config(arg)
+
+
+def test_defaults_round_trip_through_configdict_and_json():
+    cfg = config_lib.from_configdict(config_lib.default_configdict())
+    assert cfg == config_lib.Config()
+    assert config_lib.from_json(config_lib.to_json(cfg)) == cfg
+
+
+def test_unknown_key_is_named():
+    cd = config_lib.default_configdict()
+    d = cd.to_dict()
+    d["model"]["widht"] = 3
+    with pytest.raises(ConfigError, match=r"model\.widht"):
+        config_lib.from_configdict(d)
+
+
+def test_missing_key_is_named():
+    d = config_lib.default_configdict().to_dict()
+    del d["optim"]["ema_decay"]
+    with pytest.raises(ConfigError, match=r"missing config key\(s\): optim\.ema_decay"):
+        config_lib.from_configdict(d)
+
+
+def test_wrong_type_is_named():
+    d = config_lib.default_configdict().to_dict()
+    d["train"]["num_steps"] = "many"
+    with pytest.raises(ConfigError, match=r"train\.num_steps"):
+        config_lib.from_configdict(d)
+
+
+def _cfg(**changes):
+    return config_lib.replace(config_lib.Config(), **changes)
+
+
+@pytest.mark.parametrize(
+    "changes,devices,pattern",
+    [
+        (
+            {"model.num_heads": 6, "model.width": 96, "mesh.tensor": 4, "mesh.data": 2},
+            8,
+            r"model\.num_heads=6.*mesh\.tensor=4",
+        ),
+        ({"data.global_batch_size": 6, "mesh.data": -1}, 8, r"data\.global_batch_size=6.*8"),
+        ({"mesh.data": -1, "mesh.fsdp": -1}, 8, r"at most one mesh axis may be -1"),
+        ({"mesh.data": 3}, 8, r"use 3 devices per slice but 8"),
+        ({"mesh.data": -1, "mesh.tensor": 3}, 8, r"do not divide"),
+        (
+            {"data.window_frames": 30, "mesh.data": 2, "mesh.sequence": 4, "data.global_batch_size": 2},
+            8,
+            r"data\.window_frames=30.*mesh\.sequence=4",
+        ),
+        ({"model.attention": "flash"}, None, r"model\.attention='flash'"),
+        (
+            {"model.width": 60, "model.num_heads": 8},
+            None,
+            r"model\.width=60 is not divisible by model\.num_heads=8",
+        ),
+        ({"mesh.dcn_data": 3}, 8, r"cannot form 3 slices"),
+    ],
+)
+def test_validate_names_the_field(changes, devices, pattern):
+    with pytest.raises(ConfigError, match=pattern):
+        config_lib.validate(_cfg(**changes), num_devices=devices)
+
+
+def test_resolve_mesh_with_slices():
+    cfg = _cfg(**{"mesh.data": 1, "mesh.fsdp": -1, "mesh.dcn_data": 2})
+    assert config_lib.resolve_mesh_shape(cfg.mesh, 8) == {"data": 2, "fsdp": 4, "sequence": 1, "tensor": 1}
+
+
+@pytest.mark.parametrize(
+    "name,arg,devices",
+    [("tiny", None, 8), ("demo", None, 1), ("dit", "S", 128), ("dit", "1B", 64), ("dit", "3B", 128)],
+)
+def test_config_files_load_and_validate(name, arg, devices):
+    cfg = config_lib.from_configdict(_load(name, arg))
+    config_lib.validate(cfg, num_devices=devices)
+    json.loads(config_lib.to_json(cfg))
