@@ -8,9 +8,8 @@ DEMO_DIR ?= demo_out
 
 .PHONY: demo test lint format clean
 
-$(STAMP): setup.py
-	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install --quiet -e '.[test]'
+$(STAMP): setup.py launch/setup_env.sh
+	PYTHON=$(PYTHON) bash launch/setup_env.sh $(VENV)
 	touch $(STAMP)
 
 demo: $(STAMP)
