@@ -22,6 +22,7 @@ INSTALL_REQUIRES = [
     "soundfile==0.14.0",
     "tensorboardX==2.6.5",
     "tqdm==4.70.1",
+    "soxr==1.1.0",  # the codec resamples input at other sample rates
 ]
 
 EXTRAS_REQUIRE = {
@@ -29,8 +30,18 @@ EXTRAS_REQUIRE = {
     "tpu": ["libtpu==0.0.51"],
     # CUDA 12 plugin for GPUs (matching the pinned jaxlib).
     "gpu": ["jax[cuda12]==0.10.2"],
-    "test": ["pytest==9.2.0", "pytest-timeout==2.4.0", "ruff==0.17.5"],
+    # libtpu lets the tests compile for TPU topologies ahead of time on a CPU machine (x86_64 Linux).
+    "test": [
+        "pytest==9.2.0",
+        "pytest-timeout==2.4.0",
+        "ruff==0.17.5",
+        "libtpu==0.0.51; platform_machine == 'x86_64'",
+    ],
     "eval": ["librosa==1.0.0"],
+    # Rendered corpora (data_pipeline/render.py, corpus_scores.py, corpus_grooves.py).
+    # tinysoundfont declares pyaudio (real-time playback only, never imported here),
+    # which builds from source: it needs the portaudio19-dev apt package.
+    "corpus": ["music21==10.5.1", "pretty-midi==0.2.11.post0", "tinysoundfont==0.3.7"],
 }
 
 setup(
@@ -39,15 +50,24 @@ setup(
     description="Latent audio diffusion transformers on TPU pods and GPUs, in JAX",
     python_requires=">=3.11",
     packages=find_packages(include=["audiodiff_jax*", "data_pipeline*", "configs*", "launch*"]),
-    package_data={"configs": ["*.py"]},
+    package_data={
+        "configs": ["*.py"],
+        "launch": ["*.yaml.tmpl"],  # the GKE JobSet template of launch/gke.py
+        "audiodiff_jax.codec": ["weights/*.npz", "weights/*.json", "weights/*.md", "testdata/*.wav"],
+    },
     install_requires=INSTALL_REQUIRES,
     extras_require=EXTRAS_REQUIRE,
     entry_points={
         "console_scripts": [
             "audiodiff-train=audiodiff_jax.train_main:run",
+            "audiodiff-codec-train=audiodiff_jax.codec.train_main:run",
             "audiodiff-make-demo-shards=data_pipeline.demo_shards:run",
             "audiodiff-demo=audiodiff_jax.demo:run",
             "audiodiff-tokenizer=data_pipeline.tokenizer:run",
+            "audiodiff-corpus=data_pipeline.corpus_main:run",
+            "audiodiff-precompute=data_pipeline.precompute:run",
+            "audiodiff-compile=audiodiff_jax.compile_main:run",
+            "audiodiff-sample=audiodiff_jax.sample_main:run",
         ]
     },
 )

@@ -1,13 +1,18 @@
 """``make demo``: the main job end to end on the embedded default, on a CPU.
 
-1. Writes latent shards and a tokenizer (``data_pipeline/demo_shards.py``; a
-   stand-in generator until the codec and corpus stages land).
-2. Trains the ``configs/demo.py`` DiT with the real loop: Grain loader, sharded jitted
+1. Renders a small corpus of real music (music21 scores through a General MIDI
+   soundfont, ``data_pipeline/corpus_scores.py``) with exact captions.
+2. Encodes it with the codec shipped in the package (``audiodiff_jax.codec``) into
+   ArrayRecord latent shards plus a dataset card and tokenizer
+   (``data_pipeline/precompute.py``).
+3. Trains the ``configs/demo.py`` DiT with the real loop: Grain loader, sharded jitted
    step, async Orbax checkpoints, TensorBoard metrics.
-3. Writes ``OUT/report.html``: the loss curve and the run's facts.
+4. Samples a 3-minute song for a few prompts from the EMA weights
+   (``audiodiff_jax/generation.py``), decodes them with the codec, and writes WAVs,
+   spectrograms, a manifest and ``songs/report.html``.
+5. Writes ``OUT/report.html``: the loss curve, the run's facts, links to the songs.
 
-Run it again and training resumes from the last checkpoint (and finishes at once if
-it already reached the last step).
+Every stage skips what is already done, so running it again resumes.
 """
 
 from __future__ import annotations
@@ -21,6 +26,11 @@ from absl import app, flags, logging
 
 _OUT = flags.DEFINE_string("out", "demo_out", "Output folder.")
 _STEPS = flags.DEFINE_integer("steps", 0, "Override the demo config's train.num_steps (0 = keep).")
+_NUM_CLIPS = flags.DEFINE_integer("num_clips", 96, "Clips of rendered music in the demo corpus.")
+_CLIP_SECONDS = flags.DEFINE_float("clip_seconds", 8.0, "Length of each rendered clip.")
+_SONG_SECONDS = flags.DEFINE_float("song_seconds", 180.0, "Length of each sampled song.")
+_NUM_SONGS = flags.DEFINE_integer("num_songs", 3, "Songs to sample (prompts taken from the corpus captions).")
+_SAMPLE_STEPS = flags.DEFINE_integer("sample_steps", 25, "Sampler steps per window.")
 
 
 def loss_curve_svg(history: dict[int, float], width: int = 640, height: int = 280) -> str:
@@ -53,18 +63,24 @@ def loss_curve_svg(history: dict[int, float], width: int = 640, height: int = 28
     )
 
 
-def write_report(out: str, workdir: str, cfg, facts: dict) -> str:
+def write_report(out: str, workdir: str, cfg, facts: dict, songs_report: str = "") -> str:
     from audiodiff_jax.metrics import read_loss_history
 
     history = read_loss_history(workdir)
     rows = "".join(
         f"<tr><th>{html.escape(k)}</th><td>{html.escape(str(v))}</td></tr>" for k, v in facts.items()
     )
+    songs_link = (
+        f'<p><a href="{html.escape(songs_report)}">Listen to the generated songs</a></p>'
+        if songs_report
+        else ""
+    )
     config_text = html.escape(json.dumps(facts.get("config", {}), indent=1))
     page = f"""<!doctype html><html><head><meta charset="utf-8"><title>audiodiff-jax demo</title>
 <style>body{{font-family:sans-serif;max-width:900px;margin:2em auto}}
 th{{text-align:left;padding-right:1em}}</style>
 </head><body><h1>audiodiff-jax demo run</h1>
+{songs_link}
 <h2>Training loss</h2>{loss_curve_svg(history)}
 <h2>Run</h2><table>{rows}</table>
 <p>TensorBoard: <code>tensorboard --logdir {html.escape(os.path.join(workdir, "tensorboard"))}</code></p>
@@ -81,46 +97,110 @@ def main(argv):
     import jax
 
     from audiodiff_jax import config as config_lib
-    from audiodiff_jax import train
+    from audiodiff_jax import generation, train
+    from audiodiff_jax.codec import load_codec
+    from audiodiff_jax.logs import quiet_library_logs
     from configs import demo as demo_config
-    from data_pipeline import demo_shards
+    from data_pipeline import corpus_scores, precompute
 
+    quiet_library_logs()
     out = os.path.abspath(_OUT.value)
+    corpus_dir = os.path.join(out, "corpus")
     shards_dir = os.path.join(out, "shards")
     workdir = os.path.join(out, "run")
+    songs_dir = os.path.join(out, "songs")
     os.makedirs(out, exist_ok=True)
+    t0 = time.time()
+    timings = {}
+
+    codec = load_codec("default")
+    card = codec.card
+    if not os.path.exists(os.path.join(corpus_dir, "manifest.jsonl")):
+        logging.info("[1/5] rendering %d clips of music21 scores into %s", _NUM_CLIPS.value, corpus_dir)
+        corpus_scores.render_clips(
+            corpus_dir,
+            _NUM_CLIPS.value,
+            seed=0,
+            sample_rate=card.sample_rate,
+            channels=card.audio_channels,
+            clip_seconds=_CLIP_SECONDS.value,
+            workers=max(1, min(4, os.cpu_count() or 1)),
+            progress=True,
+        )
+    else:
+        logging.info("[1/5] corpus already in %s", corpus_dir)
+    timings["render"] = time.time() - t0
+
+    t = time.time()
+    if not os.path.exists(os.path.join(shards_dir, "dataset_card.json")):
+        logging.info("[2/5] encoding the corpus with the shipped codec %r into %s", card.name, shards_dir)
+        summary = precompute.precompute(
+            precompute.FolderCorpus(corpus_dir),
+            shards_dir,
+            codec,
+            files_per_shard=32,
+            tokenizer_vocab_size=256,
+        )
+        print(precompute.format_summary(summary))
+    else:
+        logging.info("[2/5] latent shards already in %s", shards_dir)
+    timings["encode"] = time.time() - t
+
     cd = demo_config.get_config()
     cd.data.shards_dir = shards_dir
+    cd.model.latent_channels = card.latent_channels
     if _STEPS.value:
         cd.train.num_steps = _STEPS.value
     cfg = config_lib.from_configdict(cd)
-
-    t0 = time.time()
-    if not os.path.exists(os.path.join(shards_dir, "dataset_card.json")):
-        logging.info("[1/3] writing demo latent shards to %s", shards_dir)
-        demo_shards.write_demo_shards(
-            shards_dir,
-            num_clips=256,
-            latent_channels=cfg.model.latent_channels,
-            num_shards=4,
-            seed=0,
-            vocab_size=cfg.model.text.vocab_size,
-        )
-    else:
-        logging.info("[1/3] demo shards already in %s", shards_dir)
-    logging.info("[2/3] training configs/demo.py for %d steps in %s", cfg.train.num_steps, workdir)
+    t = time.time()
+    logging.info("[3/5] training configs/demo.py for %d steps in %s", cfg.train.num_steps, workdir)
     result = train.train(cfg, workdir)
-    logging.info("[3/3] writing the report")
+    timings["train"] = time.time() - t
+
+    t = time.time()
+    prompts = _demo_prompts(corpus_dir, _NUM_SONGS.value)
+    logging.info("[4/5] sampling %d songs of %.0f s: %s", len(prompts), _SONG_SECONDS.value, prompts)
+    songs = generation.generate_songs(
+        workdir,
+        prompts,
+        songs_dir,
+        seconds=_SONG_SECONDS.value,
+        seeds=(0,),
+        guidance=4.0,
+        steps=_SAMPLE_STEPS.value,
+        sampler="dpmpp_2m",
+        codec=codec,
+        title="audiodiff-jax demo songs",
+    )
+    timings["sample"] = time.time() - t
+    logging.info("[5/5] writing the report")
     facts = {
         "final step": result.final_step,
         "devices": f"{jax.device_count()} x {jax.devices()[0].device_kind}",
-        "parameters": sum(x.size for x in jax.tree.leaves(result.state.params)),
-        "wall time (s)": round(time.time() - t0, 1),
+        "DiT parameters": sum(x.size for x in jax.tree.leaves(result.state.params)),
+        "codec": f"{card.name}: {card.sample_rate} Hz, {card.audio_channels} ch, "
+        f"{card.latent_channels} latent channels at {card.latent_rate:.2f} Hz",
+        "corpus": corpus_dir,
         "checkpoints": os.path.join(workdir, "checkpoints"),
+        "songs": f"{len(songs.rows)} written, {len(songs.issues)} issues: {songs.report}",
+        "timings (s)": {k: round(v, 1) for k, v in timings.items()},
+        "wall time (s)": round(time.time() - t0, 1),
         "config": json.loads(config_lib.to_json(cfg)),
     }
-    path = write_report(out, workdir, cfg, facts)
-    print(f"demo done in {time.time() - t0:.0f}s: report {path}, checkpoints in {workdir}/checkpoints")
+    path = write_report(out, workdir, cfg, facts, songs_report=os.path.relpath(songs.report, out))
+    print(
+        f"demo done in {time.time() - t0:.0f}s: report {path}, songs {songs.report}, "
+        f"checkpoints in {workdir}/checkpoints"
+    )
+    if songs.issues:
+        raise SystemExit(f"some songs failed: {songs.issues}")
+
+
+def _demo_prompts(corpus_dir: str, n: int) -> list[str]:
+    """Captions of the demo corpus itself: prompts the demo model has a chance to follow."""
+    rows = [json.loads(line) for line in open(os.path.join(corpus_dir, "manifest.jsonl")) if line.strip()]
+    step = max(1, len(rows) // max(n, 1))
+    return [rows[i]["caption"] for i in range(0, len(rows), step)][:n]
 
 
 def run():

@@ -13,12 +13,32 @@ preemption. Resume order (the only place it is written down):
 2. else ``train.init_from``: weights (params, copied into the EMA) of another run,
    with a fresh optimizer, step 0 and a fresh data iterator;
 3. else a fresh initialization from ``train.seed``.
+
+A checkpoint restores onto whatever mesh the job has now (other device count, other
+mesh shape): Orbax reads every array onto the shardings of ``Trainer.abstract_state``.
+The data iterator continues from the same global position: with the same process
+count each process restores its own saved state; with another process count the new
+processes are set to the saved position (``grain.experimental.set_next_index``), which
+gives the same global batches because a batch is a pure function of the global step
+(``data_pipeline/loader.py``). Where Grain cannot map it, the iterator restarts its
+epoch and the log says so. Orbax writes a step into a temporary directory that is
+renamed once complete, so a save cut short by a crash is never resumed from.
+
+Failures: a step watchdog (``step_timeout_s``) ends a process whose loop makes no
+progress (a hung peer blocks every collective), and ``audiodiff_jax/goodput.py``
+records where wall time went, across restarts.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import faulthandler
+import json
+import os
+import re
 import signal
+import sys
+import threading
 import time
 from typing import Any
 
@@ -30,7 +50,7 @@ import optax
 from absl import logging
 from jax.experimental import multihost_utils
 
-from audiodiff_jax import checkpointing, diffusion, flops, names, optim, sharding
+from audiodiff_jax import checkpointing, diffusion, flops, goodput, names, optim, sharding
 from audiodiff_jax import config as config_lib
 from audiodiff_jax.config import Config
 from audiodiff_jax.metrics import MetricWriter, log_line
@@ -235,6 +255,130 @@ class PreemptionWatcher:
             signal.signal(signal.SIGTERM, self._previous)
 
 
+class StepWatchdog:
+    """Ends the process when the loop stops making progress.
+
+    A host that hangs (or dies without its heartbeats being missed) leaves every other
+    process blocked inside a collective; without this they would wait forever. The
+    loop calls :meth:`pet` once per step; the clock starts at the first pet (after the
+    first step's compilation) and is paused around checkpoint saves.
+    """
+
+    EXIT_CODE = 4
+
+    def __init__(self, timeout_s: float):
+        self.timeout_s = timeout_s
+        self._last = None
+        self._paused = False
+        self._stop = threading.Event()
+        self._thread = None
+        if timeout_s > 0:
+            self._thread = threading.Thread(target=self._run, name="step-watchdog", daemon=True)
+            self._thread.start()
+
+    def pet(self) -> None:
+        self._last = time.monotonic()
+
+    def pause(self, paused: bool) -> None:
+        self._paused = paused
+        self.pet()
+
+    def _run(self):
+        while not self._stop.wait(min(1.0, self.timeout_s / 4)):
+            if self._last is None or self._paused:
+                continue
+            idle = time.monotonic() - self._last
+            if idle > self.timeout_s:
+                msg = (
+                    f"step watchdog: no training step finished for {idle:.0f}s "
+                    f"(step_timeout_s={self.timeout_s:g}) on {checkpointing.process_info()}; a peer process "
+                    "probably hung or died. Exiting so the job can be restarted from the last checkpoint. "
+                    "Stacks of every thread follow."
+                )
+                logging.error("%s", msg)
+                print(msg, file=sys.stderr, flush=True)
+                faulthandler.dump_traceback(all_threads=True)
+                os._exit(self.EXIT_CODE)
+
+    def close(self):
+        self._stop.set()
+
+
+_ITER_FILE = re.compile(r"process_(\d+)-of-(\d+)\.json$")
+
+
+def _saved_iterator_states(ckpt: checkpointing.RunCheckpointer, step: int) -> dict[int, dict]:
+    """The data-iterator files of a checkpoint: process index -> state, and their process count."""
+    folder = ckpt.directory / str(step) / "data_iter"
+    states, counts = {}, set()
+    if folder.exists():
+        for f in folder.iterdir():
+            m = _ITER_FILE.search(f.name)
+            if m:
+                counts.add(int(m.group(2)))
+                try:
+                    states[int(m.group(1))] = json.loads(f.read_text())
+                except ValueError:
+                    states[int(m.group(1))] = None
+    return {"count": counts.pop() if len(counts) == 1 else None, "states": states}
+
+
+def _warn_incomplete_checkpoints(ckpt: checkpointing.RunCheckpointer) -> None:
+    if not ckpt.directory.exists():
+        return
+    for p in ckpt.directory.iterdir():
+        if ".orbax-checkpoint-tmp" in p.name:
+            logging.warning(
+                "checkpoint: ignoring %s, a save that never finished (the job died while writing it)", p
+            )
+
+
+def restore_for_mesh(
+    ckpt: checkpointing.RunCheckpointer, step: int, trainer: Trainer, data_iter
+) -> TrainState:
+    """Restores ``step`` onto ``trainer``'s mesh, and positions ``data_iter`` (see module docstring)."""
+    import grain
+    import orbax.checkpoint as ocp
+
+    saved = _saved_iterator_states(ckpt, step)
+    count = jax.process_count()
+    if saved["count"] == count:
+        return ckpt.restore(step, trainer.abstract_state(), data_iter)
+    restored = ckpt.manager.restore(
+        step, args=ocp.args.Composite(state=ocp.args.StandardRestore(trainer.abstract_state()))
+    )
+    state = restored.state
+    step_now = int(jax.device_get(state.step))
+    positions = {s.get("next_index") for s in saved["states"].values() if isinstance(s, dict)}
+    # Every process consumed one local batch per step: the saved positions agree with
+    # each other and with the step unless the run's data history is unusual (init_from).
+    position = positions.pop() if len(positions) == 1 else step_now
+    try:
+        grain.experimental.set_next_index(data_iter, int(position))
+        logging.warning(
+            "data iterator: checkpoint step %d was saved by %s process(es), this job has %d; "
+            "continuing from the same global position (batch %d) with the batches re-split "
+            "over the new processes",
+            step,
+            saved["count"],
+            count,
+            position,
+        )
+    except Exception as e:  # noqa: BLE001 - any failure means Grain cannot map the state
+        logging.warning(
+            "data iterator: checkpoint step %d was saved by %s process(es), this job has %d, and "
+            "Grain cannot map the saved position onto the new processes (%s: %s); the data "
+            "iterator RESTARTS ITS EPOCH from the beginning (same shuffle seed). Model, optimizer "
+            "and EMA state are restored exactly.",
+            step,
+            saved["count"],
+            count,
+            type(e).__name__,
+            e,
+        )
+    return state
+
+
 @dataclasses.dataclass
 class TrainResult:
     state: TrainState
@@ -254,12 +398,32 @@ def _check_finite(step: int, values: dict[str, float], last_ckpt: int | None, wo
         )
 
 
-def train(cfg: Config, workdir: str, *, mesh: jax.sharding.Mesh | None = None) -> TrainResult:
-    """Trains ``cfg`` in ``workdir``, resuming as the module docstring says."""
+def train(
+    cfg: Config,
+    workdir: str,
+    *,
+    mesh: jax.sharding.Mesh | None = None,
+    process_start: float | None = None,
+    step_timeout_s: float = 0.0,
+) -> TrainResult:
+    """Trains ``cfg`` in ``workdir``, resuming as the module docstring says.
+
+    Args:
+      cfg: the config.
+      workdir: run directory (local or gs://).
+      mesh: the device mesh; ``sharding.make_mesh(cfg.mesh)`` by default.
+      process_start: unix time the process started, for the goodput account of
+        start-up time (default: now).
+      step_timeout_s: exit (status ``StepWatchdog.EXIT_CODE``) when no step finishes
+        for this long after the first one; 0 = never.
+    """
+    process_start = time.time() if process_start is None else process_start
     from data_pipeline import loader as loader_lib
     from data_pipeline import shards as shards_lib
 
-    config_lib.validate(cfg, num_devices=jax.device_count())
+    # Shapes are checked against the mesh that will run them (a given mesh may use
+    # fewer devices than the process sees, e.g. resuming on one device).
+    config_lib.validate(cfg, num_devices=jax.device_count() if mesh is None else mesh.size)
     if mesh is None:
         mesh = sharding.make_mesh(cfg.mesh)
     card = shards_lib.DatasetCard.load(cfg.data.shards_dir)
@@ -293,10 +457,15 @@ def train(cfg: Config, workdir: str, *, mesh: jax.sharding.Mesh | None = None) -
     config_json = dataclasses.asdict(cfg)
     card_json = card.to_dict()
 
+    _warn_incomplete_checkpoints(ckpt)
     latest = ckpt.latest_step()
+    restore_s = 0.0
     if latest is not None:
         logging.info("resuming from checkpoint step %d in %s", latest, ckpt.directory)
-        state = ckpt.restore(latest, trainer.abstract_state(), data_iter)
+        t0 = time.perf_counter()
+        state = restore_for_mesh(ckpt, latest, trainer, data_iter)
+        jax.block_until_ready(state)
+        restore_s = time.perf_counter() - t0
     elif cfg.train.init_from:
         params, src_step = checkpointing.restore_params(cfg.train.init_from, trainer.abstract_params())
         logging.info("starting from the weights of %s (step %d)", cfg.train.init_from, src_step)
@@ -322,6 +491,12 @@ def train(cfg: Config, workdir: str, *, mesh: jax.sharding.Mesh | None = None) -
     )
 
     writer = MetricWriter(workdir)
+    gp = goodput.GoodputRecorder(
+        workdir, process_start=process_start, first_step=step, enabled=jax.process_index() == 0
+    )
+    if restore_s:
+        gp.add("restore", restore_s)
+    watchdog = StepWatchdog(step_timeout_s)
     if step == 0 and jax.process_index() == 0:
         writer.write_text("config", "```\n" + config_lib.to_json(cfg) + "\n```")
     watcher = PreemptionWatcher()
@@ -329,6 +504,7 @@ def train(cfg: Config, workdir: str, *, mesh: jax.sharding.Mesh | None = None) -
     last_saved = latest
     preempted = False
     t_last, step_last = time.perf_counter(), step
+    first_call = True
 
     def flush(check_step: int):
         nonlocal pending
@@ -340,11 +516,21 @@ def train(cfg: Config, workdir: str, *, mesh: jax.sharding.Mesh | None = None) -
         writer.write_step_losses([(s, m[names.TRAIN_LOSS]) for s, m in rows])
         return rows
 
+    gp.loop_started()
     try:
         while step < num_steps:
             local = next(data_iter)
             batch = loader_lib.make_global_batch({k: local[k] for k in BATCH_KEYS}, mesh)
-            state, metrics = trainer.step(state, batch)
+            if first_call:
+                # The first call traces and compiles before it dispatches (execution stays async).
+                t0 = time.perf_counter()
+                state, metrics = trainer.step(state, batch)
+                gp.add("compile", time.perf_counter() - t0)
+                first_call = False
+                t_last = time.perf_counter()
+            else:
+                state, metrics = trainer.step(state, batch)
+            watchdog.pet()
             step += 1
             pending.append((step, metrics))
             is_log = step % cfg.train.log_every == 0 or step == num_steps
@@ -365,16 +551,32 @@ def train(cfg: Config, workdir: str, *, mesh: jax.sharding.Mesh | None = None) -
                     scalars[names.PERF_TFLOPS] = tflops
                     if peak:
                         scalars[names.PERF_MFU] = tflops * 1e12 / peak
+                    summary = gp.update(step)
+                    scalars.update(summary.scalars())
                     writer.write_scalars(step, scalars)
                     log_line(step, num_steps, scalars, 1.0 / dt)
+                    logging.info("%s", summary.line())
             if is_save or stop:
+                watchdog.pause(True)
+                t0 = time.perf_counter()
                 ckpt.save(step, state, data_iter, config_json, card_json)
+                gp.add("checkpoint", time.perf_counter() - t0)
+                watchdog.pause(False)
                 last_saved = step
+                gp.update(step, last_checkpoint=last_saved)
             if stop:
                 logging.warning("preemption: saved step %d, exiting", step)
                 preempted = True
                 break
+        watchdog.pause(True)
+        t0 = time.perf_counter()
+        ckpt.wait()  # the last save must be complete before the run counts as done
+        gp.add("checkpoint", time.perf_counter() - t0)
+        summary = gp.update(step, last_checkpoint=last_saved, finished=True)
+        logging.info("%s", summary.line())
+        writer.write_scalars(step, summary.scalars())
     finally:
+        watchdog.close()
         ckpt.close()
         writer.close()
         watcher.close()

@@ -9,15 +9,25 @@ with status 0. Several processes (hosts) join through ``jax.distributed``: on TP
 and SLURM the coordinator is found automatically (``--distributed=auto``); on one
 machine pass ``--coordinator_address``, ``--num_processes`` and ``--process_id``
 (``launch/local.py`` does).
+
+Failures: when a process dies, the coordination service notices its missing
+heartbeats within ``--heartbeat_timeout_s`` and ends every other process with an
+error naming the dead task; a process whose steps stop (a hung peer) exits after
+``--step_timeout_s`` (status 4). Run the same command again and the job resumes from
+the last complete checkpoint.
 """
 
 from __future__ import annotations
 
 import os
 import sys
+import time
 
 from absl import app, flags, logging
 from ml_collections import config_flags
+
+# Start of this process (the imports above are light), for the goodput account of start-up.
+_PROCESS_START = time.time()
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Config file, e.g. configs/tiny.py or configs/dit.py:1B"
@@ -41,6 +51,23 @@ _PROCESS_ID = flags.DEFINE_integer(
 _INIT_TIMEOUT = flags.DEFINE_integer(
     "distributed_timeout_s", 120, "Seconds to wait for all processes to join before failing."
 )
+_HEARTBEAT_TIMEOUT = flags.DEFINE_integer(
+    "heartbeat_timeout_s",
+    100,
+    "jax.distributed: a process that sent no heartbeat for this long is declared dead and "
+    "every other process exits with an error.",
+)
+_SHUTDOWN_TIMEOUT = flags.DEFINE_integer(
+    "shutdown_timeout_s",
+    300,
+    "jax.distributed: how long a finished process waits at exit for the others.",
+)
+_STEP_TIMEOUT = flags.DEFINE_float(
+    "step_timeout_s",
+    1800.0,
+    "Exit (status 4) when no training step finishes for this long after the first one "
+    "(a hung peer); 0 = never.",
+)
 
 EXIT_CONFIG_ERROR = 2
 EXIT_DIVERGED = 3
@@ -53,15 +80,20 @@ def init_distributed() -> None:
     mode = _DISTRIBUTED.value
     if mode == "off":
         return
+    timeouts = dict(
+        initialization_timeout=_INIT_TIMEOUT.value,
+        heartbeat_timeout_seconds=_HEARTBEAT_TIMEOUT.value,
+        shutdown_timeout_seconds=_SHUTDOWN_TIMEOUT.value,
+    )
     if _COORDINATOR.value:
         jax.distributed.initialize(
             coordinator_address=_COORDINATOR.value,
             num_processes=_NUM_PROCESSES.value,
             process_id=_PROCESS_ID.value,
-            initialization_timeout=_INIT_TIMEOUT.value,
+            **timeouts,
         )
     elif mode == "on" or _on_cluster():
-        jax.distributed.initialize(initialization_timeout=_INIT_TIMEOUT.value)
+        jax.distributed.initialize(**timeouts)
     else:
         return
     logging.info("joined jax.distributed: process %d of %d", jax.process_index(), jax.process_count())
@@ -94,7 +126,9 @@ def main(argv):
         sys.exit(EXIT_CONFIG_ERROR)
     init_distributed()
     try:
-        result = train.train(cfg, _WORKDIR.value)
+        result = train.train(
+            cfg, _WORKDIR.value, process_start=_PROCESS_START, step_timeout_s=_STEP_TIMEOUT.value
+        )
     except config_lib.ConfigError as e:
         print(f"audiodiff-train: config error: {e}", file=sys.stderr)
         sys.exit(EXIT_CONFIG_ERROR)

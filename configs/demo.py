@@ -13,7 +13,7 @@ def get_config(arg=None):
     config = config_lib.default_configdict()
     presets.apply_preset(config.model, "tiny")
     config.model.preset = "demo"
-    config.model.latent_channels = 16
+    config.model.latent_channels = 32  # the shipped codec (audiodiff_jax/codec/weights)
     config.model.width = 128
     config.model.depth = 4
     config.model.num_heads = 4
@@ -26,7 +26,7 @@ def get_config(arg=None):
     config.optim.learning_rate = 5e-4
     config.optim.warmup_steps = 50
     config.optim.ema_decay = 0.995
-    config.train.num_steps = 600
+    config.train.num_steps = 300
     config.train.log_every = 25
-    config.checkpoint.every_steps = 200
+    config.checkpoint.every_steps = 100
     return config

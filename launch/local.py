@@ -12,7 +12,8 @@ environment variables that ``audiodiff-train`` reads (``AUDIODIFF_COORDINATOR``,
 fake CPU devices. The launcher forwards SIGTERM/SIGINT to every child, and when one
 child fails it gives the others ``--grace_s`` seconds to exit before killing them,
 so a dead peer can never leave the job hanging. It exits with the first non-zero
-child status (or 124 on timeout).
+child status (or 124 on timeout). With ``--logs_to`` it also writes each child's pid
+to ``DIR/process_K.pid`` (tests use it to kill one process of a job).
 """
 
 from __future__ import annotations
@@ -56,6 +57,16 @@ def child_env(base: dict, *, coordinator: str, num: int, pid: int, devices: int)
     return env
 
 
+def describe_exit(code: int) -> str:
+    """'exited with status 3' or 'was killed by SIGKILL' (Popen reports signals as -N)."""
+    if code < 0:
+        try:
+            return f"was killed by {signal.Signals(-code).name}"
+        except ValueError:
+            return f"was killed by signal {-code}"
+    return f"exited with status {code}"
+
+
 def launch(
     command: list[str],
     *,
@@ -87,6 +98,10 @@ def launch(
                 stderr=subprocess.STDOUT if out else None,
             )
         )
+    if log_dir:
+        for pid, p in enumerate(procs):
+            with open(os.path.join(log_dir, f"process_{pid}.pid"), "w") as f:
+                f.write(str(p.pid))
     logging.info("launched %d processes (coordinator %s): %s", num_processes, coordinator, " ".join(command))
 
     def forward(signum, frame):
@@ -107,7 +122,10 @@ def launch(
             if bad and failed_at is None:
                 failed_at = time.monotonic()
                 status = bad[0]
-                logging.error("a process exited with status %d; the others get %ds to exit", bad[0], grace_s)
+                first = next(i for i, c in enumerate(codes) if c not in (None, 0))
+                logging.error(
+                    "process %d %s; the others get %ds to exit", first, describe_exit(bad[0]), grace_s
+                )
             if failed_at is not None and time.monotonic() - failed_at > grace_s:
                 logging.error("killing the remaining processes")
                 for p in procs:

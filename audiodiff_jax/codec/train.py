@@ -1,0 +1,378 @@
+"""Training the codec: one jitted, sharded, donated step and the loop around it.
+
+One batch, in order: :class:`audiodiff_jax.codec.data.CropSource` (crops chosen by
+seed and step) -> global array sharded over (data, fsdp) -> :func:`make_train_step`
+(encode, reparameterized sample, decode, :mod:`audiodiff_jax.codec.losses`; the
+discriminator's hinge step when enabled) -> AdamW (``audiodiff_jax/optim.py``) + EMA.
+
+The train state is a dict: ``step``, ``params``, ``opt_state``, ``ema_params``,
+``rng``, and with a discriminator ``disc_params``, ``disc_opt_state``. Checkpoints are
+an Orbax CheckpointManager in ``WORKDIR/checkpoints`` with the items ``state``,
+``config`` (the resolved config as JSON) and ``codec_card``. No data iterator state is
+needed: crops are a pure function of (seed, step).
+
+Resume order (the only place it is written down):
+
+1. the latest complete checkpoint in ``WORKDIR/checkpoints`` (continues bit for bit);
+2. else ``train.init_from``: params of another codec run (copied into the EMA), with a
+   fresh optimizer and step 0;
+3. else a fresh initialization from ``train.seed``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import orbax.checkpoint as ocp
+from absl import logging
+from etils import epath
+
+from audiodiff_jax import names, optim, sharding
+from audiodiff_jax.codec import losses
+from audiodiff_jax.codec import model as model_lib
+from audiodiff_jax.codec.config import CodecConfig, hop_of, validate
+from audiodiff_jax.metrics import MetricWriter, log_line
+from audiodiff_jax.train import TrainingDiverged, _check_finite, _opt_state_shardings
+
+# Metric names of the codec run (the DiT's are in audiodiff_jax/names.py).
+LOSS = names.TRAIN_LOSS
+STFT = "codec/stft"
+L1 = "codec/waveform_l1"
+KL = "codec/kl"
+ADV = "codec/adversarial"
+FEAT = "codec/feature_matching"
+DISC_LOSS = "codec/discriminator"
+PERF_AUDIO_SECONDS = "perf/audio_seconds_per_s"
+
+ITEMS = ("state", "config", "codec_card")
+
+
+def uses_discriminator(cfg: CodecConfig) -> bool:
+    return cfg.discriminator.adversarial_weight > 0 or cfg.discriminator.feature_weight > 0
+
+
+def card_dict(cfg: CodecConfig, latent_mean=None, latent_std=None) -> dict:
+    """The codec card: the fields of ``data_pipeline.shards.CodecCard``, the latent
+    statistics (per channel, over the encoded training audio) and the model config."""
+    m = cfg.model
+    hop = hop_of(m)
+    return {
+        "name": m.name,
+        "sample_rate": m.sample_rate,
+        "audio_channels": m.audio_channels,
+        "hop": hop,
+        "latent_rate": m.sample_rate / hop,
+        "latent_channels": m.latent_channels,
+        "latent_mean": None if latent_mean is None else [float(v) for v in latent_mean],
+        "latent_std": None if latent_std is None else [float(v) for v in latent_std],
+        "model": dataclasses.asdict(m),
+    }
+
+
+def make_train_step(cfg: CodecConfig, vae: model_lib.ModuleFns, disc, tx, disc_tx, schedule):
+    """Builds the pure ``train_step(state, audio_btc) -> (state, metrics)``."""
+    lc, dc = cfg.loss, cfg.discriminator
+    use_disc = disc is not None
+    ema_decay = cfg.optim.ema_decay
+
+    def train_step(state: dict, audio_btc: jax.Array):
+        rng = jax.random.fold_in(jax.random.wrap_key_data(state["rng"]), state["step"])
+        x = audio_btc
+        adv_on = (state["step"] >= dc.start_step).astype(jnp.float32)
+
+        def gen_loss(params):
+            net = vae.merge(params)
+            mean, scale = model_lib.posterior(net.encode(x))
+            z = mean + lc.posterior_noise * scale * jax.random.normal(rng, mean.shape, mean.dtype)
+            y = net.decode(z)
+            parts = {
+                STFT: losses.multi_resolution_stft_loss(y, x, lc.stft_fft_sizes),
+                L1: losses.waveform_l1(y, x),
+                KL: model_lib.kl_divergence(mean, scale),
+            }
+            total = (
+                lc.stft_weight * parts[STFT] + lc.waveform_l1_weight * parts[L1] + lc.kl_weight * parts[KL]
+            )
+            if use_disc:
+                d = disc.merge(state["disc_params"])
+                fake = d(y)
+                real = jax.lax.stop_gradient(d(x))
+                parts[ADV] = sum(losses.hinge_generator_loss(lf) for lf, _ in fake) / len(fake)
+                parts[FEAT] = sum(
+                    losses.feature_matching_loss(fr, ff) for (_, fr), (_, ff) in zip(real, fake, strict=True)
+                ) / len(fake)
+                total = total + adv_on * (
+                    dc.adversarial_weight * parts[ADV] + dc.feature_weight * parts[FEAT]
+                )
+            return total, (parts, y)
+
+        (loss, (parts, y)), grads = jax.value_and_grad(gen_loss, has_aux=True)(state["params"])
+        updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
+        params = optax.apply_updates(state["params"], updates)
+        decay = optim.ema_decay_at(state["step"], ema_decay)
+        ema = jax.tree.map(lambda e, p: e * decay + (1.0 - decay) * p, state["ema_params"], params)
+        new = dict(state, step=state["step"] + 1, params=params, opt_state=opt_state, ema_params=ema)
+        metrics = {LOSS: loss, **parts}
+        if use_disc:
+            y_sg = jax.lax.stop_gradient(y)
+
+            def disc_loss(dp):
+                d = disc.merge(dp)
+                real, fake = d(x), d(y_sg)
+                return sum(
+                    losses.hinge_discriminator_loss(lr, lf)
+                    for (lr, _), (lf, _) in zip(real, fake, strict=True)
+                ) / len(real)
+
+            dl, dgrads = jax.value_and_grad(disc_loss)(state["disc_params"])
+            dupd, dopt = disc_tx.update(dgrads, state["disc_opt_state"], state["disc_params"])
+            new["disc_params"] = optax.apply_updates(state["disc_params"], dupd)
+            new["disc_opt_state"] = dopt
+            metrics[DISC_LOSS] = dl
+        metrics[names.TRAIN_GRAD_NORM] = optax.global_norm(grads)
+        metrics[names.TRAIN_PARAM_NORM] = optax.global_norm(params)
+        metrics[names.TRAIN_UPDATE_NORM] = optax.global_norm(updates)
+        metrics[names.TRAIN_LR] = schedule(state["step"])
+        return new, metrics
+
+    return train_step
+
+
+class CodecTrainer:
+    """Holds the mesh, the shardings and the jitted init and step of one codec config."""
+
+    def __init__(self, cfg: CodecConfig, mesh: jax.sharding.Mesh):
+        self.cfg, self.mesh = cfg, mesh
+        self.vae = model_lib.make_vae(cfg.model)
+        self.disc = (
+            model_lib.make_discriminator(cfg.model.audio_channels, cfg.discriminator)
+            if uses_discriminator(cfg)
+            else None
+        )
+        self.tx, self.schedule = optim.make_optimizer(cfg.optim, cfg.train.num_steps)
+        self.disc_tx = optim.make_optimizer(cfg.optim, cfg.train.num_steps)[0] if self.disc else None
+        replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+        self.param_shardings = sharding.named_shardings(self.vae.logical_axes(), mesh)
+        abstract = self.vae.abstract_params()
+        opt_shapes = jax.eval_shape(self.tx.init, abstract)
+        shardings = {
+            "step": replicated,
+            "params": self.param_shardings,
+            "opt_state": _opt_state_shardings(opt_shapes, abstract, self.param_shardings, replicated),
+            "ema_params": self.param_shardings,
+            "rng": replicated,
+        }
+        if self.disc:
+            d_sh = sharding.named_shardings(self.disc.logical_axes(), mesh)
+            d_abs = self.disc.abstract_params()
+            shardings["disc_params"] = d_sh
+            shardings["disc_opt_state"] = _opt_state_shardings(
+                jax.eval_shape(self.disc_tx.init, d_abs), d_abs, d_sh, replicated
+            )
+        self.state_shardings = shardings
+        self.batch_sharding = sharding.batch_sharding(mesh)
+        with jax.set_mesh(mesh):
+            self._init = jax.jit(self._init_fn, out_shardings=shardings)
+            self.train_step = jax.jit(
+                make_train_step(cfg, self.vae, self.disc, self.tx, self.disc_tx, self.schedule),
+                in_shardings=(shardings, self.batch_sharding),
+                out_shardings=(shardings, replicated),
+                donate_argnums=(0,),
+            )
+
+    def _init_fn(self, key_data, params=None):
+        key = jax.random.wrap_key_data(key_data)
+        k_init, k_disc, k_state = jax.random.split(key, 3)
+        if params is None:
+            params = self.vae.init(k_init)
+        state = {
+            "step": jnp.zeros((), jnp.int32),
+            "params": params,
+            "opt_state": self.tx.init(params),
+            "ema_params": jax.tree.map(jnp.copy, params),
+            "rng": jax.random.key_data(k_state),
+        }
+        if self.disc:
+            dp = self.disc.init(k_disc)
+            state["disc_params"] = dp
+            state["disc_opt_state"] = self.disc_tx.init(dp)
+        return state
+
+    def init_state(self, seed: int, params=None) -> dict:
+        key_data = jax.random.key_data(jax.random.key(seed))
+        with jax.set_mesh(self.mesh):
+            if params is None:
+                return self._init(key_data)
+            return jax.jit(self._init_fn, out_shardings=self.state_shardings)(key_data, params)
+
+    def abstract_state(self) -> dict:
+        shapes = jax.eval_shape(self._init_fn, jax.random.key_data(jax.random.key(0)))
+        return jax.tree.map(
+            lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes, self.state_shardings
+        )
+
+    def step(self, state: dict, audio_btc: jax.Array):
+        with jax.set_mesh(self.mesh):
+            return self.train_step(state, audio_btc)
+
+
+def checkpoint_manager(workdir: str, cfg: CodecConfig) -> ocp.CheckpointManager:
+    options = ocp.CheckpointManagerOptions(
+        max_to_keep=cfg.checkpoint.keep_last,
+        keep_period=cfg.checkpoint.keep_every or None,
+        enable_async_checkpointing=cfg.checkpoint.async_save,
+        create=True,
+    )
+    return ocp.CheckpointManager(epath.Path(workdir) / "checkpoints", options=options, item_names=ITEMS)
+
+
+def restore_params(path: str, abstract_params: Any, *, use_ema: bool = True) -> tuple[Any, int, dict]:
+    """Weights (EMA by default) of a codec run's latest checkpoint, with its step and config.
+
+    Args:
+      path: a codec run workdir (or its ``checkpoints`` folder).
+      abstract_params: ShapeDtypeStructs (with or without shardings) of the params.
+    """
+    p = epath.Path(path)
+    root = p / "checkpoints" if (p / "checkpoints").is_dir() else p
+    steps = ocp.utils.checkpoint_steps(root) if root.is_dir() else []
+    if not steps:
+        raise FileNotFoundError(f"{path!r} holds no complete codec checkpoint (looked in {root})")
+    step = max(steps)
+    key = "ema_params" if use_ema else "params"
+    with ocp.PyTreeCheckpointer() as ckptr:
+        restored = ckptr.restore(
+            root / str(step) / "state",
+            args=ocp.args.PyTreeRestore(
+                item={key: abstract_params},
+                restore_args={key: ocp.checkpoint_utils.construct_restore_args(abstract_params)},
+                partial_restore=True,
+            ),
+        )
+    import json
+
+    cfg_dir = root / str(step) / "config"
+    files = [f for f in cfg_dir.iterdir() if f.is_file()]
+    return restored[key], step, json.loads(files[0].read_text())
+
+
+@dataclasses.dataclass
+class TrainResult:
+    state: dict
+    final_step: int
+
+
+def train(
+    cfg: CodecConfig,
+    workdir: str,
+    *,
+    mesh: jax.sharding.Mesh | None = None,
+    source=None,
+    trainer: CodecTrainer | None = None,
+) -> TrainResult:
+    """Trains the codec ``cfg`` in ``workdir``, resuming as the module docstring says.
+
+    Args:
+      source: a :class:`~audiodiff_jax.codec.data.CropSource` (default: one over
+        ``cfg.data.audio_dir``); tests pass synthetic audio here.
+      trainer: a :class:`CodecTrainer` of ``cfg`` to reuse (its jitted step is
+        compiled once; tests run several short runs with one).
+    """
+    from audiodiff_jax.codec.data import CropSource
+
+    validate(cfg, num_devices=jax.device_count())
+    if trainer is not None and trainer.cfg != cfg:
+        raise ValueError("trainer was built for another config")
+    mesh = trainer.mesh if trainer is not None else (mesh or sharding.make_mesh(cfg.mesh))
+    if source is None:
+        source = CropSource(
+            cfg.data.audio_dir,
+            sample_rate=cfg.model.sample_rate,
+            channels=cfg.model.audio_channels,
+            crop_samples=cfg.data.crop_samples,
+            seed=cfg.data.seed,
+            min_rms=cfg.data.min_rms,
+        )
+    trainer = trainer or CodecTrainer(cfg, mesh)
+    manager = checkpoint_manager(workdir, cfg)
+    config_json = dataclasses.asdict(cfg)
+    card = card_dict(cfg)
+    latest = manager.latest_step()
+    if latest is not None:
+        logging.info("resuming codec run from step %d", latest)
+        state = manager.restore(
+            latest, args=ocp.args.Composite(state=ocp.args.StandardRestore(trainer.abstract_state()))
+        ).state
+    elif cfg.train.init_from:
+        abstract = jax.tree.map(
+            lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
+            trainer.vae.abstract_params(),
+            trainer.param_shardings,
+        )
+        params, src, _ = restore_params(cfg.train.init_from, abstract, use_ema=False)
+        logging.info("starting from the weights of %s (step %d)", cfg.train.init_from, src)
+        state = trainer.init_state(cfg.train.seed, params=params)
+    else:
+        logging.info("starting fresh from seed %d", cfg.train.seed)
+        state = trainer.init_state(cfg.train.seed)
+    step = int(jax.device_get(state["step"]))
+    n_params = model_lib.count_params(state["params"])
+    logging.info("codec: %.2fM params; steps %d -> %d", n_params / 1e6, step, cfg.train.num_steps)
+    writer = MetricWriter(workdir)
+    batch_seconds = cfg.data.global_batch_size * cfg.data.crop_samples / cfg.model.sample_rate
+    pending: list[tuple[int, dict]] = []
+    last_saved = latest
+    t_last, step_last = time.perf_counter(), step
+    try:
+        while step < cfg.train.num_steps:
+            local = source.batch(step, cfg.data.global_batch_size, jax.process_index(), jax.process_count())
+            audio = jax.make_array_from_process_local_data(trainer.batch_sharding, local)
+            state, metrics = trainer.step(state, audio)
+            step += 1
+            pending.append((step, metrics))
+            is_log = step % cfg.train.log_every == 0 or step == cfg.train.num_steps
+            is_save = step % cfg.checkpoint.every_steps == 0 or step == cfg.train.num_steps
+            if is_log or is_save:
+                fetched = jax.device_get([m for _, m in pending])
+                rows = [
+                    (s, {k: float(v) for k, v in m.items()})
+                    for (s, _), m in zip(pending, fetched, strict=True)
+                ]
+                pending = []
+                for s, m in rows:
+                    _check_finite(s, m, last_saved, workdir)
+                writer.write_step_losses([(s, m[LOSS]) for s, m in rows])
+                if is_log:
+                    now = time.perf_counter()
+                    dt = (now - t_last) / max(step - step_last, 1)
+                    t_last, step_last = now, step
+                    scalars = dict(rows[-1][1])
+                    scalars[LOSS] = float(np.mean([m[LOSS] for _, m in rows]))
+                    scalars[names.PERF_STEP_TIME] = dt
+                    scalars[PERF_AUDIO_SECONDS] = batch_seconds / dt
+                    writer.write_scalars(step, scalars)
+                    log_line(step, cfg.train.num_steps, scalars, 1.0 / dt)
+            if is_save:
+                manager.save(
+                    step,
+                    args=ocp.args.Composite(
+                        state=ocp.args.StandardSave(state),
+                        config=ocp.args.JsonSave(config_json),
+                        codec_card=ocp.args.JsonSave(card),
+                    ),
+                    force=True,
+                )
+                last_saved = step
+    except TrainingDiverged:
+        raise
+    finally:
+        manager.wait_until_finished()
+        manager.close()
+        writer.close()
+    return TrainResult(state=state, final_step=step)

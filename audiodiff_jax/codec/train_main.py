@@ -1,0 +1,73 @@
+"""``audiodiff-codec-train``: trains the codec; the same command on every host.
+
+    audiodiff-codec-train --config=configs/codec.py:small --workdir=/tmp/codec \
+        --config.data.audio_dir=/tmp/codec_audio/train \
+        --export_dir=/tmp/codec_export
+
+Run it again with the same workdir and it resumes (``audiodiff_jax/codec/train.py``
+has the resume order). With ``--export_dir`` the EMA weights of the last step are
+written there as a loadable codec (``weights.npz`` + ``codec_card.json``, with the
+latent statistics measured on ``--stats_dir`` audio, default the training audio);
+``load_codec(export_dir)`` reads it. Multi-host flags are the DiT program's
+(``audiodiff_jax/train_main.py``), whose flag definitions this program reuses.
+"""
+
+from __future__ import annotations
+
+import sys
+
+from absl import app, flags, logging
+
+# The DiT program's flags (--config, --workdir and the multi-host ones) are reused as
+# they are: importing the module defines them, and absl refuses a second definition.
+from audiodiff_jax.train_main import _CONFIG, _WORKDIR, EXIT_CONFIG_ERROR, EXIT_DIVERGED, init_distributed
+
+_EXPORT = flags.DEFINE_string("export_dir", "", "Write the trained codec (npz + card) here at the end.")
+_STATS_DIR = flags.DEFINE_string(
+    "stats_dir", "", "Audio for the latent statistics (default: training audio)."
+)
+
+
+def main(argv):
+    del argv
+    from audiodiff_jax.codec import codec as codec_lib
+    from audiodiff_jax.codec import config as config_lib
+    from audiodiff_jax.codec import train
+    from audiodiff_jax.config import ConfigError
+
+    if not _WORKDIR.value:
+        raise app.UsageError("--workdir is required")
+    if _CONFIG.value is None:
+        raise app.UsageError("--config is required, e.g. --config=configs/codec.py:small")
+    try:
+        cfg = config_lib.from_configdict(_CONFIG.value)
+        config_lib.validate(cfg)
+    except ConfigError as e:
+        print(f"audiodiff-codec-train: config error: {e}", file=sys.stderr)
+        sys.exit(EXIT_CONFIG_ERROR)
+    init_distributed()
+    try:
+        result = train.train(cfg, _WORKDIR.value)
+    except ConfigError as e:
+        print(f"audiodiff-codec-train: config error: {e}", file=sys.stderr)
+        sys.exit(EXIT_CONFIG_ERROR)
+    except train.TrainingDiverged as e:
+        print(f"audiodiff-codec-train: {e}", file=sys.stderr)
+        sys.exit(EXIT_DIVERGED)
+    logging.info("done: step %d", result.final_step)
+    if _EXPORT.value:
+        import jax
+
+        if jax.process_index() == 0:
+            path = codec_lib.export_run(
+                _WORKDIR.value, _EXPORT.value, stats_dir=_STATS_DIR.value or cfg.data.audio_dir
+            )
+            logging.info("exported the codec to %s", path)
+
+
+def run():
+    app.run(main)
+
+
+if __name__ == "__main__":
+    run()

@@ -1,0 +1,100 @@
+"""What every launcher passes to ``audiodiff-train``: the command, its flags, its environment.
+
+The launchers (``tpu_vm.py``, ``gke.py``, ``slurm.py``) differ in how they reach the
+hosts; the program they start is the same on every host of every cluster, built here:
+
+    audiodiff-train --config=CONFIG --workdir=WORKDIR --distributed=on \
+        --heartbeat_timeout_s=100 --step_timeout_s=1800 [--config.KEY=VALUE ...]
+
+The workdir may be a ``gs://`` path: Orbax writes arrays through TensorStore and the
+rest through ``etils.epath``, which reads and writes GCS when ``gcsfs`` is installed
+(the host setup installs it).
+"""
+
+from __future__ import annotations
+
+import shlex
+import types
+from collections.abc import Sequence
+
+from absl import flags
+
+FLAGS = None  # the shared flags' holders, once define_flags() ran
+
+
+def define_flags() -> None:
+    """Defines the flags every launcher takes. Called by a launcher's ``__main__`` only,
+    so that importing several launchers (tests) defines no flag twice."""
+    global FLAGS
+    FLAGS = types.SimpleNamespace(
+        config=flags.DEFINE_string("config", None, "Config file (as on the hosts), e.g. configs/dit.py:1B."),
+        workdir=flags.DEFINE_string("workdir", None, "Run directory, e.g. gs://BUCKET/runs/dit1b."),
+        overrides=flags.DEFINE_multi_string(
+            "override", [], "Config override KEY=VALUE, passed as --config.KEY=VALUE (repeatable)."
+        ),
+        heartbeat=flags.DEFINE_integer(
+            "heartbeat_timeout_s", 100, "A host silent this long is declared dead; the others exit."
+        ),
+        step_timeout=flags.DEFINE_integer(
+            "step_timeout_s", 1800, "Exit when no step finishes this long (hung peer)."
+        ),
+        dry_run=flags.DEFINE_bool("dry_run", False, "Print what would run (commands or manifest) and stop."),
+    )
+
+
+# Environment every host gets. Unbuffered output, or the last lines before a crash
+# (the coordination service's error naming a dead host) can be lost.
+BASE_ENV = {"PYTHONUNBUFFERED": "1"}
+
+
+def train_args(
+    config: str,
+    workdir: str,
+    overrides: Sequence[str] = (),
+    *,
+    heartbeat_timeout_s: int = 100,
+    step_timeout_s: int = 1800,
+    distributed: str = "on",
+) -> list[str]:
+    """``audiodiff-train`` and its flags, as a list of arguments."""
+    if not config or not workdir:
+        raise ValueError("--config and --workdir are required")
+    args = [
+        "audiodiff-train",
+        f"--config={config}",
+        f"--workdir={workdir}",
+        f"--distributed={distributed}",
+        f"--heartbeat_timeout_s={heartbeat_timeout_s}",
+        f"--step_timeout_s={step_timeout_s}",
+    ]
+    for o in overrides:
+        key, sep, value = o.partition("=")
+        if not sep or not key:
+            raise ValueError(f"--override={o!r} must be KEY=VALUE, e.g. train.num_steps=1000")
+        key = key.removeprefix("config.")
+        args.append(f"--config.{key}={value}")
+    return args
+
+
+def train_args_from_flags(distributed: str = "on") -> list[str]:
+    return train_args(
+        FLAGS.config.value,
+        FLAGS.workdir.value,
+        FLAGS.overrides.value,
+        heartbeat_timeout_s=FLAGS.heartbeat.value,
+        step_timeout_s=FLAGS.step_timeout.value,
+        distributed=distributed,
+    )
+
+
+def dry_run() -> bool:
+    return FLAGS.dry_run.value
+
+
+def shell_join(args: Sequence[str]) -> str:
+    return " ".join(shlex.quote(a) for a in args)
+
+
+def env_prefix(env: dict[str, str]) -> str:
+    """``K=V K2=V2`` for a shell command line (values quoted)."""
+    return " ".join(f"{k}={shlex.quote(v)}" for k, v in env.items())

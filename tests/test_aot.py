@@ -1,0 +1,189 @@
+"""Ahead-of-time compilation for TPU slices this machine does not have (needs libtpu).
+
+The real train step (``Trainer``'s jit: shardings, donation) and a CFG sampling step
+compile for v5p topologies through libtpu's compile-only devices, Pallas splash
+attention included, and report per-chip memory against HBM. Without libtpu the
+compile tests are skipped with a message; pod-name parsing runs everywhere.
+"""
+
+import json
+import os
+import subprocess
+
+import pytest
+
+from audiodiff_jax import aot
+from audiodiff_jax import config as config_lib
+from audiodiff_jax.config import ConfigError
+from tests.helpers import REPO, bin_path
+
+needs_libtpu = pytest.mark.skipif(
+    not aot.libtpu_available(),
+    reason="libtpu is not installed: pip install 'audiodiff-jax[tpu]' to compile for TPU topologies",
+)
+
+
+@pytest.mark.parametrize(
+    "name,shape,chips",
+    [
+        ("v5p-128", (4, 4, 4), 64),  # v5p names count TensorCores: 2 per chip
+        ("v5p-8", (2, 2, 1), 4),
+        ("v5p-16", (2, 2, 2), 8),
+        ("v4-32", (2, 2, 4), 16),
+        ("v5p-256", (4, 4, 8), 128),
+        ("v5p-2048", (8, 8, 16), 1024),
+        ("v5e-256", (16, 16), 256),  # v5e / v6e names count chips
+        ("v5litepod-16", (4, 4), 16),
+        ("v5e-8", (2, 4), 8),
+        ("v6e-64", (8, 8), 64),
+        ("v5p:4x4x8", (4, 4, 8), 128),  # libtpu's own names
+        ("v5e:8x16", (8, 16), 128),
+    ],
+)
+def test_pod_names_map_to_slice_shapes(name, shape, chips):
+    spec = aot.parse_topology(name)
+    assert spec.chip_shape == shape and spec.num_chips == chips
+    assert aot.parse_topology(spec.libtpu_name).chip_shape == shape
+
+
+def test_bad_topology_names_say_what_works():
+    with pytest.raises(ConfigError, match="must be even"):
+        aot.parse_topology("v5p-7")
+    with pytest.raises(ConfigError, match="not a power of two"):
+        aot.parse_topology("v5e-48")
+    with pytest.raises(ConfigError, match="e.g. v5p-128"):
+        aot.parse_topology("h100-8")
+    with pytest.raises(ConfigError, match="3 sides"):
+        aot.parse_topology("v5p:4x4")
+    assert aot.parse_topology("v5p-128", num_slices=2).num_chips == 128
+
+
+def _tiny(**changes):
+    from configs import tiny
+
+    cfg = config_lib.from_configdict(tiny.get_config())
+    # 256 frames: splash's 128 x 128 tiles apply (shorter sequences fall back to XLA).
+    return config_lib.replace(cfg, **{"model.attention": "splash", "data.window_frames": 256, **changes})
+
+
+@needs_libtpu
+def test_multislice_devices_and_mesh():
+    from audiodiff_jax import sharding
+
+    spec = aot.parse_topology("v5p-16", num_slices=2)
+    devices = aot.get_devices(spec)
+    assert len(devices) == 16 and devices[0].device_kind.startswith("TPU v5")
+    assert {d.slice_index for d in devices} == {0, 1}
+    cfg = aot.prepare_config(_tiny(**{"data.global_batch_size": 16}), spec)
+    assert cfg.mesh.dcn_data == 2  # data parallel across the slices
+    mesh = sharding.make_mesh(cfg.mesh, devices)
+    assert mesh.shape["data"] == 16
+    # The data axis is slice-major: its first half is slice 0, so only the gradient
+    # reduction across the halves crosses DCN.
+    along_data = mesh.devices.reshape(-1)
+    assert {d.slice_index for d in along_data[:8]} == {0} and {d.slice_index for d in along_data[8:]} == {1}
+
+
+@needs_libtpu
+def test_tiny_train_step_compiles_with_splash_and_reports_memory():
+    from audiodiff_jax import sharding
+
+    spec = aot.parse_topology("v5p-8")
+    cfg = aot.prepare_config(_tiny(), spec)
+    mesh = sharding.make_mesh(cfg.mesh, aot.get_devices(spec))
+    # An HBM of 1 MiB: the program compiles but cannot fit, and the report says why.
+    report = aot.compile_train_step(cfg, mesh, hbm_bytes=2**20, peak_flops=spec.generation.peak_bf16_flops)
+    assert report.compiled, report.error
+    assert report.kernels.get("splash_mha_fwd_segmented_residuals") == cfg.model.depth
+    assert any(k.startswith("splash_mha_dkv") for k in report.kernels)  # the backward kernels too
+    # Donation: the new state reuses the old state's buffers.
+    assert report.argument_bytes > 0 and report.alias_bytes > 0.9 * report.argument_bytes - 2**16
+    assert report.temp_bytes > 0 and report.code_bytes > 0 and report.xla_flops > 0
+    assert not report.fits and report.biggest
+    text = report.format()
+    assert "DOES NOT FIT" in text and "GiB" in text and "splash_mha" in text
+    assert "largest inputs per chip" in text and "largest arrays the program creates" in text
+    assert report.biggest_inputs[0].what.startswith("argument state.")
+    sizes = [b.bytes for b in report.biggest]
+    assert sizes == sorted(sizes, reverse=True) and sizes[0] > 0
+    report.hbm_bytes = spec.generation.hbm_bytes
+    assert report.fits and "FITS" in report.format()
+
+
+@needs_libtpu
+@pytest.mark.slow
+def test_1b_train_step_compiles_for_v5p():
+    """The 1B preset's blocks (width 1536, 12 heads of 128, bf16 compute, fp32 params,
+    remat) and its 12-layer text encoder, FSDP over a v5p-8.
+
+    Two DiT blocks instead of 18 and a 512-frame window keep the compile within a CI
+    budget (XLA compiles each unrolled block; the full 18-block, 6,460-frame program
+    takes ~15 minutes on 2 cores). BENCHMARKS.md holds the full-size reports.
+    """
+    from audiodiff_jax import sharding
+    from audiodiff_jax.model import count_params, make_model
+    from configs import dit
+
+    cfg = config_lib.from_configdict(dit.get_config("1B"))
+    cfg = config_lib.replace(
+        cfg,
+        **{
+            "model.attention": "splash",
+            "model.depth": 2,
+            "data.window_frames": 512,
+            "data.global_batch_size": 4,
+        },
+    )
+    spec = aot.parse_topology("v5p-8")
+    cfg = aot.prepare_config(cfg, spec)
+    mesh = sharding.make_mesh(cfg.mesh, aot.get_devices(spec))
+    report = aot.compile_train_step(cfg, mesh, spec.generation.hbm_bytes, spec.generation.peak_bf16_flops)
+    assert report.compiled, report.error
+    assert report.fits, report.format()
+    # fp32 params, EMA and Adam's two moments (16 bytes per parameter), FSDP over 4 chips.
+    n = count_params(make_model(cfg.model).abstract_params())
+    assert 0.9 * 16 * n / 4 < report.argument_bytes < 1.1 * 16 * n / 4, report.format()
+    assert report.kernels.get("splash_mha_fwd_segmented_residuals", 0) >= 2  # head_dim 128 tiles
+    assert report.model_flops > 0 and report.xla_flops > 0.5 * report.model_flops
+
+
+@needs_libtpu
+@pytest.mark.slow
+def test_compile_cli_sample_step_multislice(tmp_path):
+    out = tmp_path / "report.json"
+    res = subprocess.run(
+        [
+            bin_path("audiodiff-compile"),
+            f"--config={os.path.join(REPO, 'configs', 'tiny.py')}",
+            "--topology=v5e-4",
+            "--num_slices=2",
+            "--programs=sample",
+            "--config.data.window_frames=256",
+            f"--json_out={out}",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**os.environ, "JAX_PLATFORMS": "cpu"},
+    )
+    assert res.returncode == 0, res.stdout + res.stderr[-3000:]
+    assert "target: v5e-4 (v5e:2x2: 4 chips x 2 slices over DCN, 16 GiB HBM per chip)" in res.stdout
+    assert "sample_step (CFG: 8 songs x 2 x 256 frames" in res.stdout and "FITS" in res.stdout
+    report = json.loads(out.read_text())
+    assert report["fits"] and report["mesh"]["data"] == 8 and report["config"]["mesh"]["dcn_data"] == 2
+    (prog,) = report["programs"]
+    assert prog["compiled"] and prog["total_bytes"] <= prog["hbm_bytes"]
+
+
+def test_compile_cli_rejects_bad_topology():
+    res = subprocess.run(
+        [
+            bin_path("audiodiff-compile"),
+            f"--config={os.path.join(REPO, 'configs', 'tiny.py')}",
+            "--topology=v5p-7",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert res.returncode == 2 and "must be even" in res.stderr

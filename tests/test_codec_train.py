@@ -1,0 +1,103 @@
+"""Codec training on tiny data (8 fake CPU devices): it learns, it resumes bit for bit,
+its checkpoint opens as a codec, and the discriminator path trains."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from audiodiff_jax import sharding
+from audiodiff_jax.codec import config as codec_config
+from audiodiff_jax.codec import losses, train
+from audiodiff_jax.codec import model as model_lib
+from audiodiff_jax.codec.codec import load_codec
+from configs import codec as codec_configs
+from tests.helpers import assert_trees_equal
+
+
+class ToneSource:
+    """Crops of tones (three pitches, random phase), a pure function of the step (like CropSource).
+
+    Pure tones: the tiny codec fits them measurably within a dozen steps."""
+
+    def __init__(self, crop: int = 1024, sample_rate: int = 8000, stop_at: int | None = None):
+        self.crop, self.sr, self.stop_at = crop, sample_rate, stop_at
+
+    def batch(self, step, global_batch, process_index=0, process_count=1):
+        if self.stop_at is not None and step >= self.stop_at:
+            raise KeyboardInterrupt(f"simulated crash before step {step + 1}")
+        rng = np.random.default_rng([7, step])
+        t = np.arange(self.crop) / self.sr
+        f0 = rng.choice([250.0, 500.0, 1000.0], (global_batch, 1))
+        phase = rng.uniform(0, 2 * np.pi, (global_batch, 1))
+        return (0.5 * np.sin(2 * np.pi * f0 * t + phase))[:, :, None].astype(np.float32)
+
+
+def _cfg(**changes):
+    cd = codec_configs.get_config("tiny")
+    for k, v in changes.items():
+        section, key = k.split(".")
+        cd[section][key] = v
+    return codec_config.from_configdict(cd)
+
+
+def _recon_loss(cfg, params, x):
+    net = model_lib.make_vae(cfg.model).merge(params)
+    mean, _ = model_lib.posterior(net.encode(x))
+    y = net.decode(mean)
+    return float(losses.multi_resolution_stft_loss(y, x, cfg.loss.stft_fft_sizes))
+
+
+def test_training_lowers_loss_and_resumes_bit_for_bit(tmp_path):
+    cfg = _cfg(**{"train.num_steps": 12, "checkpoint.every_steps": 6})
+    x = jnp.asarray(ToneSource().batch(10_000, 8))  # a batch no training step sees
+    trainer = train.CodecTrainer(cfg, sharding.make_mesh(cfg.mesh))  # one compilation for all runs
+    # Run A: 12 steps straight through.
+    a = train.train(cfg, str(tmp_path / "a"), source=ToneSource(), trainer=trainer)
+    assert a.final_step == 12
+    fresh = model_lib.make_vae(cfg.model).init(jax.random.split(jax.random.key(cfg.train.seed), 3)[0])
+    before = _recon_loss(cfg, fresh, x)
+    after = _recon_loss(cfg, jax.device_get(a.state["params"]), x)
+    assert after < 0.85 * before, (before, after)  # measured: 9.36 -> 6.69
+    # Run B: crashes after the step-6 checkpoint, then the same command resumes it.
+    with pytest.raises(KeyboardInterrupt):
+        train.train(cfg, str(tmp_path / "b"), source=ToneSource(stop_at=6), trainer=trainer)
+    b = train.train(cfg, str(tmp_path / "b"), source=ToneSource(), trainer=trainer)
+    assert b.final_step == 12
+    assert_trees_equal(jax.device_get(a.state), jax.device_get(b.state), "resumed state")
+    # The run opens as a codec (EMA weights of the last checkpoint).
+    codec = load_codec(str(tmp_path / "a"))
+    np.testing.assert_array_equal(
+        jax.tree.leaves(codec.params)[0],
+        np.asarray(jax.tree.leaves(jax.device_get(a.state["ema_params"]))[0]),
+    )
+    assert codec.encode(np.zeros((1, 640), np.float32), 8000).shape == (10, 4)
+
+
+@pytest.mark.slow
+def test_discriminator_trains(tmp_path):
+    cfg = _cfg(
+        **{
+            "train.num_steps": 3,
+            "discriminator.adversarial_weight": 0.1,
+            "discriminator.feature_weight": 1.0,
+            "checkpoint.every_steps": 3,
+        }
+    )
+    trainer = train.CodecTrainer(cfg, sharding.make_mesh(cfg.mesh))
+    d0 = jax.device_get(trainer.init_state(cfg.train.seed)["disc_params"])
+    result = train.train(cfg, str(tmp_path), source=ToneSource(), trainer=trainer)
+    d1 = jax.device_get(result.state["disc_params"])
+    moved = [
+        float(np.abs(a - b).max()) for a, b in zip(jax.tree.leaves(d0), jax.tree.leaves(d1), strict=True)
+    ]
+    assert max(moved) > 0, "the discriminator's weights did not change"
+    import json
+
+    from audiodiff_jax.metrics import read_loss_history
+
+    rows = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
+    scalars = [r["scalars"] for r in rows if "scalars" in r][-1]
+    for key in (train.DISC_LOSS, train.ADV, train.FEAT):
+        assert np.isfinite(scalars[key]) and scalars[key] > 0, key
+    assert sorted(read_loss_history(str(tmp_path))) == [1, 2, 3]

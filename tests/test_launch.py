@@ -1,0 +1,261 @@
+"""The pod and cluster launchers generate exactly the commands and manifests they should.
+
+Nothing here reaches a cloud: ``--dry_run`` prints what would run, and the tests read
+that text (and parse the GKE manifest as YAML).
+"""
+
+import os
+import subprocess
+import sys
+
+import pytest
+import yaml
+
+from launch import common, gke, slurm, tpu_vm
+from tests.helpers import REPO
+
+ARGS = common.train_args(
+    "configs/dit.py:1B",
+    "gs://bucket/runs/dit1b",
+    ["data.shards_dir=gs://bucket/latents", "config.train.num_steps=1000"],
+)
+
+
+def test_train_args_carry_config_workdir_overrides_and_timeouts():
+    assert ARGS == [
+        "audiodiff-train",
+        "--config=configs/dit.py:1B",
+        "--workdir=gs://bucket/runs/dit1b",
+        "--distributed=on",
+        "--heartbeat_timeout_s=100",
+        "--step_timeout_s=1800",
+        "--config.data.shards_dir=gs://bucket/latents",
+        "--config.train.num_steps=1000",
+    ]
+    with pytest.raises(ValueError, match="KEY=VALUE"):
+        common.train_args("c", "w", ["no_equals_sign"])
+
+
+def _dry_run(module, *flags):
+    res = subprocess.run(
+        [sys.executable, "-m", f"launch.{module}", "--dry_run", *flags],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=120,
+    )
+    assert res.returncode == 0, res.stderr[-2000:]
+    return res.stdout
+
+
+def test_tpu_vm_single_slice_dry_run():
+    out = _dry_run(
+        "tpu_vm",
+        "--action=all",
+        "--name=dit1b",
+        "--project=proj",
+        "--zone=us-east5-a",
+        "--accelerator_type=v5p-128",
+        "--config=configs/dit.py:1B",
+        "--workdir=gs://bucket/runs/dit1b",
+        "--override=data.shards_dir=gs://bucket/latents",
+        "--package=git+https://example.com/audiodiff-jax@abc123",
+        "--spot",
+    )
+    lines = out.strip().splitlines()
+    assert lines[0] == (
+        "gcloud compute tpus queued-resources create dit1b --project=proj --zone=us-east5-a "
+        "--accelerator-type=v5p-128 --runtime-version=v2-alpha-tpuv5 --node-id=dit1b --spot"
+    )
+    assert lines[1].startswith("bash -c 'until [ \"$(gcloud compute tpus queued-resources describe dit1b")
+    assert "ACTIVE" in lines[1]
+    assert lines[2].startswith(
+        "gcloud compute tpus tpu-vm ssh dit1b --project=proj --zone=us-east5-a --worker=all '--command=set -e"
+    )
+    assert "git+https://example.com/audiodiff-jax@abc123" in lines[2] and "gcsfs" in lines[2]
+    train = lines[3]
+    assert train.startswith(
+        "gcloud compute tpus tpu-vm ssh dit1b --project=proj --zone=us-east5-a --worker=all"
+    )
+    for piece in (
+        "PYTHONUNBUFFERED=1 nohup audiodiff-train --config=configs/dit.py:1B",
+        "--workdir=gs://bucket/runs/dit1b --distributed=on --heartbeat_timeout_s=100",
+        "--config.data.shards_dir=gs://bucket/latents > ~/audiodiff-train.log 2>&1 &",
+        "& echo $! > ~/audiodiff-train.pid",
+    ):
+        assert piece in train, train
+    assert "MEGASCALE" not in train
+    assert len(lines) == 4
+
+
+def test_tpu_vm_multislice_sets_megascale_per_slice(tmp_path):
+    fake_bin = tmp_path / "bin"
+    fake_bin.mkdir()
+    gcloud = fake_bin / "gcloud"
+    gcloud.write_text(
+        "#!/bin/bash\n"
+        'case "$*" in *describe*) echo 10.1.2.3 ;; *ssh*) for a in "$@"; do '
+        '[[ $a == --command=* ]] && echo "${a#--command=}"; done ;; esac\n'
+    )
+    gcloud.chmod(0o755)
+    cmds = tpu_vm.train_commands(
+        "big", project="p", zone="z", num_slices=2, train_args=ARGS, libtpu_args="--xla_tpu_flag=1"
+    )
+    assert len(cmds) == 2
+    for i, cmd in enumerate(cmds):
+        assert cmd[:2] == ["bash", "-c"]
+        script = cmd[2]
+        # The coordinator is worker 0 of slice 0, looked up when the command runs.
+        assert script.startswith(
+            "COORDINATOR_IP=$(gcloud compute tpus tpu-vm describe big-0 --project=p --zone=z "
+            "'--format=value(networkEndpoints[0].ipAddress)'); gcloud compute tpus tpu-vm ssh "
+            f"big-{i} "
+        )
+        assert f"MEGASCALE_SLICE_ID={i} " in script and "MEGASCALE_NUM_SLICES=2 " in script
+        # Run it with a stand-in gcloud that answers "describe" with an IP and prints
+        # what "ssh" would run on the hosts: the quoting must deliver the IP there.
+        remote = subprocess.run(
+            ["bash", "-c", script],
+            env={**os.environ, "PATH": f"{fake_bin}:{os.environ['PATH']}"},
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=True,
+        ).stdout
+        assert remote.startswith("PYTHONUNBUFFERED=1 MEGASCALE_COORDINATOR_ADDRESS=10.1.2.3:8080 "), remote
+        assert f"MEGASCALE_SLICE_ID={i} " in remote and "LIBTPU_INIT_ARGS=--xla_tpu_flag=1 nohup" in remote
+        assert remote.rstrip().endswith("& echo $! > ~/audiodiff-train.pid")
+    create = tpu_vm.create_commands(
+        "big",
+        project="p",
+        zone="z",
+        accelerator_type="v5p-128",
+        runtime_version="v2-alpha-tpuv5",
+        num_slices=2,
+        queued=True,
+        spot=False,
+    )[0]
+    assert "--node-count=2" in create and "--node-prefix=big" in create
+    with pytest.raises(ValueError, match="queued"):
+        tpu_vm.create_commands(
+            "big",
+            project="p",
+            zone="z",
+            accelerator_type="v5p-128",
+            runtime_version="x",
+            num_slices=2,
+            queued=False,
+            spot=False,
+        )
+
+
+def test_gke_jobset_manifest():
+    text = gke.manifest(
+        name="dit1b", image="reg/audiodiff:1", accelerator_type="v5p-128", num_slices=2, train_args=ARGS
+    )
+    doc = yaml.safe_load(text)
+    assert doc["kind"] == "JobSet" and doc["metadata"]["name"] == "dit1b"
+    assert doc["spec"]["failurePolicy"]["maxRestarts"] == 10
+    (rj,) = doc["spec"]["replicatedJobs"]
+    assert rj["replicas"] == 2
+    job = rj["template"]["spec"]
+    assert job["parallelism"] == job["completions"] == 16  # 64 chips / 4 per host
+    pod = job["template"]["spec"]
+    assert pod["nodeSelector"] == {
+        "cloud.google.com/gke-tpu-accelerator": "tpu-v5p-slice",
+        "cloud.google.com/gke-tpu-topology": "4x4x4",
+    }
+    (c,) = pod["containers"]
+    assert c["image"] == "reg/audiodiff:1" and c["command"] == ARGS
+    assert c["resources"]["limits"]["google.com/tpu"] == 4
+    env = {e["name"]: e for e in c["env"]}
+    assert env["MEGASCALE_COORDINATOR_ADDRESS"]["value"] == "dit1b-slice-0-0.dit1b:8080"
+    assert env["MEGASCALE_NUM_SLICES"]["value"] == "2"
+    assert "job-index" in env["MEGASCALE_SLICE_ID"]["valueFrom"]["fieldRef"]["fieldPath"]
+    assert env["PYTHONUNBUFFERED"]["value"] == "1"
+
+    one = yaml.safe_load(
+        gke.manifest(name="s", image="i", accelerator_type="v5e-256", num_slices=1, train_args=ARGS)
+    )
+    pod = one["spec"]["replicatedJobs"][0]["template"]["spec"]["template"]["spec"]
+    assert pod["nodeSelector"]["cloud.google.com/gke-tpu-topology"] == "16x16"
+    assert pod["nodeSelector"]["cloud.google.com/gke-tpu-accelerator"] == "tpu-v5-lite-podslice"
+    assert not any(e["name"].startswith("MEGASCALE") for e in pod["containers"][0]["env"])
+    assert gke.chips_per_host("v5e", 8) == 8 and gke.chips_per_host("v5e", 256) == 4
+
+
+def test_gke_dry_run_prints_manifest():
+    out = _dry_run(
+        "gke",
+        "--name=x",
+        "--image=img",
+        "--accelerator_type=v6e-64",
+        "--config=configs/dit.py:1B",
+        "--workdir=gs://b/r",
+    )
+    doc = yaml.safe_load(out)
+    assert doc["spec"]["replicatedJobs"][0]["template"]["spec"]["parallelism"] == 16
+
+
+def test_slurm_script(tmp_path):
+    text = slurm.sbatch_script(
+        name="dit1b",
+        nodes=4,
+        gpus_per_node=8,
+        cpus_per_task=32,
+        time="48:00:00",
+        train_args=ARGS,
+        partition="gpu",
+        venv="/shared/venv",
+    )
+    lines = text.splitlines()
+    assert lines[0] == "#!/bin/bash"
+    for want in (
+        "#SBATCH --nodes=4",
+        "#SBATCH --ntasks-per-node=1",
+        "#SBATCH --gpus-per-node=8",
+        "#SBATCH --signal=TERM@300",
+        "#SBATCH --requeue",
+        "#SBATCH --partition=gpu",
+        "source /shared/venv/bin/activate",
+        "export PYTHONUNBUFFERED=1",
+    ):
+        assert want in lines, want
+    (srun,) = [line for line in lines if line.startswith("srun ")]
+    assert srun == "srun --kill-on-bad-exit=1 --ntasks-per-node=1 " + common.shell_join(ARGS)
+    # The script is valid bash.
+    path = tmp_path / "job.sh"
+    path.write_text(text)
+    assert subprocess.run(["bash", "-n", str(path)]).returncode == 0
+
+
+def test_slurm_dry_run_flags():
+    out = _dry_run(
+        "slurm",
+        "--nodes=2",
+        "--config=configs/dit.py:1B",
+        "--workdir=/shared/runs/x",
+        "--override=mesh.dcn_data=2",
+        "--heartbeat_timeout_s=60",
+    )
+    assert "#SBATCH --nodes=2" in out
+    assert "--heartbeat_timeout_s=60" in out and "--config.mesh.dcn_data=2" in out
+
+
+def test_local_launcher_reports_pids_and_kill(tmp_path):
+    from launch import local
+
+    status = local.launch(
+        [sys.executable, "-c", "import os, sys; sys.exit(int(os.environ['AUDIODIFF_PROCESS_ID']) * 3)"],
+        num_processes=2,
+        devices_per_process=1,
+        grace_s=5,
+        log_dir=str(tmp_path),
+        env=dict(os.environ),
+    )
+    assert status == 3
+    assert int((tmp_path / "process_1.pid").read_text()) > 0
+    assert (
+        local.describe_exit(-9) == "was killed by SIGKILL"
+        and local.describe_exit(3) == "exited with status 3"
+    )
