@@ -12,8 +12,11 @@ $(STAMP): setup.py launch/setup_env.sh
 	PYTHON=$(PYTHON) bash launch/setup_env.sh $(VENV)
 	touch $(STAMP)
 
+# The demo is a CPU job; `make demo JAX_PLATFORMS=cuda` runs it on a GPU. Naming the
+# platform also keeps libtpu (installed for AOT compiles) from probing for a TPU.
+JAX_PLATFORMS ?= cpu
 demo: $(STAMP)
-	$(BIN)/python -m audiodiff_jax.demo --out=$(DEMO_DIR)
+	JAX_PLATFORMS=$(JAX_PLATFORMS) $(BIN)/python -m audiodiff_jax.demo --out=$(DEMO_DIR)
 
 test: $(STAMP)
 	$(BIN)/ruff check .

@@ -37,7 +37,7 @@ EXTRAS_REQUIRE = {
         "ruff==0.17.5",
         "libtpu==0.0.51; platform_machine == 'x86_64'",
     ],
-    "eval": ["librosa==1.0.0"],
+    "eval": ["librosa==0.11.0"],
     # Rendered corpora (data_pipeline/render.py, corpus_scores.py, corpus_grooves.py).
     # tinysoundfont declares pyaudio (real-time playback only, never imported here),
     # which builds from source: it needs the portaudio19-dev apt package.

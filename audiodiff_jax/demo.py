@@ -30,7 +30,7 @@ _NUM_CLIPS = flags.DEFINE_integer("num_clips", 96, "Clips of rendered music in t
 _CLIP_SECONDS = flags.DEFINE_float("clip_seconds", 8.0, "Length of each rendered clip.")
 _SONG_SECONDS = flags.DEFINE_float("song_seconds", 180.0, "Length of each sampled song.")
 _NUM_SONGS = flags.DEFINE_integer("num_songs", 3, "Songs to sample (prompts taken from the corpus captions).")
-_SAMPLE_STEPS = flags.DEFINE_integer("sample_steps", 25, "Sampler steps per window.")
+_SAMPLE_STEPS = flags.DEFINE_integer("sample_steps", 50, "Sampler steps per window.")
 
 
 def loss_curve_svg(history: dict[int, float], width: int = 640, height: int = 280) -> str:
@@ -68,7 +68,9 @@ def write_report(out: str, workdir: str, cfg, facts: dict, songs_report: str = "
 
     history = read_loss_history(workdir)
     rows = "".join(
-        f"<tr><th>{html.escape(k)}</th><td>{html.escape(str(v))}</td></tr>" for k, v in facts.items()
+        f"<tr><th>{html.escape(k)}</th><td>{html.escape(str(v))}</td></tr>"
+        for k, v in facts.items()
+        if k != "config"
     )
     songs_link = (
         f'<p><a href="{html.escape(songs_report)}">Listen to the generated songs</a></p>'

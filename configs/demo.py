@@ -26,7 +26,7 @@ def get_config(arg=None):
     config.optim.learning_rate = 5e-4
     config.optim.warmup_steps = 50
     config.optim.ema_decay = 0.995
-    config.train.num_steps = 300
+    config.train.num_steps = 800
     config.train.log_every = 25
-    config.checkpoint.every_steps = 100
+    config.checkpoint.every_steps = 200
     return config
