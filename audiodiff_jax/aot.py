@@ -227,7 +227,7 @@ class StepReport:
     alias_bytes: int = 0  # outputs that reuse donated argument buffers
     temp_bytes: int = 0
     code_bytes: int = 0
-    xla_flops: float = 0.0  # XLA's count for the per-chip program (custom kernels count 0)
+    xla_flops: float = 0.0  # XLA's count per chip (custom kernels count 0, while bodies once)
     model_flops: float = 0.0  # flops.py's model FLOPs of the step, per chip
     peak_flops: float = 0.0  # the chip's dense bf16 peak
     biggest_inputs: list[Buffer] = dataclasses.field(default_factory=list)
@@ -264,7 +264,8 @@ class StepReport:
             f"   generated code {gib(self.code_bytes)}",
             f"   total per chip {gib(self.total_bytes)}  of {gib(self.hbm_bytes).strip()} HBM "
             f"({100 * self.total_bytes / self.hbm_bytes:.0f}%)",
-            f"   XLA FLOPs/chip {self.xla_flops:10.3e}  (custom kernels such as splash count as 0)",
+            f"   XLA FLOPs/chip {self.xla_flops:10.3e}  (custom kernels such as splash count as 0, "
+            "loop bodies such as scanned blocks once)",
             f"   model FLOPs/chip {self.model_flops:8.3e}",
         ]
         if self.kernels:

@@ -50,6 +50,10 @@ class ModelConfig:
     rope_theta: float = 10000.0
     attention: str = "xla"  # xla | cudnn | splash
     remat: str = "none"  # none | full | dots_saveable | dots_with_no_batch_dims_saveable
+    # Run the blocks as one lax.scan instead of unrolling them: XLA compiles one block
+    # instead of `depth` copies (AOT compile time of DiT-1B/3B for 256 chips drops by
+    # about the depth). Parameters and checkpoints are the same either way.
+    scan_layers: bool = False
     dtype: str = "float32"  # compute dtype: float32 | bfloat16
     param_dtype: str = "float32"
     text: TextEncoderConfig = dataclasses.field(default_factory=TextEncoderConfig)

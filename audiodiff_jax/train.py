@@ -141,7 +141,7 @@ class Trainer:
         abstract_params = self.model.abstract_params()
         opt_shapes = jax.eval_shape(self.tx.init, abstract_params)
         # Optimizer moments mirror the params they belong to; scalars (counts) are replicated.
-        opt_shardings = _opt_state_shardings(opt_shapes, abstract_params, self.param_shardings, replicated)
+        opt_shardings = opt_state_shardings(opt_shapes, abstract_params, self.param_shardings, replicated)
         self.state_shardings = TrainState(
             step=replicated,
             params=self.param_shardings,
@@ -200,7 +200,7 @@ class Trainer:
             return self.train_step(state, batch)
 
 
-def _opt_state_shardings(opt_shapes, abstract_params, param_shardings, replicated):
+def opt_state_shardings(opt_shapes, abstract_params, param_shardings, replicated):
     """Shards every optimizer leaf that has a param's shape like that param.
 
     optax states hold copies of the param tree (Adam's mu and nu); we match them by
@@ -386,7 +386,7 @@ class TrainResult:
     preempted: bool
 
 
-def _check_finite(step: int, values: dict[str, float], last_ckpt: int | None, workdir: str):
+def check_finite(step: int, values: dict[str, float], last_ckpt: int | None, workdir: str):
     bad = {k: v for k, v in values.items() if not np.isfinite(v)}
     if bad:
         where = f"checkpoint step {last_ckpt}" if last_ckpt is not None else "no checkpoint yet"
@@ -512,7 +512,7 @@ def train(
         rows = [(s, {k: float(v) for k, v in m.items()}) for (s, _), m in zip(pending, fetched, strict=True)]
         pending = []
         for s, m in rows:
-            _check_finite(s, m, last_saved, workdir)
+            check_finite(s, m, last_saved, workdir)
         writer.write_step_losses([(s, m[names.TRAIN_LOSS]) for s, m in rows])
         return rows
 

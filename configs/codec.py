@@ -46,7 +46,15 @@ def get_config(arg=None):
         config.data.crop_samples = 16384
         config.data.global_batch_size = 8
         config.optim.warmup_steps = 50
-        config.train.num_steps = 1000
+        # A strong waveform term is what makes the decoder learn phase within a CPU
+        # budget: with weight 0.1-1 the STFT loss dominates, the output matches the
+        # magnitudes only and SI-SDR stays near -50 dB; at 20 a fixed batch reaches
+        # +9 dB in 150 steps. Deterministic latents (posterior_noise 0), the KL term
+        # only bounding the means: the diffusion model normalizes by the card's stats.
+        config.loss.waveform_l1_weight = 20.0
+        config.loss.posterior_noise = 0.0
+        config.train.num_steps = 6000
+        config.checkpoint.every_steps = 250
     elif name == "stable":
         config.data.crop_samples = 65536
         config.data.global_batch_size = 32

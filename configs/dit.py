@@ -5,7 +5,8 @@
 
 ARG is a size preset of ``audiodiff_jax/model/presets.py``: S, B, L, XL, 1B or 3B.
 Sequences are 5-minute windows (6,460 frames at 21.5 Hz); compute in bf16 with fp32
-params, FSDP over all devices of a slice, data parallel across slices.
+params, blocks run as one lax.scan, FSDP over all devices of a slice, data parallel
+across slices.
 """
 
 from audiodiff_jax import config as config_lib
@@ -20,6 +21,7 @@ def get_config(arg="B"):
     config.model.dtype = "bfloat16"
     config.model.param_dtype = "float32"
     config.model.remat = "dots_with_no_batch_dims_saveable"
+    config.model.scan_layers = True  # one compiled block: pod-size AOT compiles in minutes
     config.model.text.vocab_size = 8192
     config.model.text.max_len = 128
     config.diffusion.timestep_sampling = "logit_normal"

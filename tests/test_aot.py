@@ -113,26 +113,19 @@ def test_tiny_train_step_compiles_with_splash_and_reports_memory():
 @needs_libtpu
 @pytest.mark.slow
 def test_1b_train_step_compiles_for_v5p():
-    """The 1B preset's blocks (width 1536, 12 heads of 128, bf16 compute, fp32 params,
-    remat) and its 12-layer text encoder, FSDP over a v5p-8.
-
-    Two DiT blocks instead of 18 and a 512-frame window keep the compile within a CI
-    budget (XLA compiles each unrolled block; the full 18-block, 6,460-frame program
-    takes ~15 minutes on 2 cores). BENCHMARKS.md holds the full-size reports.
+    """The whole 1B preset (18 scanned blocks of width 1536, 12 heads of 128, bf16
+    compute, fp32 params, remat, its 12-layer text encoder), FSDP over a v5p-8, with
+    a 512-frame window to keep the compile within a CI budget. BENCHMARKS.md holds
+    the full-size (6,460-frame, 64- and 256-chip) reports.
     """
     from audiodiff_jax import sharding
     from audiodiff_jax.model import count_params, make_model
     from configs import dit
 
     cfg = config_lib.from_configdict(dit.get_config("1B"))
+    assert cfg.model.scan_layers and cfg.model.depth == 18
     cfg = config_lib.replace(
-        cfg,
-        **{
-            "model.attention": "splash",
-            "model.depth": 2,
-            "data.window_frames": 512,
-            "data.global_batch_size": 4,
-        },
+        cfg, **{"model.attention": "splash", "data.window_frames": 512, "data.global_batch_size": 4}
     )
     spec = aot.parse_topology("v5p-8")
     cfg = aot.prepare_config(cfg, spec)
@@ -143,8 +136,11 @@ def test_1b_train_step_compiles_for_v5p():
     # fp32 params, EMA and Adam's two moments (16 bytes per parameter), FSDP over 4 chips.
     n = count_params(make_model(cfg.model).abstract_params())
     assert 0.9 * 16 * n / 4 < report.argument_bytes < 1.1 * 16 * n / 4, report.format()
-    assert report.kernels.get("splash_mha_fwd_segmented_residuals", 0) >= 2  # head_dim 128 tiles
-    assert report.model_flops > 0 and report.xla_flops > 0.5 * report.model_flops
+    # Splash forward and backward kernels (head_dim 128 tiles) for the DiT and the text encoder.
+    assert report.kernels.get("splash_mha_fwd_segmented_residuals", 0) >= 2
+    assert any(k.startswith("splash_mha_dkv") for k in report.kernels)
+    # XLA counts a while body once: with scanned blocks its count is far below the model's.
+    assert report.model_flops > report.xla_flops > 0
 
 
 @needs_libtpu

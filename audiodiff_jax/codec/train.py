@@ -38,7 +38,7 @@ from audiodiff_jax.codec import losses
 from audiodiff_jax.codec import model as model_lib
 from audiodiff_jax.codec.config import CodecConfig, hop_of, validate
 from audiodiff_jax.metrics import MetricWriter, log_line
-from audiodiff_jax.train import TrainingDiverged, _check_finite, _opt_state_shardings
+from audiodiff_jax.train import TrainingDiverged, check_finite, opt_state_shardings
 
 # Metric names of the codec run (the DiT's are in audiodiff_jax/names.py).
 LOSS = names.TRAIN_LOSS
@@ -164,7 +164,7 @@ class CodecTrainer:
         shardings = {
             "step": replicated,
             "params": self.param_shardings,
-            "opt_state": _opt_state_shardings(opt_shapes, abstract, self.param_shardings, replicated),
+            "opt_state": opt_state_shardings(opt_shapes, abstract, self.param_shardings, replicated),
             "ema_params": self.param_shardings,
             "rng": replicated,
         }
@@ -172,7 +172,7 @@ class CodecTrainer:
             d_sh = sharding.named_shardings(self.disc.logical_axes(), mesh)
             d_abs = self.disc.abstract_params()
             shardings["disc_params"] = d_sh
-            shardings["disc_opt_state"] = _opt_state_shardings(
+            shardings["disc_opt_state"] = opt_state_shardings(
                 jax.eval_shape(self.disc_tx.init, d_abs), d_abs, d_sh, replicated
             )
         self.state_shardings = shardings
@@ -346,7 +346,7 @@ def train(
                 ]
                 pending = []
                 for s, m in rows:
-                    _check_finite(s, m, last_saved, workdir)
+                    check_finite(s, m, last_saved, workdir)
                 writer.write_step_losses([(s, m[LOSS]) for s, m in rows])
                 if is_log:
                     now = time.perf_counter()

@@ -7,10 +7,11 @@ One forward pass, in the order a batch goes through it:
    ``start_embedder(seconds_start / max_seconds)`` +
    ``total_embedder(seconds_total / max_seconds)``.
 3. ``text_encoder``: caption tokens -> context for cross-attention, and its pad mask.
-4. ``blocks``: ``DiTBlock`` x depth. Each: AdaLN-zero self-attention with RoPE over
-   frames (keys beyond ``num_frames`` masked), cross-attention to the caption (pad
-   tokens masked), AdaLN-zero MLP. The modulation and the cross-attention output
-   start at zero, so every block starts as the identity.
+4. ``blocks``: ``DiTBlock`` x depth (unrolled, or with ``model.scan_layers`` one
+   ``lax.scan`` over the blocks' parameters stacked inside the step). Each: AdaLN-zero
+   self-attention with RoPE over frames (keys beyond ``num_frames`` masked),
+   cross-attention to the caption (pad tokens masked), AdaLN-zero MLP. The modulation
+   and the cross-attention output start at zero, so every block starts as the identity.
 5. ``final_layer``: AdaLN-modulated LayerNorm and a zero-initialized projection back to
    latent channels, in float32. The model output is exactly zero at initialization.
 
@@ -130,11 +131,34 @@ class DiT(nnx.Module):
         frame_mask = jnp.arange(frames, dtype=jnp.int32)[None, :] < num_frames_b.astype(jnp.int32)[:, None]
         rope = rope_tables(frames, cfg.width // cfg.num_heads, cfg.rope_theta)
 
-        def run_block(block, x, silu_c, ctx, text_mask, frame_mask, rope):
+        if cfg.scan_layers:
+            x = self._scan_blocks(x, silu_c, ctx, text_mask, frame_mask, rope)
+        else:
+
+            def run_block(block, x, silu_c, ctx, text_mask, frame_mask, rope):
+                return block(x, silu_c, ctx, text_mask, frame_mask, rope)
+
+            if cfg.remat != "none":
+                run_block = nnx.remat(run_block, policy=REMAT_POLICIES[cfg.remat])
+            for block in self.blocks:
+                x = run_block(block, x, silu_c, ctx, text_mask, frame_mask, rope)
+        return self.final_layer(x, silu_c).astype(jnp.float32)
+
+    def _scan_blocks(self, x, silu_c, ctx, text_mask, frame_mask, rope):
+        """The blocks as one ``lax.scan``: their parameters are stacked on a leading
+        layer axis here, inside the step, so the stored parameters (and checkpoints)
+        keep one entry per block and both modes read the same checkpoints. The
+        stacked copy costs one block-parameter copy per chip (FSDP-sharded)."""
+        graphdef, first = nnx.split(self.blocks[0])
+        states = [first] + [nnx.state(b) for b in self.blocks[1:]]
+        stacked = jax.tree.map(lambda *leaves: jnp.stack(leaves), *states)
+
+        def body(x, block_state):
+            block = nnx.merge(graphdef, block_state)
             return block(x, silu_c, ctx, text_mask, frame_mask, rope)
 
-        if cfg.remat != "none":
-            run_block = nnx.remat(run_block, policy=REMAT_POLICIES[cfg.remat])
-        for block in self.blocks:
-            x = run_block(block, x, silu_c, ctx, text_mask, frame_mask, rope)
-        return self.final_layer(x, silu_c).astype(jnp.float32)
+        if self.cfg.remat != "none":
+            # prevent_cse=False: scan already keeps the recomputation from being merged.
+            body = jax.checkpoint(body, policy=REMAT_POLICIES[self.cfg.remat], prevent_cse=False)
+        x, _ = jax.lax.scan(lambda carry, st: (body(carry, st), None), x, stacked)
+        return x
