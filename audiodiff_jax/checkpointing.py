@@ -7,7 +7,9 @@ saved step, each holding these items:
   sharded from every process;
 - ``data_iter``: the Grain iterator state of every process (one JSON file each);
 - ``config``: the resolved config as JSON;
-- ``dataset_card``: the dataset card of the latents the run trained on.
+- ``dataset_card``: the dataset card of the latents the run trained on;
+- ``tokenizer``: the run's sentencepiece model (base64 in JSON, with its sha256), so
+  sampling needs only the checkpoint, not the shards folder it was trained from.
 
 Saves are asynchronous: ``save`` returns once device arrays are copied to host memory
 and the write goes on in the background. Orbax writes each step into a temporary
@@ -26,7 +28,7 @@ import orbax.checkpoint as ocp
 from absl import logging
 from etils import epath
 
-ITEMS = ("state", "data_iter", "config", "dataset_card")
+ITEMS = ("state", "data_iter", "config", "dataset_card", "tokenizer")
 
 
 def checkpoint_dir(workdir: str) -> epath.Path:
@@ -59,13 +61,17 @@ class RunCheckpointer:
         data_iter: grain.DatasetIterator,
         config: dict,
         dataset_card: dict,
+        tokenizer: dict,
     ) -> bool:
-        """Starts saving ``step``; returns whether a save was started."""
+        """Starts saving ``step``; returns whether a save was started.
+
+        ``tokenizer`` is ``data_pipeline.tokenizer.Tokenizer.to_json()``."""
         args = ocp.args.Composite(
             state=ocp.args.StandardSave(state),
             data_iter=grain.checkpoint.CheckpointSave(data_iter),
             config=ocp.args.JsonSave(config),
             dataset_card=ocp.args.JsonSave(dataset_card),
+            tokenizer=ocp.args.JsonSave(tokenizer),
         )
         saved = self.manager.save(step, args=args, force=True)
         if saved:

@@ -196,7 +196,8 @@ class Generator:
       mesh: the sampling mesh (default: ``sharding.make_mesh(MeshConfig())``, all
         devices on ``data``). Batches are split over ``data x fsdp``, frames over
         ``sequence``, heads over ``tensor``.
-      tokenizer_path: sentencepiece model (default: the one the training data used).
+      tokenizer_path: sentencepiece model (default: the copy saved with the checkpoint,
+        else the one the training data used).
       window_frames: longest sequence generated in one pass; longer songs go window
         by window (default: the training window ``data.window_frames``; 0 = always
         one pass).
@@ -247,12 +248,23 @@ class Generator:
             )
         self.mesh = mesh if mesh is not None else sharding.make_mesh(MeshConfig())
         self._check_mesh()
-        if tokenizer_path is None:
+        if tokenizer_path is not None:
+            self.tokenizer = Tokenizer(tokenizer_path)
+        elif (self.step_dir / "tokenizer").exists():
+            # The copy saved with the checkpoint: no need for the training shards.
+            try:
+                self.tokenizer = Tokenizer.from_json(
+                    _read_json_item(self.step_dir / "tokenizer"), where=str(self.step_dir / "tokenizer")
+                )
+            except ValueError as e:
+                raise GenerationError(str(e)) from e
+        else:  # checkpoints written before the tokenizer item existed
             try:
                 tokenizer_path = loader.resolve_tokenizer_path(cfg.data, self.card)
             except config_lib.ConfigError as e:
                 raise GenerationError(f"{e}; pass the tokenizer file explicitly (--tokenizer)") from e
-        self.tokenizer = Tokenizer(tokenizer_path)
+            self.tokenizer = Tokenizer(tokenizer_path)
+        tokenizer_path = self.tokenizer.path
         if self.tokenizer.vocab_size > cfg.model.text.vocab_size:
             raise GenerationError(
                 f"tokenizer {tokenizer_path} has {self.tokenizer.vocab_size} pieces, more than the "

@@ -49,7 +49,9 @@ _SCHEDULE = flags.DEFINE_enum("schedule", "uniform", ["uniform", "logsnr", "karr
 _ETA = flags.DEFINE_float("eta", 0.0, "DDIM eta (0 = deterministic).")
 _BATCH = flags.DEFINE_integer("batch_size", 0, "Rows per batch (0 = the mesh's data x fsdp size).")
 _CODEC = flags.DEFINE_string("codec", "", "Codec for load_codec (default: the checkpoint dataset card's).")
-_TOKENIZER = flags.DEFINE_string("tokenizer", "", "Tokenizer model (default: the training data's).")
+_TOKENIZER = flags.DEFINE_string(
+    "tokenizer", "", "Tokenizer model (default: the copy saved with the checkpoint)."
+)
 _WINDOW = flags.DEFINE_integer(
     "window_frames", -1, "Longest one-pass sequence (-1 = training window, 0 = all)."
 )

@@ -420,6 +420,7 @@ def train(
     process_start = time.time() if process_start is None else process_start
     from data_pipeline import loader as loader_lib
     from data_pipeline import shards as shards_lib
+    from data_pipeline.tokenizer import Tokenizer
 
     # Shapes are checked against the mesh that will run them (a given mesh may use
     # fewer devices than the process sees, e.g. resuming on one device).
@@ -456,6 +457,7 @@ def train(
     )
     config_json = dataclasses.asdict(cfg)
     card_json = card.to_dict()
+    tokenizer_json = Tokenizer(loader_lib.resolve_tokenizer_path(cfg.data, card)).to_json()
 
     _warn_incomplete_checkpoints(ckpt)
     latest = ckpt.latest_step()
@@ -559,7 +561,7 @@ def train(
             if is_save or stop:
                 watchdog.pause(True)
                 t0 = time.perf_counter()
-                ckpt.save(step, state, data_iter, config_json, card_json)
+                ckpt.save(step, state, data_iter, config_json, card_json, tokenizer_json)
                 gp.add("checkpoint", time.perf_counter() - t0)
                 watchdog.pause(False)
                 last_saved = step

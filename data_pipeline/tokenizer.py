@@ -72,11 +72,44 @@ class Tokenizer:
     Picklable (it carries the model bytes), so Grain worker processes can use it.
     """
 
-    def __init__(self, path: str):
+    def __init__(self, path: str, *, model_bytes: bytes | None = None):
         self.path = path
-        with open(path, "rb") as f:
-            self._model = f.read()
+        if model_bytes is None:
+            with open(path, "rb") as f:
+                model_bytes = f.read()
+        self._model = model_bytes
         self._load()
+
+    @property
+    def model_bytes(self) -> bytes:
+        """The serialized sentencepiece model (what checkpoints carry)."""
+        return self._model
+
+    def to_json(self) -> dict:
+        """A JSON-able copy of the model: saved with every checkpoint (item ``tokenizer``)."""
+        import base64
+        import hashlib
+
+        return {
+            "file": os.path.basename(self.path),
+            "sha256": hashlib.sha256(self._model).hexdigest(),
+            "vocab_size": self.vocab_size,
+            "model_base64": base64.b64encode(self._model).decode("ascii"),
+        }
+
+    @classmethod
+    def from_json(cls, data: dict, where: str) -> Tokenizer:
+        """Inverse of :meth:`to_json`; ``where`` names the source in errors."""
+        import base64
+        import hashlib
+
+        try:
+            model = base64.b64decode(data["model_base64"], validate=True)
+        except (KeyError, TypeError, ValueError) as e:
+            raise ValueError(f"{where}: tokenizer item has no readable model_base64 ({e})") from e
+        if hashlib.sha256(model).hexdigest() != data.get("sha256"):
+            raise ValueError(f"{where}: tokenizer model does not match its sha256 (corrupt checkpoint item)")
+        return cls(f"{where}:{data.get('file', 'tokenizer.model')}", model_bytes=model)
 
     def _load(self) -> None:
         self._sp = spm.SentencePieceProcessor(model_proto=self._model)

@@ -92,6 +92,33 @@ def test_checkpoint_restores_on_another_mesh_and_samples_the_same(run_dir, gen):
     assert np.abs(raw.generate_latents(p).latents[0] - a.latents[0]).max() > 1e-4  # EMA != raw weights
 
 
+def test_tokenizer_travels_with_the_checkpoint(run_dir, gen, tmp_path):
+    """Sampling needs only the checkpoint: its ``tokenizer`` item stands in for the
+    shards folder (gone here), and a corrupt copy is refused by name."""
+    import json
+    import shutil
+
+    moved = tmp_path / "run"
+    shutil.copytree(run_dir, moved)
+    step_dir, _ = generation.find_checkpoint(str(moved), None)
+    (cfg_file,) = [f for f in (step_dir / "config").iterdir() if f.read_text().startswith('{"model"')]
+    saved = json.loads(cfg_file.read_text())
+    saved["data"]["shards_dir"] = str(tmp_path / "no_such_shards")
+    saved["data"]["tokenizer"] = ""
+    cfg_file.write_text(json.dumps(saved))
+    other = generation.Generator(str(moved), LinearCodec(), mesh=mesh_of(2, data=2), min_seconds=0.5)
+    assert other.tokenizer.model_bytes == gen.tokenizer.model_bytes
+    p = [P(seed=4, guidance=2.0)]
+    np.testing.assert_array_equal(other.generate_latents(p).latents[0], gen.generate_latents(p).latents[0])
+
+    (tok_file,) = [f for f in (step_dir / "tokenizer").iterdir() if '"model_base64"' in f.read_text()]
+    item = json.loads(tok_file.read_text())
+    item["model_base64"] = item["model_base64"][:-8] + "AAAAAAA="
+    tok_file.write_text(json.dumps(item))
+    with pytest.raises(generation.GenerationError, match="tokenizer.*sha256"):
+        generation.Generator(str(moved), LinearCodec(), mesh=mesh_of(2, data=2), min_seconds=0.5)
+
+
 def test_same_seed_same_latents_whatever_shares_the_batch(gen):
     p = P(seed=7, guidance=2.0, sampler="ddim", eta=0.5)
     a = gen.generate_latents([p, P("organ", seed=1, guidance=4.0, sampler="ddim")], batch_size=4).latents[0]
