@@ -96,22 +96,46 @@ class RunCheckpointer:
         self.manager.close()
 
 
-def _resolve_step_dir(path: str) -> tuple[epath.Path, int]:
-    """``path`` is a run workdir, its ``checkpoints`` folder, or one step folder."""
+class CheckpointNotFound(FileNotFoundError):
+    """A checkpoint path that is missing, empty, lacks the step, or is incomplete."""
+
+
+def find_step(
+    path: str, step: int | None = None, *, required_items: tuple[str, ...] = ("state",)
+) -> tuple[epath.Path, int]:
+    """Resolves ``path`` (a run workdir, its ``checkpoints`` folder or one step folder).
+
+    Returns:
+      (step folder, step): the latest complete step unless ``step`` is given.
+
+    Raises:
+      CheckpointNotFound: the path is missing, holds no complete checkpoint (naming
+        unfinished saves), lacks ``step``, or the step folder lacks a required item.
+    """
     p = epath.Path(path)
     if not p.exists():
-        raise FileNotFoundError(f"train.init_from={path!r} does not exist")
-    for root in (p / "checkpoints", p):
-        if root.is_dir():
-            steps = ocp.utils.checkpoint_steps(root)
-            if steps:
-                return root, max(steps)
+        raise CheckpointNotFound(f"checkpoint path {path!r} does not exist")
     if p.name.isdigit() and (p / "state").exists():
-        return p.parent, int(p.name)
-    raise FileNotFoundError(
-        f"train.init_from={path!r} holds no complete checkpoint (looked for step folders "
-        f"with a 'state' item in {p} and {p / 'checkpoints'})"
-    )
+        root, steps = p.parent, [int(p.name)]
+        if step is not None and step != int(p.name):
+            raise CheckpointNotFound(f"{path!r} is the step folder of step {p.name}, not step {step}")
+    else:
+        root = p / "checkpoints" if (p / "checkpoints").is_dir() else p
+        steps = sorted(ocp.utils.checkpoint_steps(root)) if root.is_dir() else []
+        if not steps:
+            partial = sorted(d.name for d in root.iterdir() if "tmp" in d.name) if root.is_dir() else []
+            hint = f" (unfinished saves: {', '.join(partial)})" if partial else ""
+            raise CheckpointNotFound(f"no complete checkpoint in {root}{hint}")
+    chosen = steps[-1] if step is None else step
+    if chosen not in steps:
+        raise CheckpointNotFound(f"checkpoint step {step} is not in {root}; complete steps: {steps}")
+    step_dir = root / str(chosen)
+    missing = [item for item in required_items if not (step_dir / item).is_dir()]
+    if missing:
+        raise CheckpointNotFound(
+            f"checkpoint {step_dir} is incomplete (half-written or damaged): missing item(s) {missing}"
+        )
+    return step_dir, chosen
 
 
 def restore_params(path: str, abstract_params: Any, *, use_ema: bool = False) -> tuple[Any, int]:
@@ -125,9 +149,9 @@ def restore_params(path: str, abstract_params: Any, *, use_ema: bool = False) ->
     Returns:
       (params, step of the checkpoint they came from).
     """
-    root, step = _resolve_step_dir(path)
+    step_dir, step = find_step(path)
     key = "ema_params" if use_ema else "params"
-    item_dir = root / str(step) / "state"
+    item_dir = step_dir / "state"
     restore_args = ocp.checkpoint_utils.construct_restore_args(abstract_params)
     with ocp.PyTreeCheckpointer() as ckptr:
         restored = ckptr.restore(
@@ -146,8 +170,8 @@ def read_config_json(path: str) -> dict:
     """Reads the resolved config saved with the latest (or given) checkpoint."""
     import json
 
-    root, step = _resolve_step_dir(path)
-    cfg_dir = root / str(step) / "config"
+    step_dir, _ = find_step(path, required_items=("config",))
+    cfg_dir = step_dir / "config"
     files = [f for f in cfg_dir.iterdir() if f.is_file()] if cfg_dir.exists() else []
     if not files:
         raise FileNotFoundError(f"no config item in {cfg_dir}")

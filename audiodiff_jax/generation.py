@@ -74,32 +74,11 @@ def find_checkpoint(path: str, step: int | None = None) -> tuple[epath.Path, int
       GenerationError: the path is missing, holds no complete checkpoint, lacks the
         step, or the step folder lacks an item the sampler needs.
     """
-    import orbax.checkpoint as ocp
-
-    p = epath.Path(path)
-    if not p.exists():
-        raise GenerationError(f"checkpoint path {path!r} does not exist")
-    if p.name.isdigit() and (p / "state").exists():
-        root, steps = p.parent, [int(p.name)]
-        if step is not None and step != int(p.name):
-            raise GenerationError(f"{path!r} is the step folder of step {p.name}, not step {step}")
-    else:
-        root = p / "checkpoints" if (p / "checkpoints").is_dir() else p
-        steps = sorted(ocp.utils.checkpoint_steps(root)) if root.is_dir() else []
-        if not steps:
-            partial = sorted(d.name for d in root.iterdir() if "tmp" in d.name) if root.is_dir() else []
-            hint = f" (unfinished saves: {', '.join(partial)})" if partial else ""
-            raise GenerationError(f"no complete checkpoint in {root}{hint}; train a few steps first")
-    chosen = steps[-1] if step is None else step
-    if chosen not in steps:
-        raise GenerationError(f"checkpoint step {step} is not in {root}; complete steps: {steps}")
-    step_dir = root / str(chosen)
-    missing = [item for item in ("state", "config", "dataset_card") if not (step_dir / item).is_dir()]
-    if missing:
-        raise GenerationError(
-            f"checkpoint {step_dir} is incomplete (half-written or damaged): missing item(s) {missing}"
-        )
-    return step_dir, chosen
+    try:
+        return checkpointing.find_step(path, step, required_items=("state", "config", "dataset_card"))
+    except checkpointing.CheckpointNotFound as e:
+        hint = "; train a few steps first" if "no complete checkpoint" in str(e) else ""
+        raise GenerationError(f"{e}{hint}") from e
 
 
 def _read_json_item(item_dir: epath.Path) -> dict:

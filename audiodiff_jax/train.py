@@ -469,7 +469,10 @@ def train(
         jax.block_until_ready(state)
         restore_s = time.perf_counter() - t0
     elif cfg.train.init_from:
-        params, src_step = checkpointing.restore_params(cfg.train.init_from, trainer.abstract_params())
+        try:
+            params, src_step = checkpointing.restore_params(cfg.train.init_from, trainer.abstract_params())
+        except checkpointing.CheckpointNotFound as e:
+            raise config_lib.ConfigError(f"train.init_from: {e}") from e
         logging.info("starting from the weights of %s (step %d)", cfg.train.init_from, src_step)
         state = trainer.init_state(cfg.train.seed, params=params)
     else:

@@ -33,7 +33,7 @@ import orbax.checkpoint as ocp
 from absl import logging
 from etils import epath
 
-from audiodiff_jax import names, optim, sharding
+from audiodiff_jax import checkpointing, names, optim, sharding
 from audiodiff_jax.codec import losses
 from audiodiff_jax.codec import model as model_lib
 from audiodiff_jax.codec.config import CodecConfig, hop_of, validate
@@ -239,16 +239,11 @@ def restore_params(path: str, abstract_params: Any, *, use_ema: bool = True) -> 
       path: a codec run workdir (or its ``checkpoints`` folder).
       abstract_params: ShapeDtypeStructs (with or without shardings) of the params.
     """
-    p = epath.Path(path)
-    root = p / "checkpoints" if (p / "checkpoints").is_dir() else p
-    steps = ocp.utils.checkpoint_steps(root) if root.is_dir() else []
-    if not steps:
-        raise FileNotFoundError(f"{path!r} holds no complete codec checkpoint (looked in {root})")
-    step = max(steps)
+    step_dir, step = checkpointing.find_step(path, required_items=("state", "config"))
     key = "ema_params" if use_ema else "params"
     with ocp.PyTreeCheckpointer() as ckptr:
         restored = ckptr.restore(
-            root / str(step) / "state",
+            step_dir / "state",
             args=ocp.args.PyTreeRestore(
                 item={key: abstract_params},
                 restore_args={key: ocp.checkpoint_utils.construct_restore_args(abstract_params)},
@@ -257,8 +252,7 @@ def restore_params(path: str, abstract_params: Any, *, use_ema: bool = True) -> 
         )
     import json
 
-    cfg_dir = root / str(step) / "config"
-    files = [f for f in cfg_dir.iterdir() if f.is_file()]
+    files = [f for f in (step_dir / "config").iterdir() if f.is_file() and f.read_text().startswith("{")]
     return restored[key], step, json.loads(files[0].read_text())
 
 
