@@ -108,22 +108,35 @@ def _on_cluster() -> bool:
     )
 
 
+def config_or_exit(program: str, example: str, parse, validate):
+    """The checked config of ``--config`` (``parse`` then ``validate``), after checking
+    that ``--workdir`` and ``--config`` are given; a config error is printed, naming the
+    field, and the process exits with EXIT_CONFIG_ERROR. Shared by the DiT and codec
+    training programs."""
+    from audiodiff_jax.config import ConfigError
+
+    if not _WORKDIR.value:
+        raise app.UsageError("--workdir is required")
+    if _CONFIG.value is None:
+        raise app.UsageError(f"--config is required, e.g. --config={example}")
+    try:
+        cfg = parse(_CONFIG.value)
+        validate(cfg)
+    except ConfigError as e:
+        logging.error("config error: %s", e)
+        print(f"{program}: config error: {e}", file=sys.stderr)
+        sys.exit(EXIT_CONFIG_ERROR)
+    return cfg
+
+
 def main(argv):
     del argv
     from audiodiff_jax import config as config_lib
     from audiodiff_jax import train
 
-    if not _WORKDIR.value:
-        raise app.UsageError("--workdir is required")
-    if _CONFIG.value is None:
-        raise app.UsageError("--config is required, e.g. --config=configs/tiny.py")
-    try:
-        cfg = config_lib.from_configdict(_CONFIG.value)
-        config_lib.validate(cfg)
-    except config_lib.ConfigError as e:
-        logging.error("config error: %s", e)
-        print(f"audiodiff-train: config error: {e}", file=sys.stderr)
-        sys.exit(EXIT_CONFIG_ERROR)
+    cfg = config_or_exit(
+        "audiodiff-train", "configs/tiny.py", config_lib.from_configdict, config_lib.validate
+    )
     init_distributed()
     try:
         result = train.train(

@@ -17,7 +17,7 @@ import shlex
 import types
 from collections.abc import Sequence
 
-from absl import flags
+from absl import app, flags
 
 FLAGS = None  # the shared flags' holders, once define_flags() ran
 
@@ -89,6 +89,26 @@ def train_args_from_flags(distributed: str = "on") -> list[str]:
 
 def dry_run() -> bool:
     return FLAGS.dry_run.value
+
+
+def check_no_positional(argv: Sequence[str]) -> None:
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments {argv[1:]}; config overrides go in --override=KEY=VALUE")
+
+
+def print_or_write(text: str, out: str, next_step: str) -> bool:
+    """``--dry_run``: prints ``text``; ``--out=PATH``: writes it there and prints
+    ``next_step`` (a command, PATH filled in). Returns whether one of them applied,
+    i.e. whether the launcher should stop without submitting."""
+    if dry_run():
+        print(text)
+        return True
+    if out:
+        with open(out, "w") as f:
+            f.write(text)
+        print(f"wrote {out}; {next_step.format(path=out)}")
+        return True
+    return False
 
 
 def shell_join(args: Sequence[str]) -> str:

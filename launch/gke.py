@@ -129,8 +129,7 @@ def manifest(
 
 
 def main(argv):
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments {argv[1:]}; config overrides go in --override=KEY=VALUE")
+    common.check_no_positional(argv)
     text = manifest(
         name=_NAME.value,
         image=_IMAGE.value,
@@ -140,13 +139,7 @@ def main(argv):
         max_restarts=_MAX_RESTARTS.value,
         grace_s=_GRACE.value,
     )
-    if common.dry_run():
-        print(text)
-        return
-    if _OUT.value:
-        with open(_OUT.value, "w") as f:
-            f.write(text)
-        print(f"wrote {_OUT.value}; apply with: kubectl apply -f {_OUT.value}")
+    if common.print_or_write(text, _OUT.value, "apply with: kubectl apply -f {path}"):
         return
     with tempfile.NamedTemporaryFile("w", suffix=".yaml", delete=False) as f:
         f.write(text)

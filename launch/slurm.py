@@ -113,8 +113,7 @@ def sbatch_script(
 
 
 def main(argv):
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments {argv[1:]}; config overrides go in --override=KEY=VALUE")
+    common.check_no_positional(argv)
     text = sbatch_script(
         name=_NAME.value,
         nodes=_NODES.value,
@@ -128,13 +127,7 @@ def main(argv):
         venv=_VENV.value,
         log_dir=_LOG_DIR.value,
     )
-    if common.dry_run():
-        print(text)
-        return
-    if _OUT.value:
-        with open(_OUT.value, "w") as f:
-            f.write(text)
-        print(f"wrote {_OUT.value}; submit with: sbatch {_OUT.value}")
+    if common.print_or_write(text, _OUT.value, "submit with: sbatch {path}"):
         return
     print("sbatch <<script>>", flush=True)
     sys.exit(subprocess.run(["sbatch"], input=text, text=True).returncode)

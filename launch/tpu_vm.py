@@ -289,8 +289,7 @@ def build_commands(action: str) -> list[list[str]]:
 
 
 def main(argv):
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments {argv[1:]}; config overrides go in --override=KEY=VALUE")
+    common.check_no_positional(argv)
     cmds = build_commands(_ACTION.value)
     for cmd in cmds:
         print(common.shell_join(cmd), flush=True)

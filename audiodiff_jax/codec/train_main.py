@@ -20,7 +20,13 @@ from absl import app, flags, logging
 
 # The DiT program's flags (--config, --workdir and the multi-host ones) are reused as
 # they are: importing the module defines them, and absl refuses a second definition.
-from audiodiff_jax.train_main import _CONFIG, _WORKDIR, EXIT_CONFIG_ERROR, EXIT_DIVERGED, init_distributed
+from audiodiff_jax.train_main import (
+    _WORKDIR,
+    EXIT_CONFIG_ERROR,
+    EXIT_DIVERGED,
+    config_or_exit,
+    init_distributed,
+)
 
 _EXPORT = flags.DEFINE_string("export_dir", "", "Write the trained codec (npz + card) here at the end.")
 _STATS_DIR = flags.DEFINE_string(
@@ -35,16 +41,9 @@ def main(argv):
     from audiodiff_jax.codec import train
     from audiodiff_jax.config import ConfigError
 
-    if not _WORKDIR.value:
-        raise app.UsageError("--workdir is required")
-    if _CONFIG.value is None:
-        raise app.UsageError("--config is required, e.g. --config=configs/codec.py:small")
-    try:
-        cfg = config_lib.from_configdict(_CONFIG.value)
-        config_lib.validate(cfg)
-    except ConfigError as e:
-        print(f"audiodiff-codec-train: config error: {e}", file=sys.stderr)
-        sys.exit(EXIT_CONFIG_ERROR)
+    cfg = config_or_exit(
+        "audiodiff-codec-train", "configs/codec.py:small", config_lib.from_configdict, config_lib.validate
+    )
     init_distributed()
     try:
         result = train.train(cfg, _WORKDIR.value)
