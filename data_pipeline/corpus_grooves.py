@@ -29,8 +29,8 @@ from typing import Any
 import numpy as np
 
 from data_pipeline import render
-from data_pipeline.corpus_scores import _and_join, _run_jobs
-from data_pipeline.manifest import MANIFEST_FILE, Entry, write_manifest
+from data_pipeline.corpus_scores import _and_join, render_corpus
+from data_pipeline.manifest import Entry
 
 # MMA groove -> (genre as captions say it, beats per bar). Beats come from the groove
 # file's "Time" setting; the time signature label is what MMA actually plays.
@@ -228,18 +228,6 @@ def _caption_chord(name: str) -> str:
     return name[:root_len] + _CAPTION_SUFFIX.get(name[root_len:], name[root_len:])
 
 
-def _render_and_write(args: tuple) -> Entry:
-    import soundfile as sf
-
-    out_dir, seed, index, kwargs = args
-    clip = render_groove_clip(seed, index, **kwargs)
-    path = os.path.join(out_dir, clip.entry.audio)
-    tmp = f"{path}.tmp-{os.getpid()}.wav"
-    sf.write(tmp, clip.audio.T, kwargs.get("sample_rate", 44100), subtype="PCM_16")
-    os.replace(tmp, path)
-    return clip.entry
-
-
 def render_grooves(
     out_dir: str,
     num_clips: int,
@@ -255,9 +243,6 @@ def render_grooves(
 ) -> str:
     """Renders ``num_clips`` clips to ``out_dir/audio/*.wav`` + ``manifest.jsonl``; returns its path."""
     mma_path()  # fail before creating anything if MMA is missing
-    if num_clips < 1:
-        raise ValueError(f"num_clips={num_clips} must be >= 1")
-    os.makedirs(os.path.join(out_dir, "audio"), exist_ok=True)
     kwargs = dict(
         sample_rate=sample_rate,
         channels=channels,
@@ -265,6 +250,13 @@ def render_grooves(
         grooves=tuple(grooves) if grooves else None,
         synth=synth,
     )
-    jobs = [(out_dir, seed, i, kwargs) for i in range(num_clips)]
-    entries = _run_jobs(_render_and_write, jobs, workers, progress, "render grooves")
-    return write_manifest(os.path.join(out_dir, MANIFEST_FILE), entries)
+    return render_corpus(
+        render_groove_clip,
+        out_dir,
+        num_clips,
+        seed=seed,
+        kwargs=kwargs,
+        workers=workers,
+        progress=progress,
+        desc="render grooves",
+    )

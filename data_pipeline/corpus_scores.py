@@ -337,15 +337,39 @@ def render_clip(
 
 
 def _render_and_write(args: tuple) -> Entry:
+    """One job of :func:`render_corpus`: renders clip ``index`` and writes its WAV atomically."""
     import soundfile as sf
 
-    out_dir, seed, index, kwargs = args
-    clip = render_clip(seed, index, **kwargs)
+    render_fn, out_dir, seed, index, kwargs = args
+    clip = render_fn(seed, index, **kwargs)
     path = os.path.join(out_dir, clip.entry.audio)
     tmp = f"{path}.tmp-{os.getpid()}.wav"
     sf.write(tmp, clip.audio.T, kwargs.get("sample_rate", 44100), subtype="PCM_16")
     os.replace(tmp, path)  # a crash never leaves a half-written file under the final name
     return clip.entry
+
+
+def render_corpus(
+    render_fn,
+    out_dir: str,
+    num_clips: int,
+    *,
+    seed: int,
+    kwargs: dict,
+    workers: int,
+    progress: bool,
+    desc: str,
+) -> str:
+    """Renders clips ``0..num_clips-1`` with ``render_fn(seed, index, **kwargs)`` (a
+    module-level function returning an object with ``entry`` and ``audio``, picklable
+    for worker processes) to ``out_dir/audio/*.wav`` plus the manifest; returns its path.
+    Shared by the score and groove corpora."""
+    if num_clips < 1:
+        raise ValueError(f"num_clips={num_clips} must be >= 1")
+    os.makedirs(os.path.join(out_dir, "audio"), exist_ok=True)
+    jobs = [(render_fn, out_dir, seed, i, kwargs) for i in range(num_clips)]
+    entries = _run_jobs(_render_and_write, jobs, workers, progress, desc)
+    return write_manifest(os.path.join(out_dir, MANIFEST_FILE), entries)
 
 
 def render_clips(
@@ -377,9 +401,6 @@ def render_clips(
     Returns:
       Path of the manifest.
     """
-    if num_clips < 1:
-        raise ValueError(f"num_clips={num_clips} must be >= 1")
-    os.makedirs(os.path.join(out_dir, "audio"), exist_ok=True)
     kwargs = dict(
         sample_rate=sample_rate,
         channels=channels,
@@ -387,9 +408,16 @@ def render_clips(
         collections=tuple(collections) if collections else None,
         synth=synth,
     )
-    jobs = [(out_dir, seed, i, kwargs) for i in range(num_clips)]
-    entries = _run_jobs(_render_and_write, jobs, workers, progress, "render scores")
-    return write_manifest(os.path.join(out_dir, MANIFEST_FILE), entries)
+    return render_corpus(
+        render_clip,
+        out_dir,
+        num_clips,
+        seed=seed,
+        kwargs=kwargs,
+        workers=workers,
+        progress=progress,
+        desc="render scores",
+    )
 
 
 def _run_jobs(fn, jobs: list, workers: int, progress: bool, desc: str) -> list:
