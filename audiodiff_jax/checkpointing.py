@@ -166,16 +166,29 @@ def restore_params(path: str, abstract_params: Any, *, use_ema: bool = False) ->
     return restored[key], step
 
 
-def read_config_json(path: str) -> dict:
-    """Reads the resolved config saved with the latest (or given) checkpoint."""
+def read_json_item(item_dir: epath.Path) -> dict:
+    """The JSON object a ``JsonSave`` item folder holds (skipping Orbax's own files).
+
+    Raises:
+      CheckpointNotFound: the folder holds no readable JSON object (half-written?).
+    """
     import json
 
+    files = sorted(f for f in item_dir.iterdir() if f.is_file() and not f.name.startswith("_"))
+    for f in files:
+        try:
+            data = json.loads(f.read_text())
+        except ValueError:
+            continue
+        if isinstance(data, dict):
+            return data
+    raise CheckpointNotFound(f"checkpoint item {item_dir} holds no readable JSON (half-written?)")
+
+
+def read_config_json(path: str) -> dict:
+    """Reads the resolved config saved with the latest (or given) checkpoint."""
     step_dir, _ = find_step(path, required_items=("config",))
-    cfg_dir = step_dir / "config"
-    files = [f for f in cfg_dir.iterdir() if f.is_file()] if cfg_dir.exists() else []
-    if not files:
-        raise FileNotFoundError(f"no config item in {cfg_dir}")
-    return json.loads(files[0].read_text())
+    return read_json_item(step_dir / "config")
 
 
 def process_info() -> str:

@@ -82,15 +82,10 @@ def find_checkpoint(path: str, step: int | None = None) -> tuple[epath.Path, int
 
 
 def _read_json_item(item_dir: epath.Path) -> dict:
-    files = sorted(f for f in item_dir.iterdir() if f.is_file() and not f.name.startswith("_"))
-    for f in files:
-        try:
-            data = json.loads(f.read_text())
-        except ValueError:
-            continue
-        if isinstance(data, dict):
-            return data
-    raise GenerationError(f"checkpoint item {item_dir} holds no readable JSON (half-written?)")
+    try:
+        return checkpointing.read_json_item(item_dir)
+    except checkpointing.CheckpointNotFound as e:
+        raise GenerationError(str(e)) from e
 
 
 def read_checkpoint_meta(step_dir: epath.Path):

@@ -250,10 +250,7 @@ def restore_params(path: str, abstract_params: Any, *, use_ema: bool = True) -> 
                 partial_restore=True,
             ),
         )
-    import json
-
-    files = [f for f in (step_dir / "config").iterdir() if f.is_file() and f.read_text().startswith("{")]
-    return restored[key], step, json.loads(files[0].read_text())
+    return restored[key], step, checkpointing.read_json_item(step_dir / "config")
 
 
 @dataclasses.dataclass
