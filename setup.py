@@ -23,6 +23,11 @@ INSTALL_REQUIRES = [
     "tensorboardX==2.6.5",
     "tqdm==4.70.1",
     "soxr==1.1.0",  # the codec resamples input at other sample rates
+    # Report pages of audiodiff-sample and the demo: spectrograms (scipy.signal.ShortTimeFFT),
+    # pictures (matplotlib, Agg), HTML (Jinja2 templates in audiodiff_jax/templates).
+    "scipy==1.17.1",
+    "matplotlib==3.11.2",
+    "jinja2==3.1.6",
 ]
 
 EXTRAS_REQUIRE = {
@@ -54,6 +59,7 @@ setup(
         "configs": ["*.py"],
         "launch": ["*.yaml.tmpl"],  # the GKE JobSet template of launch/gke.py
         "audiodiff_jax.codec": ["weights/*.npz", "weights/*.json", "weights/*.md", "testdata/*.wav"],
+        "audiodiff_jax": ["templates/*"],  # the report pages (report.py, demo.py)
     },
     install_requires=INSTALL_REQUIRES,
     extras_require=EXTRAS_REQUIRE,

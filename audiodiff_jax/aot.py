@@ -41,119 +41,12 @@ import jax
 import jax.numpy as jnp
 
 from audiodiff_jax import config as config_lib
-from audiodiff_jax import flops, names, sharding
+from audiodiff_jax import flops, generation, sharding
 from audiodiff_jax.config import Config, ConfigError
-
-GiB = 1024**3
-
-
-@dataclasses.dataclass(frozen=True)
-class TpuGeneration:
-    """What a TPU generation's names mean and what one chip holds."""
-
-    name: str  # the prefix libtpu takes in topology names ("v5p" in "v5p:4x4x4")
-    aliases: tuple[str, ...]  # other prefixes of pod names ("v5litepod-256")
-    cores_per_name_unit: int  # pod names count TensorCores (2 per chip) or chips (1)
-    dims: int  # 3: 3-D torus (v4, v5p); 2: 2-D grid (v5e, v6e)
-    hbm_bytes: int  # per chip
-    peak_bf16_flops: float  # per chip (dense)
-    megacore: bool  # both TensorCores of a chip run as one device
-
-
-GENERATIONS: dict[str, TpuGeneration] = {
-    "v4": TpuGeneration("v4", (), 2, 3, 32 * GiB, 275e12, True),
-    "v5p": TpuGeneration("v5p", (), 2, 3, 95 * GiB, 459e12, True),
-    "v5e": TpuGeneration("v5e", ("v5litepod", "v5lite"), 1, 2, 16 * GiB, 197e12, False),
-    "v6e": TpuGeneration("v6e", ("v6litepod",), 1, 2, 32 * GiB, 918e12, False),
-}
-
-
-@dataclasses.dataclass(frozen=True)
-class TopologySpec:
-    """One TPU target: a generation, the chip grid of one slice, and a slice count."""
-
-    generation: TpuGeneration
-    chip_shape: tuple[int, ...]
-    num_slices: int = 1
-
-    @property
-    def chips_per_slice(self) -> int:
-        return math.prod(self.chip_shape)
-
-    @property
-    def num_chips(self) -> int:
-        return self.chips_per_slice * self.num_slices
-
-    @property
-    def libtpu_name(self) -> str:
-        return f"{self.generation.name}:{'x'.join(map(str, self.chip_shape))}"
-
-    @property
-    def pod_name(self) -> str:
-        g = self.generation
-        return f"{g.name}-{self.chips_per_slice * g.cores_per_name_unit}"
-
-    def describe(self) -> str:
-        slices = f" x {self.num_slices} slices over DCN" if self.num_slices > 1 else ""
-        return (
-            f"{self.pod_name} ({self.libtpu_name}: {self.chips_per_slice} chips{slices}, "
-            f"{self.generation.hbm_bytes / GiB:.0f} GiB HBM per chip)"
-        )
-
-
-def default_chip_shape(chips: int, dims: int) -> tuple[int, ...]:
-    """The slice shape Google Cloud gives a power-of-two chip count.
-
-    3-D tori (v4, v5p) start at 2x2x1 (4 chips, one host) and 2x2x2, then double the
-    last of their smallest sides: 2x2x4, 2x4x4, 4x4x4, 4x4x8, ... 2-D grids (v5e, v6e)
-    do the same from 1x1: 1x2, 2x2, 2x4, 4x4, ..., 16x16.
-    """
-    if chips < 1 or chips & (chips - 1):
-        raise ConfigError(f"{chips} chips is not a power of two; give the shape itself, e.g. v5p:4x4x8")
-    if dims == 3:
-        if chips < 4:
-            raise ConfigError(f"3-D TPU slices have at least 4 chips (got {chips})")
-        if chips == 4:
-            return (2, 2, 1)
-        shape = [2, 2, 2]
-    else:
-        shape = [1, 1]
-    while math.prod(shape) < chips:
-        smallest = min(shape)
-        i = max(k for k, v in enumerate(shape) if v == smallest)
-        shape[i] *= 2
-    return tuple(shape)
-
-
-def parse_topology(name: str, num_slices: int = 1) -> TopologySpec:
-    """``v5p-128``, ``v5e-256``, ``v5litepod-16``, ``v4-32``, ``v6e-64`` or ``v5p:4x4x4``."""
-    if num_slices < 1:
-        raise ConfigError(f"num_slices={num_slices} must be >= 1")
-    by_prefix = {p: g for g in GENERATIONS.values() for p in (g.name, *g.aliases)}
-    text = name.strip().lower()
-    m = re.fullmatch(r"([a-z0-9]+)[:=_]([0-9]+(?:x[0-9]+)*)", text)
-    if m and m.group(1) in by_prefix:
-        gen = by_prefix[m.group(1)]
-        shape = tuple(int(v) for v in m.group(2).split("x"))
-        if len(shape) != gen.dims:
-            raise ConfigError(f"topology {name!r}: {gen.name} slices have {gen.dims} sides, got {len(shape)}")
-        return TopologySpec(gen, shape, num_slices)
-    m = re.fullmatch(r"([a-z0-9]+)-([0-9]+)", text)
-    if m and m.group(1) in by_prefix:
-        gen = by_prefix[m.group(1)]
-        count = int(m.group(2))
-        if count % gen.cores_per_name_unit:
-            raise ConfigError(
-                f"topology {name!r}: {gen.name} pod names count TensorCores "
-                f"({gen.cores_per_name_unit} per chip), so the number must be even"
-            )
-        chips = count // gen.cores_per_name_unit
-        return TopologySpec(gen, default_chip_shape(chips, gen.dims), num_slices)
-    known = ", ".join(sorted(by_prefix))
-    raise ConfigError(
-        f"topology {name!r} is not a TPU pod name (GEN-N with GEN one of {known}, e.g. v5p-128) "
-        "or a libtpu topology (e.g. v5p:4x4x4)"
-    )
+from audiodiff_jax.data import batch as batch_lib
+from audiodiff_jax.model import make_model
+from audiodiff_jax.topology import GiB, TopologySpec
+from audiodiff_jax.train import Trainer
 
 
 def libtpu_available() -> bool:
@@ -430,32 +323,11 @@ def is_out_of_memory(report: StepReport) -> bool:
     )
 
 
-def abstract_batch(
-    cfg: Config, batch_size: int, frames: int, batch_sharding
-) -> dict[str, jax.ShapeDtypeStruct]:
-    """The train step's batch as ShapeDtypeStructs (see ``data_pipeline/loader.py``)."""
-    c, length = cfg.model.latent_channels, cfg.model.text.max_len
-
-    def s(shape, dtype):
-        return jax.ShapeDtypeStruct(shape, dtype, sharding=batch_sharding)
-
-    return {
-        "latents": s((batch_size, frames, c), jnp.float32),
-        "loss_mask": s((batch_size, frames), jnp.float32),
-        "num_frames": s((batch_size,), jnp.int32),
-        "tokens": s((batch_size, length), jnp.int32),
-        "seconds_start": s((batch_size,), jnp.float32),
-        "seconds_total": s((batch_size,), jnp.float32),
-    }
-
-
 def compile_train_step(cfg: Config, mesh, hbm_bytes: int, peak_flops: float = 0.0) -> StepReport:
     """Compiles ``Trainer``'s jitted train step (shardings, donation) for ``mesh``."""
-    from audiodiff_jax.train import Trainer
-
     trainer = Trainer(cfg, mesh)
     b, t = cfg.data.global_batch_size, cfg.data.window_frames
-    args = (trainer.abstract_state(), abstract_batch(cfg, b, t, trainer.batch_sharding))
+    args = (trainer.abstract_state(), batch_lib.abstract_batch(cfg, mesh))
     report = StepReport(
         name=f"train_step  (global batch {b} x {t} frames)",
         hbm_bytes=hbm_bytes,
@@ -465,43 +337,32 @@ def compile_train_step(cfg: Config, mesh, hbm_bytes: int, peak_flops: float = 0.
     return compile_and_report(trainer.train_step, args, ("state", "batch"), report, mesh)
 
 
-def sample_step_fn(model_fns):
-    """One denoiser evaluation of the sampling loop, with classifier-free guidance.
-
-    ``audiodiff_jax.sampling.guided_denoiser`` runs the prompt and the empty caption as
-    one doubled batch and combines them (guidance scale and rescale per song); the
-    sampler calls it once (Euler, DDIM, DPM++ 2M) or twice (Heun) per step, so its
-    memory is the sampler's and its FLOPs x evaluations are the sampler's FLOPs.
-    """
-    from audiodiff_jax import sampling
-
-    def step(params, z_btc, t_b, tokens_bl, null_tokens_bl, scale_b, rescale_b, start_b, total_b, frames_b):
-        denoise = sampling.guided_denoiser(
-            model_fns.apply,
-            params,
-            tokens_cond_bl=tokens_bl,
-            tokens_uncond_bl=null_tokens_bl,
-            scale_b=scale_b,
-            rescale_b=rescale_b,
-            seconds_start_b=start_b,
-            seconds_total_b=total_b,
-            num_frames_b=frames_b,
-        )
-        return denoise(z_btc, t_b)
-
-    return step
+def sample_program(cfg: Config, mesh, *, songs: int, frames: int) -> generation.SampleProgram:
+    """The program ``audiodiff-sample`` runs for ``songs`` rows of one ``frames``-frame window,
+    with the config's first sampler and step count, guidance unless it is 1 and the
+    known-frames input of windowed songs (every window after the first has one)."""
+    shards, seq = sharding.batch_shards(mesh), sharding.length_shards(mesh)
+    s = cfg.sample
+    return generation.SampleProgram(
+        method=s.samplers[0],
+        steps=s.steps[0],
+        batch=-(-songs // shards) * shards,
+        frames=-(-frames // seq) * seq,
+        valid=frames,
+        cfg=s.guidance[0] != 1.0,
+        known=True,
+    )
 
 
 def compile_sample_step(
     cfg: Config, mesh, hbm_bytes: int, *, songs: int, frames: int, peak_flops: float = 0.0
 ) -> StepReport:
-    """Compiles one CFG denoiser evaluation for ``songs`` songs of ``frames`` latent frames.
+    """Compiles the sampling program of ``audiodiff-sample`` (:class:`generation.SampleProgram`:
+    the whole sampler loop with guidance) for ``songs`` songs of ``frames`` latent frames.
 
     Parameters are sharded as in training (the EMA weights restored onto this mesh);
-    the songs are split over (data, fsdp), and each runs twice (prompt, empty caption).
+    the songs are split as the logical rules place the batch axis.
     """
-    from audiodiff_jax.model import make_model
-
     model = make_model(cfg.model)
     param_shardings = sharding.named_shardings(model.logical_axes(), mesh)
     params = jax.tree.map(
@@ -509,35 +370,23 @@ def compile_sample_step(
         model.abstract_params(),
         param_shardings,
     )
-    batch_sh = sharding.batch_sharding(mesh)
-    n, c, length = songs, cfg.model.latent_channels, cfg.model.text.max_len
-
-    def s(shape, dtype):
-        return jax.ShapeDtypeStruct(shape, dtype, sharding=batch_sh)
-
-    args = (
-        params,
-        s((n, frames, c), jnp.float32),  # z
-        s((n,), jnp.float32),  # t
-        s((n, length), jnp.int32),  # prompt tokens
-        s((n, length), jnp.int32),  # empty-caption tokens
-        s((n,), jnp.float32),  # guidance scale
-        s((n,), jnp.float32),  # guidance rescale
-        s((n,), jnp.float32),  # seconds_start
-        s((n,), jnp.float32),  # seconds_total
-        s((n,), jnp.int32),  # num_frames
-    )
+    program = sample_program(cfg, mesh, songs=songs, frames=frames)
+    args = program.abstract_args(cfg, params, mesh)
     with jax.set_mesh(mesh):
-        jitted = jax.jit(sample_step_fn(model), out_shardings=batch_sh)
+        jitted = jax.jit(program.fn(model.apply), out_shardings=program.out_shardings(mesh))
+    evals = program.steps * (2 if program.method == "heun" else 1) * (2 if program.cfg else 1)
+    # forward only: a third of the train step's 6 FLOPs per parameter and token, per evaluation
+    forward = flops.train_flops_per_step(cfg.model, program.batch, program.frames, cfg.model.text.max_len) / 3
     report = StepReport(
-        name=f"sample_step (CFG: {songs} songs x 2 x {frames} frames, one denoiser call)",
+        name=(
+            f"sample      ({program.method}, {program.steps} steps, CFG {'on' if program.cfg else 'off'}: "
+            f"{program.batch} songs x {program.frames} frames)"
+        ),
         hbm_bytes=hbm_bytes,
-        # forward only: a third of the train step's 6 FLOPs per parameter and token
-        model_flops=flops.train_flops_per_step(cfg.model, 2 * n, frames, length) / 3 / mesh.size,
+        model_flops=forward * evals / mesh.size,
         peak_flops=peak_flops,
     )
-    arg_names = ("params", "z", "t", "tokens", "null_tokens", "scale", "rescale", "start", "total", "frames")
-    return compile_and_report(jitted, args, arg_names, report, mesh)
+    return compile_and_report(jitted, args, ("params", "cond", "inputs"), report, mesh)
 
 
 def prepare_config(cfg: Config, spec: TopologySpec) -> Config:
@@ -558,7 +407,3 @@ def prepare_config(cfg: Config, spec: TopologySpec) -> Config:
         )
     config_lib.validate(cfg, num_devices=spec.num_chips)
     return cfg
-
-
-def batch_shards(mesh) -> int:
-    return int(mesh.shape[names.MESH_AXES[0]] * mesh.shape[names.MESH_AXES[1]])

@@ -19,6 +19,7 @@ written when a job died is never listed as complete.
 
 from __future__ import annotations
 
+import json
 import os
 from typing import Any
 
@@ -36,9 +37,18 @@ def checkpoint_dir(workdir: str) -> epath.Path:
 
 
 class RunCheckpointer:
-    """Saves and restores one run's checkpoints."""
+    """Saves and restores one run's checkpoints: the train state, optionally every
+    process's Grain iterator (item ``data_iter``), and JSON items (config, cards)."""
 
-    def __init__(self, workdir: str, *, keep_last: int, keep_every: int, async_save: bool):
+    def __init__(
+        self,
+        workdir: str,
+        *,
+        keep_last: int,
+        keep_every: int,
+        async_save: bool,
+        item_names: tuple[str, ...] = ITEMS,
+    ):
         options = ocp.CheckpointManagerOptions(
             max_to_keep=keep_last,
             keep_period=keep_every or None,
@@ -46,7 +56,7 @@ class RunCheckpointer:
             create=True,
         )
         self.directory = checkpoint_dir(workdir)
-        self.manager = ocp.CheckpointManager(self.directory, options=options, item_names=ITEMS)
+        self.manager = ocp.CheckpointManager(self.directory, options=options, item_names=item_names)
 
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
@@ -58,35 +68,31 @@ class RunCheckpointer:
         self,
         step: int,
         state: Any,
-        data_iter: grain.DatasetIterator,
-        config: dict,
-        dataset_card: dict,
-        tokenizer: dict,
+        *,
+        data_iter: grain.DatasetIterator | None = None,
+        json_items: dict[str, dict] | None = None,
     ) -> bool:
         """Starts saving ``step``; returns whether a save was started.
 
-        ``tokenizer`` is ``data_pipeline.tokenizer.Tokenizer.to_json()``."""
-        args = ocp.args.Composite(
-            state=ocp.args.StandardSave(state),
-            data_iter=grain.checkpoint.CheckpointSave(data_iter),
-            config=ocp.args.JsonSave(config),
-            dataset_card=ocp.args.JsonSave(dataset_card),
-            tokenizer=ocp.args.JsonSave(tokenizer),
-        )
-        saved = self.manager.save(step, args=args, force=True)
+        ``json_items`` maps item names to JSON objects (e.g. ``config``, ``dataset_card``,
+        ``tokenizer`` = ``audiodiff_jax.data.tokenizer.Tokenizer.to_json()``)."""
+        items = {"state": ocp.args.StandardSave(state)}
+        if data_iter is not None:
+            items["data_iter"] = grain.checkpoint.CheckpointSave(data_iter)
+        for name, value in (json_items or {}).items():
+            items[name] = ocp.args.JsonSave(value)
+        saved = self.manager.save(step, args=ocp.args.Composite(**items), force=True)
         if saved:
             logging.info("checkpoint: saving step %d to %s (async)", step, self.directory)
         return saved
 
-    def restore(self, step: int, abstract_state: Any, data_iter: grain.DatasetIterator) -> Any:
+    def restore(self, step: int, abstract_state: Any, data_iter: grain.DatasetIterator | None = None) -> Any:
         """Restores the train state onto the shardings of ``abstract_state``, and the
-        iterator in place. Returns the state."""
-        args = ocp.args.Composite(
-            state=ocp.args.StandardRestore(abstract_state),
-            data_iter=grain.checkpoint.CheckpointRestore(data_iter),
-        )
-        restored = self.manager.restore(step, args=args)
-        return restored.state
+        iterator (if given) in place. Returns the state."""
+        items = {"state": ocp.args.StandardRestore(abstract_state)}
+        if data_iter is not None:
+            items["data_iter"] = grain.checkpoint.CheckpointRestore(data_iter)
+        return self.manager.restore(step, args=ocp.args.Composite(**items)).state
 
     def wait(self) -> None:
         self.manager.wait_until_finished()
@@ -138,18 +144,22 @@ def find_step(
     return step_dir, chosen
 
 
-def restore_params(path: str, abstract_params: Any, *, use_ema: bool = False) -> tuple[Any, int]:
-    """Restores only the weights of another run's checkpoint (no optimizer state).
+def restore_params(
+    path: str, abstract_params: Any, *, use_ema: bool = False, required_items: tuple[str, ...] = ("state",)
+) -> tuple[Any, int]:
+    """Restores only the weights of a run's checkpoint (no optimizer state); any trainer's
+    state with ``params`` and ``ema_params`` (the DiT's, the codec's).
 
     Args:
       path: a run workdir, its checkpoints folder, or a step folder.
-      abstract_params: params pytree of jax.ShapeDtypeStruct with shardings.
+      abstract_params: params pytree of jax.ShapeDtypeStruct (with or without shardings).
       use_ema: restore the EMA weights instead of the raw ones.
+      required_items: items the step must have (see :func:`find_step`).
 
     Returns:
       (params, step of the checkpoint they came from).
     """
-    step_dir, step = find_step(path)
+    step_dir, step = find_step(path, required_items=required_items)
     key = "ema_params" if use_ema else "params"
     item_dir = step_dir / "state"
     restore_args = ocp.checkpoint_utils.construct_restore_args(abstract_params)
@@ -172,8 +182,6 @@ def read_json_item(item_dir: epath.Path) -> dict:
     Raises:
       CheckpointNotFound: the folder holds no readable JSON object (half-written?).
     """
-    import json
-
     files = sorted(f for f in item_dir.iterdir() if f.is_file() and not f.name.startswith("_"))
     for f in files:
         try:

@@ -1,4 +1,4 @@
-"""``audiodiff-compile``: will this config fit that pod? Compile it here and see.
+r"""``audiodiff-compile``: will this config fit that pod? Compile it here and see.
 
     audiodiff-compile --config=configs/dit.py:1B --topology=v5p-128
     audiodiff-compile --config=configs/dit.py:3B --topology=v5e-256 --num_slices=2 \
@@ -30,6 +30,9 @@ os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
 from absl import app, flags, logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
+from audiodiff_jax import aot, cli, flops, sharding, topology  # noqa: E402
+from audiodiff_jax import config as config_lib  # noqa: E402
+
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/dit.py:1B")
 _TOPOLOGY = flags.DEFINE_string(
     "topology", None, "TPU pod (v5p-128, v5e-256, v4-32, v6e-64), libtpu shape (v5p:4x4x8) or cuda:NAME."
@@ -52,9 +55,6 @@ EXIT_CONFIG_ERROR = 2
 
 def main(argv):
     del argv
-    from audiodiff_jax import aot, flops, sharding
-    from audiodiff_jax import config as config_lib
-
     if _CONFIG.value is None or not _TOPOLOGY.value:
         raise app.UsageError("--config and --topology are required")
     try:
@@ -64,15 +64,15 @@ def main(argv):
         if _TOPOLOGY.value.startswith("cuda:"):
             devices = aot.get_gpu_devices(_TOPOLOGY.value[len("cuda:") :])
             target = f"GPU {_TOPOLOGY.value} ({len(devices)} devices)"
-            hbm = int(_HBM_GIB.value * aot.GiB) or 80 * aot.GiB
+            hbm = int(_HBM_GIB.value * topology.GiB) or 80 * topology.GiB
             peak = flops.peak_flops_per_device(devices[0]) or 0.0
             config_lib.validate(cfg, num_devices=len(devices))
         else:
-            spec = aot.parse_topology(_TOPOLOGY.value, _NUM_SLICES.value)
+            spec = topology.parse_topology(_TOPOLOGY.value, _NUM_SLICES.value)
             cfg = aot.prepare_config(cfg, spec)
             devices = aot.get_devices(spec)
             target = spec.describe()
-            hbm = int(_HBM_GIB.value * aot.GiB) or spec.generation.hbm_bytes
+            hbm = int(_HBM_GIB.value * topology.GiB) or spec.generation.hbm_bytes
             peak = spec.generation.peak_bf16_flops
     except config_lib.ConfigError as e:
         print(f"audiodiff-compile: config error: {e}", file=sys.stderr)
@@ -94,7 +94,7 @@ def main(argv):
         if program == "train":
             r = aot.compile_train_step(cfg, mesh, hbm, peak)
         elif program == "sample":
-            songs = _SAMPLE_SONGS.value or aot.batch_shards(mesh)
+            songs = _SAMPLE_SONGS.value or sharding.batch_shards(mesh)
             frames = _SAMPLE_FRAMES.value or cfg.data.window_frames
             r = aot.compile_sample_step(cfg, mesh, hbm, songs=songs, frames=frames, peak_flops=peak)
         else:
@@ -122,7 +122,7 @@ def main(argv):
 
 
 def run():
-    app.run(main)
+    cli.run(main, module=__name__)
 
 
 if __name__ == "__main__":

@@ -13,10 +13,13 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import typing
 from typing import Any
 
 import ml_collections
+
+from audiodiff_jax import names
 
 
 class ConfigError(ValueError):
@@ -134,6 +137,39 @@ class CheckpointConfig:
     async_save: bool = True
 
 
+def _help(default, text: str):
+    """A dataclass field with a help text (``audiodiff-sample`` shows it for its flag)."""
+    return dataclasses.field(default=default, metadata={"help": text})
+
+
+@dataclasses.dataclass(frozen=True)
+class SampleConfig:
+    """Sampling defaults: ``audiodiff-sample``'s flags, sweep grids, ``generate_songs``.
+
+    The first five fields are the axes of a sweep: every prompt is crossed with all
+    of their values (a prompt row may fix any of them). The rest apply to every
+    output. The section is saved with the checkpoint, so a run samples with its own
+    defaults; a flag of ``audiodiff-sample`` overrides one field.
+    """
+
+    seconds: tuple[float, ...] = _help((180.0,), "Durations in seconds.")
+    seeds: tuple[int, ...] = _help((0,), "Seeds (each in [0, 2^31)).")
+    guidance: tuple[float, ...] = _help((5.0,), "Classifier-free guidance scales (1 = off).")
+    steps: tuple[int, ...] = _help((50,), "Sampler steps.")
+    samplers: tuple[str, ...] = _help(("dpmpp_2m",), "Samplers: ddim, dpmpp_2m, euler, heun.")
+    guidance_rescale: float = _help(0.0, "Guidance rescale phi in [0, 1] (0 = off).")
+    schedule: str = _help("uniform", "Step schedule: uniform, logsnr, karras.")
+    eta: float = _help(0.0, "DDIM eta in [0, 1] (0 = deterministic).")
+    negative_prompt: str = _help("", "Negative prompt for guidance (default: empty caption).")
+    strength: float = _help(1.0, "Variation strength in (0, 1]: how far toward noise.")
+    window_frames: int = _help(-1, "Longest one-pass sequence (-1 = training window, 0 = all).")
+    overlap_frames: int = _help(-1, "Window overlap in frames (-1 = window / 4).")
+    min_seconds: float = _help(10.0, "Shortest accepted duration.")
+    max_seconds: float = _help(300.0, "Longest accepted duration.")
+    batch_size: int = _help(0, "Rows per batch (0 = the mesh's data x fsdp size).")
+    use_ema: bool = _help(True, "Sample with the EMA weights (False: the raw ones).")
+
+
 @dataclasses.dataclass(frozen=True)
 class Config:
     model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
@@ -143,6 +179,13 @@ class Config:
     optim: OptimConfig = dataclasses.field(default_factory=OptimConfig)
     train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
     checkpoint: CheckpointConfig = dataclasses.field(default_factory=CheckpointConfig)
+    sample: SampleConfig = dataclasses.field(default_factory=SampleConfig)
+
+
+# Sections added after checkpoints were already being written: reading a config that
+# lacks one (the config saved in an older checkpoint, which sampling reads) fills the
+# section's defaults instead of refusing it as a missing key.
+SECTIONS_ADDED_LATER = {"sample": SampleConfig}
 
 
 # ---------------------------------------------------------------------------
@@ -163,7 +206,16 @@ def _is_dataclass_type(tp) -> bool:
 
 
 def _coerce(value, tp, path: str):
-    """Checks (and mildly coerces: int -> float) one leaf value against its type."""
+    """Checks (and mildly coerces: int -> float, list -> tuple) one leaf value against its type.
+
+    ``tuple[X, ...]`` fields take a tuple or a list (JSON and ConfigDicts give lists)
+    of X values, each checked like a leaf.
+    """
+    if typing.get_origin(tp) is tuple:
+        args = typing.get_args(tp)
+        if not isinstance(value, tuple | list):
+            raise ConfigError(f"{path}={value!r} must be a tuple (or list) of {args[0].__name__}")
+        return tuple(_coerce(v, args[0], f"{path}[{i}]") for i, v in enumerate(value))
     if tp is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
     if tp is bool:
@@ -206,8 +258,15 @@ def _build(cls, data, path: str):
 
 
 def from_configdict(cd: ml_collections.ConfigDict | dict) -> Config:
-    """Converts a ConfigDict into a typed Config, refusing unknown and missing keys."""
-    return _build(Config, cd, "")
+    """Converts a ConfigDict into a typed Config, refusing unknown and missing keys.
+
+    A missing section of :data:`SECTIONS_ADDED_LATER` (a config saved by an older
+    version) gets its defaults.
+    """
+    data = cd.to_dict() if isinstance(cd, ml_collections.ConfigDict) else dict(cd)
+    for name, cls in SECTIONS_ADDED_LATER.items():
+        data.setdefault(name, _to_dict(cls()))
+    return _build(Config, data, "")
 
 
 def to_json(cfg: Config) -> str:
@@ -234,13 +293,18 @@ def replace(cfg, **changes):
 
 
 # ---------------------------------------------------------------------------
-# Validation (before anything compiles)
+# Validation (before anything compiles): one function per section, and
+# :func:`validate` running all of them once, before a program compiles or restores.
 
 ATTENTION_IMPLS = ("xla", "cudnn", "splash")
 REMAT_POLICIES = ("none", "full", "dots_saveable", "dots_with_no_batch_dims_saveable")
 DTYPES = ("float32", "bfloat16")
 TIMESTEP_SAMPLING = ("uniform", "logit_normal")
-MESH_AXES = ("data", "fsdp", "sequence", "tensor")
+# The samplers and step schedules that sampling.py implements (test_config checks
+# that the two lists agree).
+SAMPLERS = ("ddim", "dpmpp_2m", "euler", "heun")
+SCHEDULES = ("uniform", "logsnr", "karras")
+MAX_SAMPLE_STEPS = 10_000
 
 
 def _check(cond: bool, msg: str):
@@ -248,57 +312,7 @@ def _check(cond: bool, msg: str):
         raise ConfigError(msg)
 
 
-def resolve_mesh_shape(mesh: MeshConfig, num_devices: int) -> dict[str, int]:
-    """Resolves the -1 entry of the ICI mesh shape for ``num_devices`` devices.
-
-    Returns the total (ICI x DCN) size of every mesh axis.
-    """
-    ici = {a: getattr(mesh, a) for a in MESH_AXES}
-    dcn = {a: getattr(mesh, "dcn_" + a) for a in MESH_AXES}
-    for a, v in dcn.items():
-        _check(v >= 1, f"mesh.dcn_{a}={v} must be >= 1")
-    num_slices = 1
-    for v in dcn.values():
-        num_slices *= v
-    _check(
-        num_devices % num_slices == 0,
-        f"{num_devices} devices cannot form {num_slices} slices (product of mesh.dcn_*)",
-    )
-    per_slice = num_devices // num_slices
-    wild = [a for a, v in ici.items() if v == -1]
-    _check(len(wild) <= 1, f"at most one mesh axis may be -1, got {', '.join('mesh.' + a for a in wild)}")
-    for a, v in ici.items():
-        _check(v == -1 or v >= 1, f"mesh.{a}={v} must be -1 or >= 1")
-    known = 1
-    for v in ici.values():
-        if v != -1:
-            known *= v
-    if wild:
-        _check(
-            per_slice % known == 0,
-            f"mesh sizes {ici} do not divide the {per_slice} devices per slice "
-            f"(mesh.{wild[0]}=-1 would not be an integer)",
-        )
-        ici[wild[0]] = per_slice // known
-    else:
-        _check(
-            known == per_slice,
-            f"mesh sizes {ici} use {known} devices per slice but {per_slice} are available; "
-            "set one axis to -1",
-        )
-    return {a: ici[a] * dcn[a] for a in MESH_AXES}
-
-
-def validate(cfg: Config, num_devices: int | None = None) -> None:
-    """Checks that a config can work, naming the field that cannot.
-
-    Args:
-      cfg: the config.
-      num_devices: devices the mesh will be built from; with it, shapes are checked
-        against the resolved mesh (heads and widths against ``tensor``, batch against
-        ``data * fsdp``, the window against ``sequence``).
-    """
-    m, d = cfg.model, cfg.data
+def validate_model(m: ModelConfig) -> None:
     _check(m.attention in ATTENTION_IMPLS, f"model.attention={m.attention!r}; one of {ATTENTION_IMPLS}")
     _check(m.remat in REMAT_POLICIES, f"model.remat={m.remat!r}; one of {REMAT_POLICIES}")
     _check(m.dtype in DTYPES, f"model.dtype={m.dtype!r}; one of {DTYPES}")
@@ -320,35 +334,235 @@ def validate(cfg: Config, num_devices: int | None = None) -> None:
     _check(m.freq_dim % 2 == 0, f"model.freq_dim={m.freq_dim} must be even")
     _check(m.text.max_len > 0, f"model.text.max_len={m.text.max_len} must be > 0")
     _check(m.text.vocab_size > 3, f"model.text.vocab_size={m.text.vocab_size} must be > 3")
-    df = cfg.diffusion
+
+
+def validate_diffusion(df: DiffusionConfig) -> None:
     _check(
         df.timestep_sampling in TIMESTEP_SAMPLING,
         f"diffusion.timestep_sampling={df.timestep_sampling!r}; one of {TIMESTEP_SAMPLING}",
     )
     _check(df.schedule_shift > 0, f"diffusion.schedule_shift={df.schedule_shift} must be > 0")
     _check(df.logit_normal_std > 0, f"diffusion.logit_normal_std={df.logit_normal_std} must be > 0")
+
+
+def validate_data(d: DataConfig) -> None:
     _check(d.window_frames > 0, f"data.window_frames={d.window_frames} must be > 0")
     _check(d.global_batch_size > 0, f"data.global_batch_size={d.global_batch_size} must be > 0")
     _check(0.0 <= d.cfg_dropout <= 1.0, f"data.cfg_dropout={d.cfg_dropout} must be in [0, 1]")
-    o = cfg.optim
+
+
+def validate_mesh(mesh: MeshConfig) -> None:
+    """The sizes alone; :func:`resolve_mesh_shape` checks them against a device count."""
+    wild = [a for a in names.MESH_AXES if getattr(mesh, a) == -1]
+    _check(len(wild) <= 1, f"at most one mesh axis may be -1, got {', '.join('mesh.' + a for a in wild)}")
+    for a in names.MESH_AXES:
+        v, dcn = getattr(mesh, a), getattr(mesh, "dcn_" + a)
+        _check(v == -1 or v >= 1, f"mesh.{a}={v} must be -1 or >= 1")
+        _check(dcn >= 1, f"mesh.dcn_{a}={dcn} must be >= 1")
+
+
+def validate_optim(o: OptimConfig) -> None:
     _check(o.learning_rate > 0, f"optim.learning_rate={o.learning_rate} must be > 0")
     _check(0.0 <= o.ema_decay < 1.0, f"optim.ema_decay={o.ema_decay} must be in [0, 1)")
     _check(o.warmup_steps >= 0, f"optim.warmup_steps={o.warmup_steps} must be >= 0")
-    t, c = cfg.train, cfg.checkpoint
+
+
+def validate_train(t: TrainConfig) -> None:
     _check(t.num_steps > 0, f"train.num_steps={t.num_steps} must be > 0")
     _check(t.log_every > 0, f"train.log_every={t.log_every} must be > 0")
+
+
+def validate_checkpoint(c: CheckpointConfig) -> None:
     _check(c.every_steps > 0, f"checkpoint.every_steps={c.every_steps} must be > 0")
     _check(c.keep_last >= 1, f"checkpoint.keep_last={c.keep_last} must be >= 1")
-    if num_devices is None:
-        return
-    sizes = resolve_mesh_shape(cfg.mesh, num_devices)
-    tp = sizes["tensor"]
+
+
+# -- the sample section ---------------------------------------------------------------
+
+# A field of SampleParams (one output, one prompt row) -> the sample field holding its
+# default. The grid axes hold a tuple of values, under a plural name where the row's
+# name is singular.
+SAMPLE_PARAM_FIELDS = {
+    "seconds": "seconds",
+    "seed": "seeds",
+    "negative_prompt": "negative_prompt",
+    "guidance": "guidance",
+    "guidance_rescale": "guidance_rescale",
+    "steps": "steps",
+    "sampler": "samplers",
+    "schedule": "schedule",
+    "eta": "eta",
+    "strength": "strength",
+}
+
+
+def sample_field_type(name: str) -> type:
+    """The type of one value of sample field ``name`` (the element type of a grid axis)."""
+    tp = typing.get_type_hints(SampleConfig)[name]
+    return typing.get_args(tp)[0] if typing.get_origin(tp) is tuple else tp
+
+
+def is_sample_axis(name: str) -> bool:
+    """Whether sample field ``name`` is a grid axis (a tuple of values)."""
+    return typing.get_origin(typing.get_type_hints(SampleConfig)[name]) is tuple
+
+
+def _number(v) -> bool:
+    return isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _integer(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+# One value of each sample field: (test, what would work).
+_SAMPLE_VALUE_CHECKS: dict[str, tuple[typing.Callable[[Any], bool], str]] = {
+    "seconds": (lambda v: _number(v) and v > 0, "must be a number > 0"),
+    "seeds": (lambda v: _integer(v) and 0 <= v < 2**31, "must be an integer in [0, 2^31)"),
+    "guidance": (lambda v: _number(v) and v >= 0, "must be finite and >= 0"),
+    "steps": (
+        lambda v: _integer(v) and 1 <= v <= MAX_SAMPLE_STEPS,
+        f"must be an integer in [1, {MAX_SAMPLE_STEPS}]",
+    ),
+    "samplers": (lambda v: v in SAMPLERS, f"is not a sampler; one of {SAMPLERS}"),
+    "guidance_rescale": (lambda v: _number(v) and 0.0 <= v <= 1.0, "must be in [0, 1]"),
+    "schedule": (lambda v: v in SCHEDULES, f"is not a schedule; one of {SCHEDULES}"),
+    "eta": (lambda v: _number(v) and 0.0 <= v <= 1.0, "must be in [0, 1]"),
+    "negative_prompt": (lambda v: isinstance(v, str), "must be a string"),
+    "strength": (lambda v: _number(v) and 0.0 < v <= 1.0, "must be in (0, 1]"),
+    "window_frames": (lambda v: _integer(v) and v >= -1, "must be -1 (training window), 0 (all) or > 0"),
+    "overlap_frames": (lambda v: _integer(v) and v >= -1, "must be -1 (window / 4) or >= 0"),
+    "min_seconds": (lambda v: _number(v) and v > 0, "must be a number > 0"),
+    "max_seconds": (lambda v: _number(v) and v > 0, "must be a number > 0"),
+    "batch_size": (lambda v: _integer(v) and v >= 0, "must be an integer >= 0 (0 = the mesh's batch shards)"),
+    "use_ema": (lambda v: isinstance(v, bool), "must be a bool"),
+}
+
+
+def sample_value_problem(name: str, value) -> str:
+    """What is wrong with one value of sample field ``name`` ("" if nothing).
+
+    ``name`` may also be a :class:`SampleParams` field (``seed``, ``sampler``...);
+    a grid axis is checked value by value.
+    """
+    test, want = _SAMPLE_VALUE_CHECKS[SAMPLE_PARAM_FIELDS.get(name, name)]
+    return "" if test(value) else want
+
+
+def _sample_name(field: str) -> str:
+    return f"sample.{field}"
+
+
+def _shown(value) -> str:
+    return ",".join(str(v) for v in value) if isinstance(value, tuple | list) else repr(value)
+
+
+def check_sample_values(values: dict[str, Any], name: typing.Callable[[str], str] = _sample_name) -> None:
+    """Checks sample fields one by one (no field against another).
+
+    Args:
+      values: sample field -> value (a tuple for a grid axis).
+      name: how to name a field in the error (``sample.steps``; ``--steps`` for a flag).
+
+    Raises:
+      ConfigError: naming the field, its value and what would work.
+    """
+    for field, value in values.items():
+        if field not in _SAMPLE_VALUE_CHECKS:
+            raise ConfigError(
+                f"{name(field)}: unknown sample field; valid: {', '.join(_SAMPLE_VALUE_CHECKS)}"
+            )
+        if is_sample_axis(field):
+            _check(len(value) > 0, f"{name(field)} is empty; give at least one value")
+            for v in value:
+                problem = sample_value_problem(field, v)
+                _check(not problem, f"{name(field)}={_shown(value)}: {v!r} {problem}")
+        else:
+            problem = sample_value_problem(field, value)
+            _check(not problem, f"{name(field)}={value!r} {problem}")
+
+
+def validate_sample(s: SampleConfig, name: typing.Callable[[str], str] = _sample_name) -> None:
+    """Checks the sample section: every value, then the fields against each other."""
+    check_sample_values(_to_dict(s), name)
+    lo, hi = s.min_seconds, s.max_seconds
+    _check(lo <= hi, f"{name('min_seconds')}={lo} is above {name('max_seconds')}={hi}")
+    for v in s.seconds:
+        _check(
+            lo <= v <= hi,
+            f"{name('seconds')}={_shown(s.seconds)}: {v!r} is out of range [{lo:g}, {hi:g}] "
+            f"({name('min_seconds')}, {name('max_seconds')})",
+        )
+    if s.window_frames != 0:  # windowed songs: each window shares frames with the previous one
+        _check(
+            s.overlap_frames != 0,
+            f"{name('overlap_frames')}=0: windows must overlap (-1 = a quarter of the window)",
+        )
+        _check(
+            s.window_frames < 0 or s.overlap_frames < s.window_frames,
+            f"{name('overlap_frames')}={s.overlap_frames} must be below "
+            f"{name('window_frames')}={s.window_frames}",
+        )
+
+
+# -- shapes against the mesh -----------------------------------------------------------
+
+
+def resolve_mesh_shape(mesh: MeshConfig, num_devices: int) -> dict[str, int]:
+    """Resolves the -1 entry of the ICI mesh shape for ``num_devices`` devices.
+
+    Returns the total (ICI x DCN) size of every mesh axis.
+    """
+    validate_mesh(mesh)
+    ici = {a: getattr(mesh, a) for a in names.MESH_AXES}
+    dcn = {a: getattr(mesh, "dcn_" + a) for a in names.MESH_AXES}
+    num_slices = 1
+    for v in dcn.values():
+        num_slices *= v
+    _check(
+        num_devices % num_slices == 0,
+        f"{num_devices} devices cannot form {num_slices} slices (product of mesh.dcn_*)",
+    )
+    per_slice = num_devices // num_slices
+    wild = [a for a, v in ici.items() if v == -1]
+    known = 1
+    for v in ici.values():
+        if v != -1:
+            known *= v
+    if wild:
+        _check(
+            per_slice % known == 0,
+            f"mesh sizes {ici} do not divide the {per_slice} devices per slice "
+            f"(mesh.{wild[0]}=-1 would not be an integer)",
+        )
+        ici[wild[0]] = per_slice // known
+    else:
+        _check(
+            known == per_slice,
+            f"mesh sizes {ici} use {known} devices per slice but {per_slice} are available; "
+            "set one axis to -1",
+        )
+    return {a: ici[a] * dcn[a] for a in names.MESH_AXES}
+
+
+def validate_model_on_mesh(m: ModelConfig, sizes: dict[str, int]) -> None:
+    """The model's shapes against mesh axis sizes (training, sampling and AOT meshes).
+
+    Heads and MLP widths split over ``tensor``, the model width over ``fsdp``.
+    """
+    tp = sizes.get("tensor", 1)
     for name, sub in (("model", m), ("model.text", m.text)):
         _check(
             sub.num_heads % tp == 0, f"{name}.num_heads={sub.num_heads} is not divisible by mesh.tensor={tp}"
         )
         mlp = int(sub.width * sub.mlp_ratio)
         _check(mlp % tp == 0, f"{name}.width*mlp_ratio={mlp} is not divisible by mesh.tensor={tp}")
+    fs = sizes.get("fsdp", 1)
+    _check(m.width % fs == 0, f"model.width={m.width} is not divisible by mesh.fsdp={fs}")
+
+
+def validate_data_on_mesh(d: DataConfig, sizes: dict[str, int]) -> None:
+    """Training batches against the mesh: rows over ``data x fsdp``, frames over ``sequence``."""
     batch_shards = sizes["data"] * sizes["fsdp"]
     _check(
         d.global_batch_size % batch_shards == 0,
@@ -359,5 +573,30 @@ def validate(cfg: Config, num_devices: int | None = None) -> None:
         d.window_frames % sizes["sequence"] == 0,
         f"data.window_frames={d.window_frames} is not divisible by mesh.sequence={sizes['sequence']}",
     )
-    fs = sizes["fsdp"]
-    _check(m.width % fs == 0, f"model.width={m.width} is not divisible by mesh.fsdp={fs}")
+
+
+def validate(cfg: Config, num_devices: int | None = None) -> None:
+    """Checks that a config can work, naming the field that cannot: every section once.
+
+    Programs call it once, after reading their config and before anything compiles
+    or restores.
+
+    Args:
+      cfg: the config.
+      num_devices: devices the mesh will be built from; with it, shapes are checked
+        against the resolved mesh (heads and widths against ``tensor`` and ``fsdp``,
+        batch against ``data * fsdp``, the window against ``sequence``).
+    """
+    validate_model(cfg.model)
+    validate_diffusion(cfg.diffusion)
+    validate_data(cfg.data)
+    validate_mesh(cfg.mesh)
+    validate_optim(cfg.optim)
+    validate_train(cfg.train)
+    validate_checkpoint(cfg.checkpoint)
+    validate_sample(cfg.sample)
+    if num_devices is None:
+        return
+    sizes = resolve_mesh_shape(cfg.mesh, num_devices)
+    validate_model_on_mesh(cfg.model, sizes)
+    validate_data_on_mesh(cfg.data, sizes)

@@ -10,19 +10,21 @@
 4. Samples a 3-minute song for a few prompts from the EMA weights
    (``audiodiff_jax/generation.py``), decodes them with the codec, and writes WAVs,
    spectrograms, a manifest and ``songs/report.html``.
-5. Writes ``OUT/report.html``: the loss curve, the run's facts, links to the songs.
+5. Writes ``OUT/report.html``: the loss curve (``OUT/loss.png``), the run's facts, links
+   to the songs.
 
 Every stage skips what is already done, so running it again resumes.
 """
 
 from __future__ import annotations
 
-import html
 import json
 import os
 import time
 
-from absl import app, flags, logging
+from absl import flags, logging
+
+from audiodiff_jax import cli
 
 _OUT = flags.DEFINE_string("out", "demo_out", "Output folder.")
 _STEPS = flags.DEFINE_integer("steps", 0, "Override the demo config's train.num_steps (0 = keep).")
@@ -33,65 +35,46 @@ _NUM_SONGS = flags.DEFINE_integer("num_songs", 3, "Songs to sample (prompts take
 _SAMPLE_STEPS = flags.DEFINE_integer("sample_steps", 50, "Sampler steps per window.")
 
 
-def loss_curve_svg(history: dict[int, float], width: int = 640, height: int = 280) -> str:
-    """A plain SVG line plot of loss per step (log scale), no plotting library needed."""
-    import math
+LOSS_PNG = "loss.png"
+
+
+def loss_curve_figure(history: dict[int, float]):
+    """The training loss per step on a log scale (a matplotlib ``Figure``, no pyplot),
+    or None with fewer than two steps."""
+    from matplotlib.figure import Figure
 
     steps = sorted(history)
     if len(steps) < 2:
-        return "<p>not enough steps to plot</p>"
-    losses = [math.log10(max(history[s], 1e-12)) for s in steps]
-    lo, hi = min(losses), max(losses)
-    hi = hi if hi > lo else lo + 1
-    pad = 40
-
-    def xy(s, v):
-        x = pad + (s - steps[0]) / (steps[-1] - steps[0]) * (width - 2 * pad)
-        y = height - pad - (v - lo) / (hi - lo) * (height - 2 * pad)
-        return f"{x:.1f},{y:.1f}"
-
-    pts = " ".join(xy(s, v) for s, v in zip(steps, losses, strict=True))
-    return (
-        f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}">'
-        f'<rect width="100%" height="100%" fill="white"/>'
-        f'<polyline fill="none" stroke="#1f6feb" stroke-width="1.5" points="{pts}"/>'
-        f'<text x="{pad}" y="{pad - 10}" font-size="12">loss (log10 scale): '
-        f"{10**hi:.3g} .. {10**lo:.3g}</text>"
-        f'<text x="{pad}" y="{height - 10}" font-size="12">step {steps[0]}</text>'
-        f'<text x="{width - pad - 60}" y="{height - 10}" font-size="12">step {steps[-1]}</text>'
-        "</svg>"
-    )
+        return None
+    fig = Figure(figsize=(6.4, 2.8), dpi=100, layout="constrained")
+    ax = fig.add_subplot()
+    ax.plot(steps, [max(history[s], 1e-12) for s in steps], color="#1f6feb", linewidth=1.5)
+    ax.set_yscale("log")
+    ax.set_xlim(steps[0], steps[-1])
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    ax.grid(True, which="both", alpha=0.3)
+    return fig
 
 
 def write_report(out: str, workdir: str, cfg, facts: dict, songs_report: str = "") -> str:
+    """Writes ``out/report.html`` (and ``out/loss.png``, the loss curve); returns its path."""
+    from audiodiff_jax import report
     from audiodiff_jax.metrics import read_loss_history
 
-    history = read_loss_history(workdir)
-    rows = "".join(
-        f"<tr><th>{html.escape(k)}</th><td>{html.escape(str(v))}</td></tr>"
-        for k, v in facts.items()
-        if k != "config"
+    del cfg  # the resolved config is in ``facts["config"]``
+    fig = loss_curve_figure(read_loss_history(workdir))
+    if fig is not None:
+        report.save_figure_png(fig, os.path.join(out, LOSS_PNG))
+    return report.render_page(
+        "demo_report.html",
+        os.path.join(out, "report.html"),
+        songs_report=songs_report,
+        loss_png=LOSS_PNG if fig is not None else "",
+        facts=facts,
+        tensorboard_dir=os.path.join(workdir, "tensorboard"),
+        config_text=json.dumps(facts.get("config", {}), indent=1),
     )
-    songs_link = (
-        f'<p><a href="{html.escape(songs_report)}">Listen to the generated songs</a></p>'
-        if songs_report
-        else ""
-    )
-    config_text = html.escape(json.dumps(facts.get("config", {}), indent=1))
-    page = f"""<!doctype html><html><head><meta charset="utf-8"><title>audiodiff-jax demo</title>
-<style>body{{font-family:sans-serif;max-width:900px;margin:2em auto}}
-th{{text-align:left;padding-right:1em}}</style>
-</head><body><h1>audiodiff-jax demo run</h1>
-{songs_link}
-<h2>Training loss</h2>{loss_curve_svg(history)}
-<h2>Run</h2><table>{rows}</table>
-<p>TensorBoard: <code>tensorboard --logdir {html.escape(os.path.join(workdir, "tensorboard"))}</code></p>
-<details><summary>Resolved config</summary><pre>{config_text}</pre></details>
-</body></html>"""
-    path = os.path.join(out, "report.html")
-    with open(path, "w") as f:
-        f.write(page)
-    return path
 
 
 def main(argv):
@@ -99,7 +82,7 @@ def main(argv):
     import jax
 
     from audiodiff_jax import config as config_lib
-    from audiodiff_jax import generation, train
+    from audiodiff_jax import sweep, train
     from audiodiff_jax.codec import load_codec
     from audiodiff_jax.logs import quiet_library_logs
     from configs import demo as demo_config
@@ -162,7 +145,7 @@ def main(argv):
     t = time.time()
     prompts = _demo_prompts(corpus_dir, _NUM_SONGS.value)
     logging.info("[4/5] sampling %d songs of %.0f s: %s", len(prompts), _SONG_SECONDS.value, prompts)
-    songs = generation.generate_songs(
+    songs = sweep.generate_songs(
         workdir,
         prompts,
         songs_dir,
@@ -206,7 +189,7 @@ def _demo_prompts(corpus_dir: str, n: int) -> list[str]:
 
 
 def run():
-    app.run(main)
+    cli.run(main, module=__name__)
 
 
 if __name__ == "__main__":

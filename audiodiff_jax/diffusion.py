@@ -25,9 +25,13 @@ import jax.numpy as jnp
 
 
 def alpha_sigma(t: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """Signal and noise scales of the cosine schedule at time ``t``."""
+    """Signal and noise scales of the cosine schedule at time ``t`` in [0, 1].
+
+    Clipped at 0: float32 cos(pi/2) is -4e-8, not 0, which would flip the sign of the
+    signal at t = 1 in the samplers' x estimates.
+    """
     angle = t * (math.pi / 2)
-    return jnp.cos(angle), jnp.sin(angle)
+    return jnp.maximum(jnp.cos(angle), 0.0), jnp.maximum(jnp.sin(angle), 0.0)
 
 
 def shift_time(t: jax.Array, shift: float) -> jax.Array:

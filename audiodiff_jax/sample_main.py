@@ -1,4 +1,4 @@
-"""``audiodiff-sample``: songs and sweeps from a checkpoint (the sampling program).
+r"""``audiodiff-sample``: songs and sweeps from a checkpoint (the sampling program).
 
     audiodiff-sample --checkpoint=runs/dit1b --out=samples/sweep1 \
         --prompt="a slow piano piece in C minor" --prompt="fast jazz trumpet" \
@@ -24,61 +24,99 @@ batches; listed in the log and on the page), 2 for bad input that stops everythi
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 
 from absl import app, flags, logging
+
+from audiodiff_jax import cli, distributed, generation, names, sharding, sweep
+from audiodiff_jax import config as config_lib
 
 _CHECKPOINT = flags.DEFINE_string(
     "checkpoint", None, "Run workdir, its checkpoints folder, or a step folder."
 )
 _OUT = flags.DEFINE_string("out", None, "Output folder (WAVs, manifest, report).")
 _STEP = flags.DEFINE_integer("step", None, "Checkpoint step (default: latest complete).")
-_RAW = flags.DEFINE_bool("raw", False, "Use the raw weights instead of the EMA weights.")
 _PROMPT = flags.DEFINE_multi_string("prompt", [], "A caption (repeatable).")
 _PROMPTS_FILE = flags.DEFINE_string("prompts_file", "", "JSONL file of prompt rows.")
-_NEGATIVE = flags.DEFINE_string(
-    "negative_prompt", "", "Negative prompt for guidance (default: empty caption)."
-)
-_SECONDS = flags.DEFINE_list("seconds", ["180"], "Durations in seconds.")
-_SEEDS = flags.DEFINE_list("seeds", ["0"], "Seeds.")
-_GUIDANCE = flags.DEFINE_list("guidance", ["5"], "Classifier-free guidance scales (1 = off).")
-_STEPS = flags.DEFINE_list("steps", ["50"], "Sampler steps.")
-_SAMPLER = flags.DEFINE_list("sampler", ["dpmpp_2m"], "Samplers: ddim, dpmpp_2m, euler, heun.")
-_RESCALE = flags.DEFINE_float("guidance_rescale", 0.0, "Guidance rescale phi in [0, 1].")
-_SCHEDULE = flags.DEFINE_enum("schedule", "uniform", ["uniform", "logsnr", "karras"], "Step schedule.")
-_ETA = flags.DEFINE_float("eta", 0.0, "DDIM eta (0 = deterministic).")
-_BATCH = flags.DEFINE_integer("batch_size", 0, "Rows per batch (0 = the mesh's data x fsdp size).")
 _CODEC = flags.DEFINE_string("codec", "", "Codec for load_codec (default: the checkpoint dataset card's).")
 _TOKENIZER = flags.DEFINE_string(
     "tokenizer", "", "Tokenizer model (default: the copy saved with the checkpoint)."
 )
-_WINDOW = flags.DEFINE_integer(
-    "window_frames", -1, "Longest one-pass sequence (-1 = training window, 0 = all)."
-)
-_OVERLAP = flags.DEFINE_integer("overlap_frames", -1, "Window overlap in frames (-1 = window / 4).")
-_MIN_S = flags.DEFINE_float("min_seconds", 10.0, "Shortest accepted duration.")
-_MAX_S = flags.DEFINE_float("max_seconds", 300.0, "Longest accepted duration.")
 _MESH = {
     axis: flags.DEFINE_integer(
-        f"mesh_{axis}", -1 if axis == "data" else 1, f"Sampling mesh size of '{axis}'."
+        f"mesh_{axis}", getattr(config_lib.MeshConfig(), axis), f"Sampling mesh size of '{axis}'."
     )
-    for axis in ("data", "fsdp", "sequence", "tensor")
+    for axis in names.MESH_AXES
 }
 _INIT_AUDIO = flags.DEFINE_string("init_audio", "", "Audio for a variation (with --strength).")
-_STRENGTH = flags.DEFINE_float("strength", 1.0, "Variation strength in (0, 1]: how far toward noise.")
 _CONTINUE_AUDIO = flags.DEFINE_string("continue_audio", "", "Audio whose continuation to generate.")
 _INPAINT_AUDIO = flags.DEFINE_string("inpaint_audio", "", "Audio to inpaint (with --inpaint_range).")
 _INPAINT_RANGE = flags.DEFINE_list("inpaint_range", [], "start,end seconds to regenerate.")
+
+# One flag per field of the config's sample section (config.SampleConfig), with its
+# help text and built-in default. A flag that is not given leaves the field to the
+# config saved in the checkpoint. Flags keep their historical names where they
+# differ from the field's.
+_FLAG_NAMES = {"samplers": "sampler", "use_ema": "raw"}
+
+
+def _define_sample_flag(field: dataclasses.Field):
+    name = _FLAG_NAMES.get(field.name, field.name)
+    default = getattr(config_lib.SampleConfig(), field.name)
+    help_text = f"{field.metadata['help']} Not given: sample.{field.name} of the checkpoint's config."
+    if field.name == "use_ema":
+        return flags.DEFINE_bool(
+            name, not default, "Use the raw weights instead of the EMA weights. " + help_text
+        )
+    # Values are parsed and checked by this program (not absl), so that a bad one
+    # exits 2 naming the flag, before the checkpoint is read.
+    if config_lib.is_sample_axis(field.name):
+        return flags.DEFINE_list(name, [str(v) for v in default], help_text)
+    return flags.DEFINE_string(name, str(default), help_text)
+
+
+_SAMPLE_FLAGS = {f.name: _define_sample_flag(f) for f in dataclasses.fields(config_lib.SampleConfig)}
 
 EXIT_INCOMPLETE = 1
 EXIT_BAD_INPUT = 2
 
 
-def _parse_list(flag, tp, name):
+def _flag_name(field: str) -> str:
+    return "--" + _FLAG_NAMES.get(field, field)
+
+
+def _parse_value(text: str, tp: type, flag: str, shown: str):
+    if tp is str:
+        return text
     try:
-        return tuple(tp(v) for v in flag.value)
-    except ValueError as e:
-        raise ValueError(f"--{name}={','.join(flag.value)}: {e}") from e
+        return tp(text)
+    except ValueError:
+        raise ValueError(
+            f"{flag}={shown}: {text!r} is not {'an' if tp is int else 'a'} {tp.__name__}"
+        ) from None
+
+
+def sample_overrides() -> dict:
+    """The sample fields given as flags, parsed and checked on their own.
+
+    Raises:
+      ValueError: naming the flag and its value (ConfigError is one).
+    """
+    out = {}
+    for field, holder in _SAMPLE_FLAGS.items():
+        if not holder.present:
+            continue
+        flag = _flag_name(field)
+        if field == "use_ema":
+            out[field] = not holder.value
+        elif config_lib.is_sample_axis(field):
+            tp, shown = config_lib.sample_field_type(field), ",".join(holder.value)
+            out[field] = tuple(_parse_value(v, tp, flag, shown) for v in holder.value)
+        else:
+            out[field] = _parse_value(holder.value, config_lib.sample_field_type(field), flag, holder.value)
+    config_lib.check_sample_values(out, _flag_name)
+    return out
 
 
 def _edit(gen):
@@ -105,37 +143,32 @@ def _edit(gen):
     return gen.inpainting(audio, sr, a, b), f"inpaint:{path}:{a}-{b}"
 
 
+def _bad_input(e: Exception):
+    logging.error("%s", e)
+    print(f"audiodiff-sample: {e}", file=sys.stderr)
+    sys.exit(EXIT_BAD_INPUT)
+
+
 def main(argv):
     del argv
-    from audiodiff_jax import generation, sharding
-    from audiodiff_jax.config import ConfigError, MeshConfig
-    from audiodiff_jax.train_main import init_distributed
-
     if not _CHECKPOINT.value or not _OUT.value:
         raise app.UsageError("--checkpoint and --out are required")
-    init_distributed()
+    # The flags alone first: a bad value stops here, before the checkpoint is read.
     try:
-        grid = generation.Grid(
-            guidance=_parse_list(_GUIDANCE, float, "guidance"),
-            steps=_parse_list(_STEPS, int, "steps"),
-            samplers=_parse_list(_SAMPLER, str, "sampler"),
-            seeds=_parse_list(_SEEDS, int, "seeds"),
-            seconds=_parse_list(_SECONDS, float, "seconds"),
-            guidance_rescale=_RESCALE.value,
-            schedule=_SCHEDULE.value,
-            eta=_ETA.value,
-            negative_prompt=_NEGATIVE.value,
-            strength=_STRENGTH.value,
-        )
+        overrides = sample_overrides()
+    except ValueError as e:  # ConfigError is a ValueError
+        _bad_input(e)
+    distributed.init_distributed()
+    try:
         rows, issues = [], []
         for n, prompt in enumerate(_PROMPT.value):
             where = f"--prompt #{n + 1}"
             try:
-                rows.append((where, generation.parse_prompt_row({"prompt": prompt}, where)))
+                rows.append((where, sweep.parse_prompt_row({"prompt": prompt}, where)))
             except generation.GenerationError as e:
-                issues.append(generation.SweepIssue(where, str(e)))
+                issues.append(sweep.SweepIssue(where, str(e)))
         if _PROMPTS_FILE.value:
-            file_rows, file_issues = generation.read_prompts_file(_PROMPTS_FILE.value)
+            file_rows, file_issues = sweep.read_prompts_file(_PROMPTS_FILE.value)
             rows += file_rows
             issues += file_issues
         if not rows:
@@ -143,30 +176,37 @@ def main(argv):
                 "no usable prompt: give --prompt or --prompts_file"
                 + "".join(f"\n  {i.where}: {i.message}" for i in issues)
             )
-        mesh = sharding.make_mesh(MeshConfig(**{a: f.value for a, f in _MESH.items()}))
+        mesh = sharding.make_mesh(config_lib.MeshConfig(**{a: f.value for a, f in _MESH.items()}))
         step_dir, _ = generation.find_checkpoint(_CHECKPOINT.value, _STEP.value)
-        _, card = generation.read_checkpoint_meta(step_dir)
-        codec = generation.load_named_codec(_CODEC.value or card.codec.name)
+        cfg, card = generation.read_checkpoint_meta(step_dir)
+        # The flags over the sample section saved with the checkpoint, checked
+        # together before the weights are restored.
+        sample = sweep.resolve_sample(cfg.sample, overrides, _flag_name)
+        codec = sweep.load_named_codec(_CODEC.value or card.codec.name)
         gen = generation.Generator(
             _CHECKPOINT.value,
             codec,
             step=_STEP.value,
-            use_ema=not _RAW.value,
+            use_ema=sample.use_ema,
             mesh=mesh,
             tokenizer_path=_TOKENIZER.value or None,
-            window_frames=None if _WINDOW.value < 0 else _WINDOW.value,
-            overlap_frames=None if _OVERLAP.value < 0 else _OVERLAP.value,
-            min_seconds=_MIN_S.value,
-            max_seconds=_MAX_S.value,
+            window_frames=sample.window_frames,
+            overlap_frames=sample.overlap_frames,
+            min_seconds=sample.min_seconds,
+            max_seconds=sample.max_seconds,
         )
         edit, edit_tag = _edit(gen)
-    except (ValueError, ConfigError) as e:  # GenerationError is a ValueError
-        logging.error("%s", e)
-        print(f"audiodiff-sample: {e}", file=sys.stderr)
-        sys.exit(EXIT_BAD_INPUT)
-    items = generation.expand_grid(rows, grid)
-    result = generation.run_sweep(
-        gen, items, _OUT.value, issues=issues, batch_size=_BATCH.value or None, edit=edit, edit_tag=edit_tag
+    except ValueError as e:  # GenerationError and ConfigError are ValueErrors
+        _bad_input(e)
+    items = sweep.expand_grid(rows, sweep.Grid.from_config(sample))
+    result = sweep.run_sweep(
+        gen,
+        items,
+        _OUT.value,
+        issues=issues,
+        batch_size=sample.batch_size or None,
+        edit=edit,
+        edit_tag=edit_tag,
     )
     print(
         f"audiodiff-sample: {len(result.rows)} output(s) in {_OUT.value} ({result.generated} new), "
@@ -179,7 +219,7 @@ def main(argv):
 
 
 def run():
-    app.run(main)
+    cli.run(main, module=(__name__, distributed.__name__))
 
 
 if __name__ == "__main__":

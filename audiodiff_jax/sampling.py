@@ -33,13 +33,14 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from audiodiff_jax import diffusion
+from audiodiff_jax.data.batch import Conditioning
 
 SAMPLERS = ("ddim", "dpmpp_2m", "euler", "heun")
 SCHEDULES = ("uniform", "logsnr", "karras")
@@ -58,12 +59,6 @@ Denoiser = Callable[[jax.Array, jax.Array], jax.Array]
 
 # ---------------------------------------------------------------------------
 # Schedule helpers
-
-
-def alpha_sigma(t: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """``diffusion.alpha_sigma`` clipped at 0: float32 cos(pi/2) is -4e-8, not 0."""
-    alpha, sigma = diffusion.alpha_sigma(t)
-    return jnp.maximum(alpha, 0.0), jnp.maximum(sigma, 0.0)
 
 
 def time_grid(num_steps: int, *, schedule: str = "uniform", shift: float = 1.0, t_start: float = 1.0):
@@ -113,12 +108,6 @@ def _bc(a: jax.Array, like: jax.Array) -> jax.Array:
 # One step of each sampler (pure; t, s are per-row times [B], s < t)
 
 
-def v_to_x_eps(z: jax.Array, v: jax.Array, t: jax.Array) -> tuple[jax.Array, jax.Array]:
-    alpha, sigma = alpha_sigma(t)
-    alpha, sigma = _bc(alpha, z), _bc(sigma, z)
-    return alpha * z - sigma * v, sigma * z + alpha * v
-
-
 def euler_step(z: jax.Array, v: jax.Array, t: jax.Array, s: jax.Array) -> jax.Array:
     """``dz/dphi = v``: one explicit Euler step in the angle phi = t pi/2."""
     return z + _bc((s - t) * (math.pi / 2), z) * v
@@ -133,9 +122,9 @@ def ddim_step(
     z: jax.Array, v: jax.Array, t: jax.Array, s: jax.Array, eta: jax.Array, noise: jax.Array
 ) -> jax.Array:
     """DDIM from t to s; ``eta [B]`` scales the fresh noise (0 = deterministic)."""
-    x, eps = v_to_x_eps(z, v, t)
-    a_t, s_t = alpha_sigma(t)
-    a_s, s_s = alpha_sigma(s)
+    x, eps = diffusion.v_to_x_eps(z, v, t)
+    a_t, s_t = diffusion.alpha_sigma(t)
+    a_s, s_s = diffusion.alpha_sigma(s)
     # c = eta * sigma_s / sigma_t * sqrt(1 - alpha_t^2 / alpha_s^2); alpha_s > 0 since s < 1.
     ratio = jnp.where(a_s > 0, a_t / jnp.where(a_s > 0, a_s, 1.0), 0.0)
     c = eta * s_s / jnp.maximum(s_t, 1e-20) * jnp.sqrt(jnp.maximum(1.0 - ratio**2, 0.0))
@@ -158,9 +147,9 @@ def dpmpp_2m_step(
     Steps that end at s = 0, or whose previous time was t = 1, fall back to first
     order because lambda is infinite there.
     """
-    a_t, s_t = alpha_sigma(t)
-    a_s, s_s = alpha_sigma(s)
-    a_p, s_p = alpha_sigma(t_prev)
+    a_t, s_t = diffusion.alpha_sigma(t)
+    a_s, s_s = diffusion.alpha_sigma(s)
+    a_p, s_p = diffusion.alpha_sigma(t_prev)
     safe = lambda a: jnp.where(a > 0, a, 1.0)
     # e^{-h} = (alpha_t sigma_s) / (sigma_t alpha_s), finite also where h is infinite.
     exp_neg_h = jnp.where((a_s > 0) & (s_t > 0), a_t * s_s / (safe(s_t) * safe(a_s)), 0.0)
@@ -221,40 +210,28 @@ def cfg_combine(
 
 def guided_denoiser(
     apply_fn: Callable[..., jax.Array],
-    params,
+    params: Any,
+    cond: Conditioning,
     *,
-    tokens_cond_bl: jax.Array,
-    tokens_uncond_bl: jax.Array | None,
+    uncond_tokens: jax.Array | None,
     scale_b: jax.Array,
     rescale_b: jax.Array,
-    seconds_start_b: jax.Array,
-    seconds_total_b: jax.Array,
-    num_frames_b: jax.Array,
 ) -> Denoiser:
-    """``denoise(z, t) -> v`` of a model with classifier-free guidance.
+    """``denoise(z, t) -> v`` of a model ``apply_fn(params, z, t, cond)`` with classifier-free guidance.
 
-    With ``tokens_uncond_bl`` None the model runs once (no guidance); otherwise the
-    prompt and the negative prompt (the empty caption when none) run as one batch of
-    2B rows and are combined by :func:`cfg_combine`.
+    With ``uncond_tokens`` None the model runs once (no guidance); otherwise the prompt
+    and the negative prompt (the empty caption when none) run as one batch of 2B rows
+    (the rest of ``cond`` shared) and are combined by :func:`cfg_combine`.
     """
 
     def denoise(z_btc: jax.Array, t_b: jax.Array) -> jax.Array:
-        if tokens_uncond_bl is None:
-            return apply_fn(
-                params, z_btc, t_b, tokens_cond_bl, seconds_start_b, seconds_total_b, num_frames_b
-            )
-        two = lambda a, b: jnp.concatenate([a, b], axis=0)
-        v = apply_fn(
-            params,
-            two(z_btc, z_btc),
-            two(t_b, t_b),
-            two(tokens_cond_bl, tokens_uncond_bl),
-            two(seconds_start_b, seconds_start_b),
-            two(seconds_total_b, seconds_total_b),
-            two(num_frames_b, num_frames_b),
-        )
+        if uncond_tokens is None:
+            return apply_fn(params, z_btc, t_b, cond)
+        both = jax.tree.map(lambda a: jnp.concatenate([a, a], axis=0), cond)
+        both = both._replace(tokens=jnp.concatenate([cond.tokens, uncond_tokens], axis=0))
+        v = apply_fn(params, jnp.concatenate([z_btc, z_btc], axis=0), jnp.concatenate([t_b, t_b]), both)
         v_cond, v_uncond = jnp.split(v, 2, axis=0)
-        mask = jnp.arange(z_btc.shape[1])[None, :] < num_frames_b[:, None]
+        mask = jnp.arange(z_btc.shape[1])[None, :] < cond.num_frames[:, None]
         return cfg_combine(v_cond, v_uncond, scale_b, rescale_b, mask)
 
     return denoise
@@ -330,7 +307,7 @@ def sample(
     def replace_known(z, s, i):
         if inpaint is None:
             return z
-        a, sg = alpha_sigma(s)
+        a, sg = diffusion.alpha_sigma(s)
         noised = _bc(a, z) * inpaint.known_btc + _bc(sg, z) * noise(STREAM_INPAINT, i)
         return jnp.where(inpaint.mask_bt[..., None] > 0, noised, z)
 
@@ -340,7 +317,7 @@ def sample(
         if inpaint is None
         else jnp.where(inpaint.mask_bt[..., None] > 0, inpaint.known_btc, init_btc)
     )
-    a0, s0 = alpha_sigma(t0)
+    a0, s0 = diffusion.alpha_sigma(t0)
     z = _bc(a0, x0) * x0 + _bc(s0, x0) * noise(STREAM_INIT, 0)
     z = constrain(jnp.where(frame_mask, z, 0.0))
 
@@ -356,7 +333,7 @@ def sample(
         elif method == "ddim":
             z_new = ddim_step(z, v, t, s, eta_b, noise(STREAM_STEP, i))
         else:  # dpmpp_2m
-            x, _ = v_to_x_eps(z, v, t)
+            x, _ = diffusion.v_to_x_eps(z, v, t)
             t_prev = ts_bn[:, jnp.maximum(i - 1, 0)]
             z_new = dpmpp_2m_step(z, x, x_prev, t_prev, t, s, jnp.full((batch,), i > 0))
             x_prev = x
@@ -372,7 +349,6 @@ __all__ = [
     "SCHEDULES",
     "EVALS_PER_STEP",
     "Inpaint",
-    "alpha_sigma",
     "cfg_combine",
     "ddim_step",
     "dpmpp_2m_step",
@@ -382,5 +358,4 @@ __all__ = [
     "row_noise",
     "sample",
     "time_grid",
-    "v_to_x_eps",
 ]

@@ -199,5 +199,21 @@ def constrain(x: jax.Array, logical_axes: Sequence[str | None]) -> jax.Array:
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:
-    """Sharding of input batches: the leading (batch) dim over data x fsdp, the rest replicated."""
-    return NamedSharding(mesh, _fit_spec(PartitionSpec(("data", "fsdp")), mesh.axis_names))
+    """Sharding of input batches: the leading (batch) dim as the rules place it, the rest replicated."""
+    return named_shardings((names.BATCH,), mesh)
+
+
+def _shards(mesh: Mesh, logical: str) -> int:
+    spec = _fit_spec(logical_to_spec((logical,)), mesh.axis_names)[0]
+    axes = () if spec is None else (spec,) if isinstance(spec, str) else spec
+    return int(np.prod([mesh.shape[a] for a in axes], dtype=np.int64))
+
+
+def batch_shards(mesh: Mesh) -> int:
+    """How many ways the batch dimension is split on ``mesh`` (batch sizes must divide by it)."""
+    return _shards(mesh, names.BATCH)
+
+
+def length_shards(mesh: Mesh) -> int:
+    """How many ways the frame (length) dimension is split on ``mesh``."""
+    return _shards(mesh, names.LENGTH)

@@ -3,7 +3,7 @@
     python benchmarks/codec_bench.py --codec=default --heldout_dir=/tmp/codec_audio/heldout
 
 Quality, per clip then averaged (``heldout_dir`` holds WAVs and the ``clips.jsonl``
-written by ``python -m audiodiff_jax.codec.data``; clips marked monophonic get the
+written by ``python -m data_pipeline.codec_corpus``; clips marked monophonic get the
 pitch metric):
 
 - SI-SDR (dB) of decode(encode(x)) against x;

@@ -16,6 +16,10 @@ import time
 
 from absl import app, flags
 
+from audiodiff_jax import config as config_lib
+from audiodiff_jax.data import loader
+from data_pipeline import demo_shards
+
 _SHARDS = flags.DEFINE_string("shards_dir", "", "Existing shards (default: write demo shards).")
 _CHANNELS = flags.DEFINE_integer("latent_channels", 64, "Latent channels of the demo shards.")
 _WINDOW = flags.DEFINE_integer("window_frames", 6460, "Training window.")
@@ -27,9 +31,6 @@ _WARMUP = flags.DEFINE_integer("warmup", 5, "Untimed batches.")
 
 def main(argv):
     del argv
-    from audiodiff_jax import config as config_lib
-    from data_pipeline import demo_shards, loader
-
     shards_dir = _SHARDS.value
     if not shards_dir:
         shards_dir = tempfile.mkdtemp(prefix="loader_bench_")

@@ -5,7 +5,8 @@
 
 Builds the model of ``--config`` with random weights (no checkpoint needed; the loop's
 cost does not depend on the weights), directly sharded on a mesh of all devices
-(``--config.mesh.*``), and times the jitted sampling loop of ``audiodiff_jax/sampling.py``
+(``--config.mesh.*``), and times the sampling program ``audiodiff-sample`` runs
+(``generation.SampleProgram``: the whole sampler loop of ``audiodiff_jax/sampling.py``)
 for a song of ``--seconds`` at the config's latent rate (``--latent_rate``, 21.5 Hz by
 default), in one pass (the DESIGN.md target: 5-minute song, DiT-1B, 50 steps with
 guidance, <= 5 s on one H100). Compilation is excluded (one untimed run first).
@@ -23,8 +24,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
-from jax.sharding import NamedSharding, PartitionSpec
 from ml_collections import config_flags
+
+from audiodiff_jax import config as config_lib
+from audiodiff_jax import generation, sampling, sharding
+from audiodiff_jax.codec import load_codec
+from audiodiff_jax.data.batch import Conditioning
+from audiodiff_jax.model import count_params, make_model
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/tiny.py", "Config file.")
 _SECONDS = flags.DEFINE_float("seconds", 300.0, "Song length.")
@@ -39,63 +45,54 @@ _CODEC = flags.DEFINE_string("codec", "", "Codec name for load_codec; empty = no
 
 def main(argv):
     del argv
-    from audiodiff_jax import config as config_lib
-    from audiodiff_jax import names, sampling, sharding
-    from audiodiff_jax.model import count_params, make_model
-
     cfg = config_lib.from_configdict(_CONFIG.value)
     config_lib.validate(cfg)
     mesh = sharding.make_mesh(cfg.mesh)
     model = make_model(cfg.model)
     shardings = sharding.named_shardings(model.logical_axes(), mesh)
     params = jax.jit(model.init, out_shardings=shardings)(jax.random.key(0))
-    shards = mesh.shape["data"] * mesh.shape["fsdp"]
+    shards = sharding.batch_shards(mesh)
     batch = -(-_BATCH.value // shards) * shards
     frames = int(round(_SECONDS.value * _LATENT_RATE.value))
-    seq = mesh.shape["sequence"]
+    seq = sharding.length_shards(mesh)
     frames_pad = -(-frames // seq) * seq
     c, max_len = cfg.model.latent_channels, cfg.model.text.max_len
     use_cfg = _GUIDANCE.value != 1.0
     grid = sampling.time_grid(_STEPS.value, shift=cfg.diffusion.schedule_shift)
-    rows = NamedSharding(mesh, PartitionSpec(("data", "fsdp")))
-    lat = NamedSharding(mesh, PartitionSpec(("data", "fsdp"), "sequence"))
-
-    def loop(params, tokens, keys_data, ts):
-        nf = jnp.full((batch,), frames, jnp.int32)
-        denoise = sampling.guided_denoiser(
-            model.apply,
-            params,
-            tokens_cond_bl=tokens,
-            tokens_uncond_bl=jnp.zeros_like(tokens) if use_cfg else None,
-            scale_b=jnp.full((batch,), _GUIDANCE.value),
-            rescale_b=jnp.zeros((batch,)),
-            seconds_start_b=jnp.zeros((batch,)),
-            seconds_total_b=jnp.full((batch,), _SECONDS.value),
-            num_frames_b=nf,
-        )
-        init = jnp.zeros((batch, frames_pad, c), jnp.float32)
-        return sampling.sample(
-            denoise,
-            init,
-            ts,
-            jax.random.wrap_key_data(keys_data),
-            method=_SAMPLER.value,
-            valid_frames=frames,
-            constrain=lambda x: sharding.constrain(x, (names.BATCH, names.LENGTH, None)),
-        )
-
-    tokens = jax.device_put(np.full((batch, max_len), 5, np.int32), rows)
-    keys = jax.device_put(np.asarray(jax.random.key_data(jax.vmap(jax.random.key)(jnp.arange(batch)))), rows)
-    ts = jax.device_put(np.tile(grid, (batch, 1)), rows)
+    # The program audiodiff-sample runs (generation.SampleProgram), for one window of the whole song.
+    program = generation.SampleProgram(
+        _SAMPLER.value, _STEPS.value, batch, frames_pad, frames, use_cfg, False
+    )
+    rows = lambda x: np.asarray(x)
+    cond = Conditioning(
+        tokens=np.full((batch, max_len), 5, np.int32),
+        seconds_start=np.zeros((batch,), np.float32),
+        seconds_total=np.full((batch,), _SECONDS.value, np.float32),
+        num_frames=np.full((batch,), frames, np.int32),
+    )
+    inputs = generation.SampleInputs(
+        uncond_tokens=np.zeros((batch, max_len), np.int32),
+        scale=np.full((batch,), _GUIDANCE.value, np.float32),
+        rescale=np.zeros((batch,), np.float32),
+        keys_data=rows(jax.random.key_data(jax.vmap(jax.random.key)(jnp.arange(batch)))),
+        times=np.tile(grid, (batch, 1)),
+        eta=np.zeros((batch,), np.float32),
+        init=np.zeros((batch, frames_pad, c), np.float32),
+        known=np.zeros((batch, frames_pad, c), np.float32),
+        known_mask=np.zeros((batch, frames_pad), np.float32),
+    )
+    _, abstract_cond, abstract_inputs = program.abstract_args(cfg, None, mesh)
+    to_device = lambda tree, like: jax.tree.map(lambda x, a: jax.device_put(x, a.sharding), tree, like)
+    cond, inputs = to_device(cond, abstract_cond), to_device(inputs, abstract_inputs)
     with jax.set_mesh(mesh):
-        fn = jax.jit(loop, out_shardings=lat)
+        fn = jax.jit(program.fn(model.apply), out_shardings=program.out_shardings(mesh))
         t0 = time.perf_counter()
-        out = fn(params, tokens, keys, ts).block_until_ready()
+        out = fn(params, cond, inputs).block_until_ready()
         compile_s = time.perf_counter() - t0
         times = []
         for _ in range(_REPEATS.value):
             t0 = time.perf_counter()
-            out = fn(params, tokens, keys, ts).block_until_ready()
+            out = fn(params, cond, inputs).block_until_ready()
             times.append(time.perf_counter() - t0)
     loop_s = float(np.median(times))
     result = {
@@ -117,8 +114,6 @@ def main(argv):
         "loop_realtime_factor": round(_SECONDS.value * batch / loop_s, 2),
     }
     if _CODEC.value:
-        from audiodiff_jax.codec import load_codec
-
         codec = load_codec(_CODEC.value)
         latents = np.asarray(out[0, :frames])
         codec.decode(latents)  # warm-up (compilation)

@@ -23,42 +23,43 @@ import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
 
+from audiodiff_jax import config as config_lib
+from audiodiff_jax import flops, sharding
+from audiodiff_jax.data import batch as batch_lib
+from audiodiff_jax.data.batch import Batch, Conditioning
+from audiodiff_jax.train import Trainer
+
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/tiny.py", "Config file.")
 _STEPS = flags.DEFINE_integer("steps", 10, "Timed steps.")
 _WARMUP = flags.DEFINE_integer("warmup", 2, "Untimed steps (compile included).")
 
 
-def random_batch(cfg, mesh, sharding_):
-    b, t, c, n_tok = (
-        cfg.data.global_batch_size,
-        cfg.data.window_frames,
-        cfg.model.latent_channels,
-        cfg.model.text.max_len,
-    )
+def random_batch(cfg, mesh) -> Batch:
+    """A :class:`Batch` of random latents and captions (``batch_spec`` shapes), on the devices."""
+    shapes, _ = batch_lib.config_batch_spec(cfg)
     rng = np.random.default_rng(0)
-    host = {
-        "latents": rng.standard_normal((b, t, c), dtype=np.float32),
-        "loss_mask": np.ones((b, t), np.float32),
-        "num_frames": np.full((b,), t, np.int32),
-        "tokens": rng.integers(4, cfg.model.text.vocab_size, (b, n_tok)).astype(np.int32),
-        "seconds_start": np.zeros((b,), np.float32),
-        "seconds_total": np.full((b,), 300.0, np.float32),
-    }
-    return {k: jax.device_put(v, sharding_) for k, v in host.items()}
+    b, t = shapes.loss_mask.shape
+    host = Batch(
+        latents=rng.standard_normal(shapes.latents.shape, dtype=np.float32),
+        loss_mask=np.ones((b, t), np.float32),
+        cond=Conditioning(
+            tokens=rng.integers(4, cfg.model.text.vocab_size, shapes.cond.tokens.shape).astype(np.int32),
+            seconds_start=np.zeros((b,), np.float32),
+            seconds_total=np.full((b,), 300.0, np.float32),
+            num_frames=np.full((b,), t, np.int32),
+        ),
+    )
+    return jax.device_put(host, batch_lib.batch_shardings(mesh))
 
 
 def main(argv):
     del argv
-    from audiodiff_jax import config as config_lib
-    from audiodiff_jax import flops, sharding
-    from audiodiff_jax.train import Trainer
-
     cfg = config_lib.from_configdict(_CONFIG.value)
     config_lib.validate(cfg, num_devices=jax.device_count())
     mesh = sharding.make_mesh(cfg.mesh)
     trainer = Trainer(cfg, mesh)
     state = trainer.init_state(cfg.train.seed)
-    batch = random_batch(cfg, mesh, trainer.batch_sharding)
+    batch = random_batch(cfg, mesh)
     t0 = time.perf_counter()
     for _ in range(_WARMUP.value):
         state, metrics = trainer.step(state, batch)

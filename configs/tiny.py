@@ -25,4 +25,8 @@ def get_config(arg=None):
     config.train.log_every = 5
     config.checkpoint.every_steps = 10
     config.checkpoint.keep_last = 2
+    # Sampling a tiny run (saved with its checkpoints): one-second songs, two steps.
+    config.sample.seconds = (1.0,)
+    config.sample.steps = (2,)
+    config.sample.min_seconds = 0.5
     return config

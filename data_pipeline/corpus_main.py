@@ -13,6 +13,9 @@ from __future__ import annotations
 
 from absl import app, flags
 
+from audiodiff_jax import cli
+from data_pipeline import audio_folder, corpus_grooves, corpus_scores
+
 flags.DEFINE_enum("kind", None, ["scores", "grooves", "check", "tfds"], "what to build", required=True)
 flags.DEFINE_string("out_dir", None, "corpus folder to write (scores, grooves)")
 flags.DEFINE_integer("num_clips", 100, "clips to render")
@@ -40,8 +43,6 @@ def main(argv) -> None:
     if f.kind in ("check", "tfds") and not f.folder:
         raise app.UsageError(f"--kind={f.kind} needs --folder")
     if f.kind == "scores":
-        from data_pipeline import corpus_scores
-
         path = corpus_scores.render_clips(
             f.out_dir,
             f.num_clips,
@@ -56,8 +57,6 @@ def main(argv) -> None:
         )
         print(f"wrote {f.num_clips} clips and {path}")
     elif f.kind == "grooves":
-        from data_pipeline import corpus_grooves
-
         try:
             path = corpus_grooves.render_grooves(
                 f.out_dir,
@@ -75,8 +74,6 @@ def main(argv) -> None:
             raise app.UsageError(str(e)) from e
         print(f"wrote {f.num_clips} clips and {path}")
     elif f.kind == "check":
-        from data_pipeline import audio_folder
-
         entries, problems = audio_folder.scan_folder(f.folder, f.captions)
         print(f"{len(entries)} files with captions in {f.folder}")
         for e in entries[:10]:
@@ -84,6 +81,7 @@ def main(argv) -> None:
         for p in problems:
             print(f"  {p.severity:8s} {p.path}: {p.reason}")
     else:
+        # Here, not at the top: tensorflow_datasets is a heavy import the other kinds never need.
         from data_pipeline.tfds_audio_folder import AudioFolder, AudioFolderConfig
 
         if not f.name or not f.data_dir:
@@ -97,7 +95,7 @@ def main(argv) -> None:
 
 def run() -> None:
     """Console entry point ``audiodiff-corpus``."""
-    app.run(main)
+    cli.run(main, module=__name__)
 
 
 if __name__ == "__main__":

@@ -31,7 +31,9 @@ from typing import Any
 
 import numpy as np
 
-from data_pipeline.shards import DatasetCard, ShardWriter
+from audiodiff_jax import cli
+from audiodiff_jax.data.cards import DatasetCard
+from data_pipeline.shards import ShardWriter
 from data_pipeline.tokenizer import DEFAULT_FILE, Tokenizer, train_tokenizer
 
 SAMPLE_RATE = 22050
@@ -199,7 +201,7 @@ def write_demo_shards(
 
 def run() -> None:
     """Console entry point ``audiodiff-make-demo-shards``."""
-    from absl import app, flags
+    from absl import flags
 
     # Defined here, not at import, so importing this module adds no global flags.
     flags.DEFINE_string("out_dir", None, "dataset folder to write", required=True)
@@ -221,7 +223,7 @@ def run() -> None:
             f"to {f.out_dir}; tokenizer vocab {card.tokenizer_vocab_size}"
         )
 
-    app.run(main)
+    cli.run(main, module=__name__)
 
 
 if __name__ == "__main__":

@@ -1,8 +1,8 @@
-"""Latent precompute: a corpus of audio -> codec latents in ArrayRecord shards + dataset card.
+r"""Latent precompute: a corpus of audio -> codec latents in ArrayRecord shards + dataset card.
 
 The same command on every host (or process)::
 
-    audiodiff-precompute --corpus=/data/scores --out_dir=/data/latents/scores \\
+    audiodiff-precompute --corpus=/data/scores --out_dir=/data/latents/scores \
         --process_index=$I --process_count=$N [--codec=default] [--files_per_shard=64]
 
 The corpus is an audio folder (``data_pipeline/audio_folder.py``: a corpus
@@ -53,19 +53,14 @@ from typing import Any
 
 import numpy as np
 
-from data_pipeline import audio_folder
+from audiodiff_jax import cli
+from audiodiff_jax import codec as codec_lib
+from audiodiff_jax.data.cards import CARD_FILE, CodecCard, DatasetCard, ShardInfo
+from audiodiff_jax.data.records import SHARD_PREFIX, SHARD_SUFFIX, shard_file_name
+from data_pipeline import audio_folder, tokenizer
 from data_pipeline.audio_folder import AudioError, Problem
 from data_pipeline.manifest import Entry
-from data_pipeline.shards import (
-    CARD_FILE,
-    SHARD_PREFIX,
-    SHARD_SUFFIX,
-    CodecCard,
-    DatasetCard,
-    ShardInfo,
-    ShardWriter,
-    shard_file_name,
-)
+from data_pipeline.shards import ShardWriter
 
 WORK_DIR = ".work"
 SUMMARY_FILE = "precompute_summary.json"
@@ -204,14 +199,7 @@ def load_codec(spec: str = "default"):
         obj = getattr(importlib.import_module(module), attr)
         codec = obj if _is_codec(obj) else obj()
     else:
-        from audiodiff_jax import codec as codec_lib
-
-        loader = getattr(codec_lib, "load_codec", None)
-        if loader is None:
-            raise PrecomputeError(
-                "audiodiff_jax.codec.load_codec is not available yet; pass --codec=module:factory"
-            )
-        codec = loader(spec)
+        codec = codec_lib.load_codec(spec)
     if not _is_codec(codec):
         raise PrecomputeError(
             f"--codec={spec!r} gave {type(codec).__name__}, which has no card/encode/decode"
@@ -663,8 +651,6 @@ def precompute(
 def _finish(out_dir: str, tokenizer_vocab_size: int) -> None:
     """After the card: the tokenizer (if asked and missing), then the work folder goes."""
     if tokenizer_vocab_size > 0 and not DatasetCard.load(out_dir).tokenizer:
-        from data_pipeline import tokenizer
-
         tokenizer.train_for_dataset(out_dir, tokenizer_vocab_size)
     shutil.rmtree(os.path.join(out_dir, WORK_DIR), ignore_errors=True)
 
@@ -772,7 +758,7 @@ def run() -> None:
         )
         print(format_summary(summary))
 
-    app.run(main)
+    cli.run(main, module=__name__)
 
 
 if __name__ == "__main__":

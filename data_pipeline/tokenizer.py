@@ -1,9 +1,6 @@
-"""Caption tokenizer: trains a sentencepiece model and turns captions into fixed-length ids.
+"""Caption tokenizer training: a sentencepiece model with the project's fixed ids.
 
-Ids are fixed across the project: pad = 0 (the text encoder masks id 0), unk = 1,
-bos = 2, eos = 3. A caption encodes to its ids, then EOS, then zeros up to
-``max_len``; the empty caption (the classifier-free-guidance null caption) is
-``[EOS, 0, 0, ...]``, so the null condition still has one unmasked token.
+The tokenizer itself (ids, fixed-length encoding) is ``audiodiff_jax/data/tokenizer.py``.
 
 Console script (trains on a dataset's captions and records the model in its card)::
 
@@ -16,11 +13,12 @@ import dataclasses
 import os
 from collections.abc import Iterable
 
-import numpy as np
 import sentencepiece as spm
 
-PAD_ID, UNK_ID, BOS_ID, EOS_ID = 0, 1, 2, 3
-DEFAULT_FILE = "tokenizer.model"
+from audiodiff_jax import cli
+from audiodiff_jax.data.cards import DatasetCard
+from audiodiff_jax.data.records import read_captions
+from audiodiff_jax.data.tokenizer import BOS_ID, DEFAULT_FILE, EOS_ID, PAD_ID, UNK_ID, Tokenizer
 
 
 def train_tokenizer(captions: Iterable[str], out_path_prefix: str, vocab_size: int) -> str:
@@ -66,98 +64,17 @@ def train_tokenizer(captions: Iterable[str], out_path_prefix: str, vocab_size: i
     return out_path_prefix + ".model"
 
 
-class Tokenizer:
-    """A trained sentencepiece model with fixed-length encoding.
-
-    Picklable (it carries the model bytes), so Grain worker processes can use it.
-    """
-
-    def __init__(self, path: str, *, model_bytes: bytes | None = None):
-        self.path = path
-        if model_bytes is None:
-            with open(path, "rb") as f:
-                model_bytes = f.read()
-        self._model = model_bytes
-        self._load()
-
-    @property
-    def model_bytes(self) -> bytes:
-        """The serialized sentencepiece model (what checkpoints carry)."""
-        return self._model
-
-    def to_json(self) -> dict:
-        """A JSON-able copy of the model: saved with every checkpoint (item ``tokenizer``)."""
-        import base64
-        import hashlib
-
-        return {
-            "file": os.path.basename(self.path),
-            "sha256": hashlib.sha256(self._model).hexdigest(),
-            "vocab_size": self.vocab_size,
-            "model_base64": base64.b64encode(self._model).decode("ascii"),
-        }
-
-    @classmethod
-    def from_json(cls, data: dict, where: str) -> Tokenizer:
-        """Inverse of :meth:`to_json`; ``where`` names the source in errors."""
-        import base64
-        import hashlib
-
-        try:
-            model = base64.b64decode(data["model_base64"], validate=True)
-        except (KeyError, TypeError, ValueError) as e:
-            raise ValueError(f"{where}: tokenizer item has no readable model_base64 ({e})") from e
-        if hashlib.sha256(model).hexdigest() != data.get("sha256"):
-            raise ValueError(f"{where}: tokenizer model does not match its sha256 (corrupt checkpoint item)")
-        return cls(f"{where}:{data.get('file', 'tokenizer.model')}", model_bytes=model)
-
-    def _load(self) -> None:
-        self._sp = spm.SentencePieceProcessor(model_proto=self._model)
-        ids = (self._sp.pad_id(), self._sp.unk_id(), self._sp.bos_id(), self._sp.eos_id())
-        if ids != (PAD_ID, UNK_ID, BOS_ID, EOS_ID):
-            raise ValueError(
-                f"{self.path}: sentencepiece pad/unk/bos/eos ids are {ids}, expected "
-                f"{(PAD_ID, UNK_ID, BOS_ID, EOS_ID)} (the model masks id 0 as padding)"
-            )
-
-    @property
-    def vocab_size(self) -> int:
-        return int(self._sp.vocab_size())
-
-    def encode(self, text: str, max_len: int) -> np.ndarray:
-        """Returns int32 ``[max_len]``: ids, EOS, zeros. Long captions are cut to keep EOS last."""
-        if max_len < 1:
-            raise ValueError(f"max_len={max_len} must be >= 1")
-        ids = self._sp.encode(text, out_type=int)[: max_len - 1]
-        out = np.zeros(max_len, np.int32)
-        out[: len(ids)] = ids
-        out[len(ids)] = EOS_ID
-        return out
-
-    def decode(self, ids: Iterable[int]) -> str:
-        return self._sp.decode([int(i) for i in ids if int(i) > EOS_ID])
-
-    def __getstate__(self):
-        return {"path": self.path, "_model": self._model}
-
-    def __setstate__(self, state):
-        self.__dict__.update(state)
-        self._load()
-
-
 def train_for_dataset(shards_dir: str, vocab_size: int, file_name: str = DEFAULT_FILE) -> str:
     """Trains on a dataset's captions and records the model in its dataset card.
 
     Returns:
       Path of the tokenizer model (inside ``shards_dir``).
     """
-    from data_pipeline import shards  # here, to keep the tokenizer importable on its own
-
     if not file_name.endswith(".model") or os.path.basename(file_name) != file_name:
         raise ValueError(f"file_name={file_name!r} must be a plain '*.model' file name")
-    card = shards.DatasetCard.load(shards_dir)
+    card = DatasetCard.load(shards_dir)
     path = train_tokenizer(
-        shards.read_captions(shards_dir), os.path.join(shards_dir, file_name[: -len(".model")]), vocab_size
+        read_captions(shards_dir), os.path.join(shards_dir, file_name[: -len(".model")]), vocab_size
     )
     card = dataclasses.replace(card, tokenizer=file_name, tokenizer_vocab_size=Tokenizer(path).vocab_size)
     card.save(shards_dir)
@@ -166,7 +83,7 @@ def train_for_dataset(shards_dir: str, vocab_size: int, file_name: str = DEFAULT
 
 def run() -> None:
     """Console entry point ``audiodiff-tokenizer``."""
-    from absl import app, flags
+    from absl import flags
 
     # Flags are defined here rather than at import so that importing this library
     # module never adds (or collides with) flags of the program that imports it.
@@ -180,7 +97,7 @@ def run() -> None:
         path = train_for_dataset(f.shards_dir, f.vocab_size, f.file_name)
         print(f"wrote {path} (vocab_size={Tokenizer(path).vocab_size}) and updated the dataset card")
 
-    app.run(main)
+    cli.run(main, module=__name__)
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""What every launcher passes to ``audiodiff-train``: the command, its flags, its environment.
+r"""What every launcher passes to ``audiodiff-train``: the command, its flags, its environment.
 
 The launchers (``tpu_vm.py``, ``gke.py``, ``slurm.py``) differ in how they reach the
 hosts; the program they start is the same on every host of every cluster, built here:
@@ -109,10 +109,6 @@ def print_or_write(text: str, out: str, next_step: str) -> bool:
         print(f"wrote {out}; {next_step.format(path=out)}")
         return True
     return False
-
-
-def shell_join(args: Sequence[str]) -> str:
-    return " ".join(shlex.quote(a) for a in args)
 
 
 def env_prefix(env: dict[str, str]) -> str:

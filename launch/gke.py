@@ -1,4 +1,4 @@
-"""GKE: a JobSet manifest for TPU slices, generated from flags, applied with kubectl.
+r"""GKE: a JobSet manifest for TPU slices, generated from flags, applied with kubectl.
 
     python -m launch.gke --name=dit1b --image=REGISTRY/audiodiff-jax:TAG \
         --accelerator_type=v5p-128 --num_slices=2 --config=configs/dit.py:1B \
@@ -19,13 +19,15 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import string
 import subprocess
 import sys
 import tempfile
 
-from absl import app, flags
+from absl import flags
 
+from audiodiff_jax import cli, topology
 from launch import common
 
 # Flag holders, set by define_flags().
@@ -91,11 +93,9 @@ def manifest(
     grace_s: int = 120,
 ) -> str:
     """The JobSet manifest (YAML text)."""
-    from audiodiff_jax import aot
-
     if not name or not image:
         raise ValueError("--name and --image are required")
-    spec = aot.parse_topology(accelerator_type, num_slices)
+    spec = topology.parse_topology(accelerator_type, num_slices)
     gen = spec.generation.name
     per_host = chips_per_host(gen, spec.chips_per_slice)
     env: list[dict] = [{"name": k, "value": v} for k, v in common.BASE_ENV.items()]
@@ -144,10 +144,10 @@ def main(argv):
     with tempfile.NamedTemporaryFile("w", suffix=".yaml", delete=False) as f:
         f.write(text)
     cmd = ["kubectl", "apply", "-f", f.name]
-    print(common.shell_join(cmd), flush=True)
+    print(shlex.join(cmd), flush=True)
     sys.exit(subprocess.call(cmd))
 
 
 if __name__ == "__main__":
     define_flags()
-    app.run(main)
+    cli.run(main, module=(__name__, "launch.common"))

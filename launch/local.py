@@ -1,4 +1,4 @@
-"""Local multi-process launcher: N processes on this machine, joined by jax.distributed.
+r"""Local multi-process launcher: N processes on this machine, joined by jax.distributed.
 
 For development and tests of multi-host behaviour without a pod:
 
@@ -26,6 +26,8 @@ import sys
 import time
 
 from absl import app, flags, logging
+
+from audiodiff_jax import cli
 
 _NUM = flags.DEFINE_integer("num_processes", 2, "Processes to start.")
 _DEVICES = flags.DEFINE_integer(
@@ -170,4 +172,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run(main, module=__name__, usage="[flags] -- COMMAND [ARGS...]")

@@ -1,4 +1,4 @@
-"""SLURM GPU clusters: an sbatch script generated from flags, submitted with sbatch.
+r"""SLURM GPU clusters: an sbatch script generated from flags, submitted with sbatch.
 
     python -m launch.slurm --name=dit1b --nodes=4 --gpus_per_node=8 --time=48:00:00 \
         --config=configs/dit.py:1B --workdir=gs://BUCKET/runs/dit1b \
@@ -15,11 +15,13 @@ preempted job, which then resumes from the last complete checkpoint.
 
 from __future__ import annotations
 
+import shlex
 import subprocess
 import sys
 
-from absl import app, flags
+from absl import flags
 
+from audiodiff_jax import cli
 from launch import common
 
 # Flag holders, set by define_flags().
@@ -99,14 +101,14 @@ def sbatch_script(
         lines.append(f"#SBATCH --account={account}")
     lines += ["", "set -euo pipefail", f"mkdir -p {log_dir}"]
     if venv:
-        lines.append(f"source {common.shell_join([venv + '/bin/activate'])}")
+        lines.append(f"source {shlex.quote(venv + '/bin/activate')}")
     env = {**common.BASE_ENV, **GPU_ENV}
-    lines += [f"export {k}={common.shell_join([v])}" for k, v in env.items()]
+    lines += [f"export {k}={shlex.quote(v)}" for k, v in env.items()]
     lines += [
         "",
         "# One task per node; jax.distributed reads SLURM_* for coordinator and ranks.",
         "# --kill-on-bad-exit: when one task fails, SLURM ends the others at once.",
-        "srun --kill-on-bad-exit=1 --ntasks-per-node=1 " + common.shell_join(train_args),
+        "srun --kill-on-bad-exit=1 --ntasks-per-node=1 " + shlex.join(train_args),
         "",
     ]
     return "\n".join(lines)
@@ -135,4 +137,4 @@ def main(argv):
 
 if __name__ == "__main__":
     define_flags()
-    app.run(main)
+    cli.run(main, module=(__name__, "launch.common"))

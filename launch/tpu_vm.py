@@ -1,4 +1,4 @@
-"""TPU VM pods: create the slice(s), set up every host, start training on all of them.
+r"""TPU VM pods: create the slice(s), set up every host, start training on all of them.
 
     python -m launch.tpu_vm --action=all --name=dit1b --project=P --zone=us-east5-a \
         --accelerator_type=v5p-128 --config=configs/dit.py:1B \
@@ -26,11 +26,13 @@ last complete checkpoint in the workdir.
 
 from __future__ import annotations
 
+import shlex
 import subprocess
 import sys
 
 from absl import app, flags, logging
 
+from audiodiff_jax import cli
 from launch import common
 
 # Flag holders, set by define_flags().
@@ -147,7 +149,7 @@ def create_commands(
             "--format=value(state.state)",
         ]
         # Poll until the slices are provisioned (state ACTIVE); creation only queues them.
-        poll = f'until [ "$({common.shell_join(wait)})" = ACTIVE ]; do sleep 30; done'
+        poll = f'until [ "$({shlex.join(wait)})" = ACTIVE ]; do sleep 30; done'
         return [cmd, ["bash", "-c", poll]]
     cmd = ["gcloud", "compute", "tpus", "tpu-vm", "create", name, *_where(project, zone)]
     cmd += [f"--accelerator-type={accelerator_type}", f"--version={runtime_version}"]
@@ -174,7 +176,7 @@ def ssh_all(node: str, project: str, zone: str, command: str) -> list[str]:
 def setup_script(package: str) -> str:
     return (
         "set -e; python3 -m pip install --upgrade pip && "
-        f"python3 -m pip install {common.shell_join([package])} 'audiodiff-jax[tpu]' gcsfs"
+        f"python3 -m pip install {shlex.quote(package)} 'audiodiff-jax[tpu]' gcsfs"
     )
 
 
@@ -195,7 +197,7 @@ def train_env(slice_id: int, num_slices: int, coordinator: str, libtpu_args: str
 
 def train_script(train_args: list[str], env: dict[str, str]) -> str:
     """The host-side command: the training program in the background, logging to a file."""
-    run = f"{common.env_prefix(env)} nohup {common.shell_join(train_args)} > {LOG_FILE} 2>&1 &"
+    run = f"{common.env_prefix(env)} nohup {shlex.join(train_args)} > {LOG_FILE} 2>&1 &"
     return f"{run} echo $! > {PID_FILE}"
 
 
@@ -211,7 +213,7 @@ def coordinator_lookup(name: str, project: str, zone: str) -> str:
         *_where(project, zone),
         "--format=value(networkEndpoints[0].ipAddress)",
     ]
-    return f"$({common.shell_join(cmd)})"
+    return f"$({shlex.join(cmd)})"
 
 
 def train_commands(
@@ -228,7 +230,7 @@ def train_commands(
     for i, node in enumerate(nodes):
         env = train_env(i, num_slices, "COORDINATOR_IP", libtpu_args)
         remote = train_script(train_args, env)
-        ssh = common.shell_join(ssh_all(node, project, zone, remote))
+        ssh = shlex.join(ssh_all(node, project, zone, remote))
         lookup = coordinator_lookup(nodes[0], project, zone)
         out.append(
             [
@@ -292,14 +294,14 @@ def main(argv):
     common.check_no_positional(argv)
     cmds = build_commands(_ACTION.value)
     for cmd in cmds:
-        print(common.shell_join(cmd), flush=True)
+        print(shlex.join(cmd), flush=True)
         if not common.dry_run():
             rc = subprocess.call(cmd)
             if rc:
-                logging.error("command failed with status %d: %s", rc, common.shell_join(cmd))
+                logging.error("command failed with status %d: %s", rc, shlex.join(cmd))
                 sys.exit(rc)
 
 
 if __name__ == "__main__":
     define_flags()
-    app.run(main)
+    cli.run(main, module=(__name__, "launch.common"))

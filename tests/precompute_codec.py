@@ -19,7 +19,7 @@ import zlib
 
 import numpy as np
 
-from data_pipeline.shards import CodecCard
+from audiodiff_jax.data.cards import CodecCard
 
 
 class PoolingCodec:

@@ -12,7 +12,7 @@ import subprocess
 
 import pytest
 
-from audiodiff_jax import aot
+from audiodiff_jax import aot, topology
 from audiodiff_jax import config as config_lib
 from audiodiff_jax.config import ConfigError
 from tests.helpers import REPO, bin_path
@@ -41,21 +41,21 @@ needs_libtpu = pytest.mark.skipif(
     ],
 )
 def test_pod_names_map_to_slice_shapes(name, shape, chips):
-    spec = aot.parse_topology(name)
+    spec = topology.parse_topology(name)
     assert spec.chip_shape == shape and spec.num_chips == chips
-    assert aot.parse_topology(spec.libtpu_name).chip_shape == shape
+    assert topology.parse_topology(spec.libtpu_name).chip_shape == shape
 
 
 def test_bad_topology_names_say_what_works():
     with pytest.raises(ConfigError, match="must be even"):
-        aot.parse_topology("v5p-7")
+        topology.parse_topology("v5p-7")
     with pytest.raises(ConfigError, match="not a power of two"):
-        aot.parse_topology("v5e-48")
+        topology.parse_topology("v5e-48")
     with pytest.raises(ConfigError, match="e.g. v5p-128"):
-        aot.parse_topology("h100-8")
+        topology.parse_topology("h100-8")
     with pytest.raises(ConfigError, match="3 sides"):
-        aot.parse_topology("v5p:4x4")
-    assert aot.parse_topology("v5p-128", num_slices=2).num_chips == 128
+        topology.parse_topology("v5p:4x4")
+    assert topology.parse_topology("v5p-128", num_slices=2).num_chips == 128
 
 
 def _tiny(**changes):
@@ -70,7 +70,7 @@ def _tiny(**changes):
 def test_multislice_devices_and_mesh():
     from audiodiff_jax import sharding
 
-    spec = aot.parse_topology("v5p-16", num_slices=2)
+    spec = topology.parse_topology("v5p-16", num_slices=2)
     devices = aot.get_devices(spec)
     assert len(devices) == 16 and devices[0].device_kind.startswith("TPU v5")
     assert {d.slice_index for d in devices} == {0, 1}
@@ -88,7 +88,7 @@ def test_multislice_devices_and_mesh():
 def test_tiny_train_step_compiles_with_splash_and_reports_memory():
     from audiodiff_jax import sharding
 
-    spec = aot.parse_topology("v5p-8")
+    spec = topology.parse_topology("v5p-8")
     cfg = aot.prepare_config(_tiny(), spec)
     mesh = sharding.make_mesh(cfg.mesh, aot.get_devices(spec))
     # An HBM of 1 MiB: the program compiles but cannot fit, and the report says why.
@@ -127,7 +127,7 @@ def test_1b_train_step_compiles_for_v5p():
     cfg = config_lib.replace(
         cfg, **{"model.attention": "splash", "data.window_frames": 512, "data.global_batch_size": 4}
     )
-    spec = aot.parse_topology("v5p-8")
+    spec = topology.parse_topology("v5p-8")
     cfg = aot.prepare_config(cfg, spec)
     mesh = sharding.make_mesh(cfg.mesh, aot.get_devices(spec))
     report = aot.compile_train_step(cfg, mesh, spec.generation.hbm_bytes, spec.generation.peak_bf16_flops)

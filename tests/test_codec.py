@@ -268,7 +268,7 @@ def test_si_sdr_reference_values():
 
 def test_shipped_card(shipped):
     from audiodiff_jax.codec.interface import Codec
-    from data_pipeline.shards import CodecCard
+    from audiodiff_jax.data.cards import CodecCard
 
     assert isinstance(shipped, Codec)
     card = shipped.card

@@ -1,11 +1,13 @@
 """Config conversion and validation: bad configs fail early, naming the field."""
 
+import dataclasses
 import json
 
 import pytest
 from ml_collections import config_flags  # noqa: F401  (the config files are loaded like the CLI does)
 
 from audiodiff_jax import config as config_lib
+from audiodiff_jax import sampling
 from audiodiff_jax.config import ConfigError
 
 
@@ -92,3 +94,76 @@ def test_config_files_load_and_validate(name, arg, devices):
     cfg = config_lib.from_configdict(_load(name, arg))
     config_lib.validate(cfg, num_devices=devices)
     json.loads(config_lib.to_json(cfg))
+
+
+def test_sample_section_round_trips_through_configdict_and_json():
+    cd = config_lib.default_configdict()
+    cd.sample.seconds = (30, 60.5)  # ints are taken as floats
+    cd.sample.samplers = ("ddim", "heun")
+    cd.sample.seeds = [3, 4]  # a list (as --config.sample.seeds or JSON give) is taken as a tuple
+    cd.sample.use_ema = False
+    cfg = config_lib.from_configdict(cd)
+    assert cfg.sample.seconds == (30.0, 60.5) and cfg.sample.samplers == ("ddim", "heun")
+    assert cfg.sample.seeds == (3, 4) and cfg.sample.use_ema is False
+    assert config_lib.from_json(config_lib.to_json(cfg)) == cfg
+    assert json.loads(config_lib.to_json(cfg))["sample"]["seeds"] == [3, 4]
+
+
+def test_unknown_sample_key_is_named():
+    d = config_lib.default_configdict().to_dict()
+    d["sample"]["sampler"] = "ddim"  # the field is `samplers`
+    with pytest.raises(ConfigError, match=r"unknown config key\(s\): sample\.sampler;.*samplers"):
+        config_lib.from_configdict(d)
+
+
+def test_sample_value_of_wrong_type_is_named():
+    d = config_lib.default_configdict().to_dict()
+    d["sample"]["steps"] = [50, "many"]
+    with pytest.raises(ConfigError, match=r"sample\.steps\[1\]='many' must be of type int"):
+        config_lib.from_configdict(d)
+    d["sample"]["steps"] = 50
+    with pytest.raises(ConfigError, match=r"sample\.steps=50 must be a tuple"):
+        config_lib.from_configdict(d)
+
+
+def test_config_saved_before_the_sample_section_gets_its_defaults():
+    """Checkpoints written before the sample section existed still load (sampling reads them)."""
+    saved = json.loads(config_lib.to_json(config_lib.Config()))
+    del saved["sample"]
+    assert config_lib.from_json(json.dumps(saved)).sample == config_lib.SampleConfig()
+
+
+@pytest.mark.parametrize(
+    "changes,pattern",
+    [
+        (
+            {"sample.samplers": ("dpmpp_2m", "typo")},
+            r"sample\.samplers=dpmpp_2m,typo: 'typo' is not a sampler",
+        ),
+        ({"sample.steps": (0,)}, r"sample\.steps=0: 0 must be an integer in \[1, 10000\]"),
+        ({"sample.steps": ()}, r"sample\.steps is empty"),
+        ({"sample.schedule": "cosine"}, r"sample\.schedule='cosine' is not a schedule"),
+        ({"sample.guidance": (-1.0,)}, r"sample\.guidance=-1.0: -1.0 must be finite and >= 0"),
+        ({"sample.seconds": (400.0,)}, r"sample\.seconds=400.0: 400.0 is out of range \[10, 300\]"),
+        ({"sample.min_seconds": 20.0, "sample.max_seconds": 15.0}, r"sample\.min_seconds=20.0 is above"),
+        (
+            {"sample.window_frames": 32, "sample.overlap_frames": 32},
+            r"sample\.overlap_frames=32 must be below",
+        ),
+        ({"sample.strength": 0.0}, r"sample\.strength=0.0 must be in \(0, 1\]"),
+    ],
+)
+def test_validate_names_the_sample_field(changes, pattern):
+    with pytest.raises(ConfigError, match=pattern):
+        config_lib.validate(_cfg(**changes))
+
+
+def test_sampler_and_schedule_names_are_the_ones_sampling_implements():
+    assert config_lib.SAMPLERS == sampling.SAMPLERS
+    assert config_lib.SCHEDULES == sampling.SCHEDULES
+
+
+def test_every_sample_field_has_help_and_a_valid_default():
+    for f in dataclasses.fields(config_lib.SampleConfig):
+        assert f.metadata.get("help"), f.name
+    config_lib.validate_sample(config_lib.SampleConfig())

@@ -8,6 +8,7 @@ import pytest
 
 from audiodiff_jax import flops
 from audiodiff_jax.config import ModelConfig, TextEncoderConfig
+from audiodiff_jax.data.batch import Conditioning
 from audiodiff_jax.model import make_model
 
 
@@ -24,8 +25,8 @@ def _xla_grad_flops(cfg: ModelConfig, b: int, t: int, n: int) -> float:
         sds((b,), i32),
     )
 
-    def loss(params, x, *rest):
-        return jnp.mean((fns.apply(params, x, *rest) - x) ** 2)
+    def loss(params, x, t, *cond):
+        return jnp.mean((fns.apply(params, x, t, Conditioning(*cond)) - x) ** 2)
 
     compiled = jax.jit(jax.grad(loss)).lower(fns.abstract_params(), *args).compile()
     cost = compiled.cost_analysis()

@@ -15,10 +15,11 @@ import jax
 import numpy as np
 import pytest
 
-from audiodiff_jax import generation, sharding, train
+from audiodiff_jax import config as config_lib
+from audiodiff_jax import generation, sharding, sweep, train
 from audiodiff_jax.config import MeshConfig
-from data_pipeline.shards import CodecCard
-from tests.helpers import REPO, tiny_config, write_shards
+from audiodiff_jax.data.cards import CodecCard
+from tests.helpers import REPO, bin_path, tiny_config, write_shards
 
 SR, HOP = 22050, 1024
 SECONDS = 1.0  # 22 frames: short songs keep the tests fast
@@ -199,13 +200,9 @@ def test_bad_inputs_are_named(run_dir, tmp_path, gen):
 
 
 def _sweep(gen, out, prompts_file, **kw):
-    rows, issues = generation.read_prompts_file(prompts_file)
-    grid = generation.Grid(
-        guidance=(1.0, 3.0), steps=(2,), samplers=("ddim",), seeds=(0, 1), seconds=(SECONDS,)
-    )
-    return generation.run_sweep(
-        gen, generation.expand_grid(rows, grid), str(out), issues=issues, batch_size=2, **kw
-    )
+    rows, issues = sweep.read_prompts_file(prompts_file)
+    grid = sweep.Grid(guidance=(1.0, 3.0), steps=(2,), samplers=("ddim",), seeds=(0, 1), seconds=(SECONDS,))
+    return sweep.run_sweep(gen, sweep.expand_grid(rows, grid), str(out), issues=issues, batch_size=2, **kw)
 
 
 def _no_timings(path):
@@ -302,10 +299,12 @@ def test_report_page_in_headless_chromium(sweep_out, tmp_path):
 
 def test_cli_writes_songs_and_rejects_bad_input(run_dir, tmp_path):
     env = dict(os.environ, PYTHONPATH=REPO, XLA_FLAGS="--xla_force_host_platform_device_count=2")
-    base = [sys.executable, "-m", "audiodiff_jax.sample_main", f"--checkpoint={run_dir}", "--min_seconds=0.5"]
+    base = [sys.executable, "-m", "audiodiff_jax.sample_main", f"--checkpoint={run_dir}"]
     base += ["--codec=tests.test_generation:make_codec"]
+    # No --seconds, --steps, --min_seconds: the sample section of configs/tiny.py,
+    # saved in the checkpoint, gives them (1 s, 2 steps, 0.5 s).
     ok = subprocess.run(
-        base + [f"--out={tmp_path / 'o'}", "--prompt=a slow harp", "--seconds=1", "--steps=2", "--seeds=0,1"],
+        base + [f"--out={tmp_path / 'o'}", "--prompt=a slow harp", "--seeds=0,1"],
         capture_output=True,
         text=True,
         timeout=300,
@@ -315,6 +314,7 @@ def test_cli_writes_songs_and_rejects_bad_input(run_dir, tmp_path):
     assert ok.returncode == 0, ok.stderr[-2000:]
     rows = [json.loads(line) for line in open(tmp_path / "o" / generation.MANIFEST)]
     assert [r["seed"] for r in rows] == [0, 1] and all((tmp_path / "o" / r["file"]).exists() for r in rows)
+    assert {(r["seconds"], r["steps"]) for r in rows} == {(1.0, 2)}
     assert (tmp_path / "o" / "report.html").exists()
     bad = subprocess.run(
         base + [f"--out={tmp_path / 'b'}", "--prompt= ", "--seconds=1"],
@@ -325,3 +325,66 @@ def test_cli_writes_songs_and_rejects_bad_input(run_dir, tmp_path):
         env=env,
     )
     assert bad.returncode == 2 and "prompt is empty" in bad.stderr, bad.stderr[-2000:]
+
+
+def test_sampling_defaults_come_from_the_config_sample_section():
+    s = config_lib.SampleConfig()
+    assert sweep.Grid() == sweep.Grid.from_config(s)
+    assert sweep.Grid.from_config(s, steps=(7,)).steps == (7,)
+    p = generation.SampleParams("x", seconds=s.seconds[0])
+    assert (p.seed, p.guidance, p.steps, p.sampler) == (s.seeds[0], s.guidance[0], s.steps[0], s.samplers[0])
+    assert set(sweep.ROW_FIELDS) == {f for f in p.to_dict()}
+    assert sweep.ROW_FIELDS["seed"] is int and sweep.ROW_FIELDS["seconds"] is float
+
+
+def test_checkpoint_config_without_sample_section_still_samples(run_dir, tmp_path):
+    """A checkpoint written before the ``sample`` section existed: its defaults fill in."""
+    moved = tmp_path / "old"
+    shutil.copytree(os.path.join(run_dir, "checkpoints", "2"), moved / "checkpoints" / "2")
+    step_dir, _ = generation.find_checkpoint(str(moved))
+    (cfg_file,) = [f for f in (step_dir / "config").iterdir() if f.read_text().startswith('{"model"')]
+    saved = json.loads(cfg_file.read_text())
+    assert saved["sample"]["steps"] == [2]  # configs/tiny.py's
+    del saved["sample"]
+    cfg_file.write_text(json.dumps(saved))
+    cfg, _ = generation.read_checkpoint_meta(step_dir)
+    assert cfg.sample == config_lib.SampleConfig()
+
+
+def _sample_cli(args, tmp_path):
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2")
+    return subprocess.run(
+        [bin_path("audiodiff-sample"), f"--out={tmp_path / 'out'}", "--prompt=a harp", *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=REPO,
+        env=env,
+    )
+
+
+@pytest.mark.parametrize(
+    "flag,message",
+    [
+        ("--sampler=dpmpp_2m,typo", "--sampler=dpmpp_2m,typo: 'typo' is not a sampler; one of"),
+        ("--steps=0", "--steps=0: 0 must be an integer in [1, 10000]"),
+        ("--steps=ten", "--steps=ten: 'ten' is not an int"),
+        ("--schedule=cosine", "--schedule='cosine' is not a schedule"),
+    ],
+)
+def test_cli_bad_grid_flag_exits_2_before_reading_the_checkpoint(tmp_path, flag, message):
+    # The checkpoint does not exist: the flag is reported, not the checkpoint.
+    res = _sample_cli([f"--checkpoint={tmp_path / 'no_such_run'}", flag], tmp_path)
+    assert res.returncode == 2, res.stderr[-2000:]
+    assert f"audiodiff-sample: {message}" in res.stderr, res.stderr[-2000:]
+    assert "no_such_run" not in res.stderr and not (tmp_path / "out").exists()
+
+
+def test_cli_flag_checked_against_the_checkpoint_sample_section_before_restore(run_dir, tmp_path):
+    res = _sample_cli([f"--checkpoint={run_dir}", "--seconds=400"], tmp_path)
+    assert res.returncode == 2, res.stderr[-2000:]
+    assert (
+        "--seconds=400.0: 400.0 is out of range [0.5, 300] (sample.min_seconds of the checkpoint's config"
+        in res.stderr
+    ), res.stderr[-2000:]
+    assert "restore" not in res.stderr.lower()

@@ -5,6 +5,7 @@ that text (and parse the GKE manifest as YAML).
 """
 
 import os
+import shlex
 import subprocess
 import sys
 
@@ -222,7 +223,7 @@ def test_slurm_script(tmp_path):
     ):
         assert want in lines, want
     (srun,) = [line for line in lines if line.startswith("srun ")]
-    assert srun == "srun --kill-on-bad-exit=1 --ntasks-per-node=1 " + common.shell_join(ARGS)
+    assert srun == "srun --kill-on-bad-exit=1 --ntasks-per-node=1 " + shlex.join(ARGS)
     # The script is valid bash.
     path = tmp_path / "job.sh"
     path.write_text(text)

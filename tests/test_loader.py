@@ -7,12 +7,14 @@ import os
 import jax
 import numpy as np
 import pytest
-from jax.sharding import PartitionSpec
 
 from audiodiff_jax.config import ConfigError, DataConfig
-from data_pipeline import demo_shards, loader
-from data_pipeline.shards import DatasetCard, ShardSource
-from data_pipeline.tokenizer import Tokenizer
+from audiodiff_jax.data import loader
+from audiodiff_jax.data.batch import Batch, Conditioning, batch_spec
+from audiodiff_jax.data.cards import DatasetCard
+from audiodiff_jax.data.records import ShardSource
+from audiodiff_jax.data.tokenizer import Tokenizer
+from data_pipeline import demo_shards
 
 WINDOW = 16
 TEXT_LEN = 12
@@ -48,9 +50,8 @@ def batches(cfg, n, process_index=0, process_count=1, state=None):
 def assert_batches_equal(a, b):
     assert len(a) == len(b)
     for x, y in zip(a, b, strict=True):
-        assert x.keys() == y.keys()
-        for k in x:
-            np.testing.assert_array_equal(x[k], y[k], err_msg=k)
+        for (path, u), v in zip(jax.tree_util.tree_leaves_with_path(x), jax.tree.leaves(y), strict=True):
+            np.testing.assert_array_equal(u, v, err_msg=jax.tree_util.keystr(path))
 
 
 def test_demo_shards_are_deterministic_and_varied(shards_dir, tmp_path):
@@ -76,17 +77,14 @@ def test_demo_shards_are_deterministic_and_varied(shards_dir, tmp_path):
 
 
 def test_shapes_and_dtypes(shards_dir):
+    """The loader's batches are what the contract (data/batch.py: batch_spec) says."""
     (b,), _ = batches(data_cfg(shards_dir), 1)
-    expect = {
-        "latents": ((4, WINDOW, 4), np.float32),
-        "loss_mask": ((4, WINDOW), np.float32),
-        "num_frames": ((4,), np.int32),
-        "tokens": ((4, TEXT_LEN), np.int32),
-        "seconds_start": ((4,), np.float32),
-        "seconds_total": ((4,), np.float32),
-        "record_index": ((4,), np.int32),
-    }
-    assert {k: (v.shape, v.dtype) for k, v in b.items()} == expect
+    assert isinstance(b, Batch) and isinstance(b.cond, Conditioning)
+    spec, _ = batch_spec(4, WINDOW, 4, TEXT_LEN)
+    got = jax.tree.map(lambda v: (v.shape, v.dtype), b._replace(record_index=None))
+    want = jax.tree.map(lambda s: (s.shape, s.dtype), spec)
+    assert got == want
+    assert b.record_index.shape == (4,) and b.record_index.dtype == np.int32
 
 
 def test_crop_timing_padding_and_normalization(shards_dir):
@@ -98,18 +96,18 @@ def test_crop_timing_padding_and_normalization(shards_dir):
     seen_short = seen_cropped = 0
     for b in got:
         for j in range(4):
-            rec = source[int(b["record_index"][j])]
+            rec = source[int(b.record_index[j])]
             frames = rec["latents"].shape[0]
-            offset = round((float(b["seconds_start"][j]) - rec["seconds_start"]) * card.codec.latent_rate)
+            offset = round((float(b.cond.seconds_start[j]) - rec["seconds_start"]) * card.codec.latent_rate)
             n = min(frames, WINDOW)
             assert 0 <= offset <= max(frames - WINDOW, 0)
-            assert b["num_frames"][j] == n
-            np.testing.assert_array_equal(b["loss_mask"][j], (np.arange(WINDOW) < n).astype(np.float32))
+            assert b.cond.num_frames[j] == n
+            np.testing.assert_array_equal(b.loss_mask[j], (np.arange(WINDOW) < n).astype(np.float32))
             want = (rec["latents"][offset : offset + n].astype(np.float64) - mean) / std
-            np.testing.assert_allclose(b["latents"][j, :n], want, rtol=1e-5, atol=1e-5)
-            assert (b["latents"][j, n:] == 0).all()
-            assert b["seconds_total"][j] == np.float32(rec["seconds_total"])
-            np.testing.assert_array_equal(b["tokens"][j], tok.encode(rec["caption"], TEXT_LEN))
+            np.testing.assert_allclose(b.latents[j, :n], want, rtol=1e-5, atol=1e-5)
+            assert (b.latents[j, n:] == 0).all()
+            assert b.cond.seconds_total[j] == np.float32(rec["seconds_total"])
+            np.testing.assert_array_equal(b.cond.tokens[j], tok.encode(rec["caption"], TEXT_LEN))
             seen_short += frames < WINDOW
             seen_cropped += offset > 0
     assert seen_short > 0 and seen_cropped > 0
@@ -117,7 +115,7 @@ def test_crop_timing_padding_and_normalization(shards_dir):
 
 def test_normalized_latents_have_unit_scale(shards_dir):
     got, _ = batches(data_cfg(shards_dir, window_frames=64), 12)
-    lat = np.concatenate([b["latents"][b["loss_mask"] > 0] for b in got])
+    lat = np.concatenate([b.latents[b.loss_mask > 0] for b in got])
     assert np.abs(lat.mean(axis=0)).max() < 0.5 and np.abs(lat.std(axis=0) - 1).max() < 0.5
 
 
@@ -125,14 +123,14 @@ def test_cfg_dropout_rate_and_null_caption(shards_dir):
     tok = Tokenizer(os.path.join(shards_dir, "tokenizer.model"))
     null = tok.encode("", TEXT_LEN)
     got, _ = batches(data_cfg(shards_dir, cfg_dropout=0.3, global_batch_size=8), 50)
-    tokens = np.concatenate([b["tokens"] for b in got])
+    tokens = np.concatenate([b.cond.tokens for b in got])
     dropped = (tokens == null).all(
         axis=1
     )  # demo captions are never empty, so this is exactly the dropped rows
     assert abs(dropped.mean() - 0.3) < 0.07, dropped.mean()  # 400 draws: std of the rate is 0.023
     assert (tokens[dropped][:, 0] == 3).all() and (tokens[dropped][:, 1:] == 0).all()
     none, _ = batches(data_cfg(shards_dir, global_batch_size=8), 50)
-    assert not (np.concatenate([b["tokens"] for b in none]) == null).all(axis=1).any()
+    assert not (np.concatenate([b.cond.tokens for b in none]) == null).all(axis=1).any()
 
 
 def test_two_processes_see_disjoint_records_covering_all(shards_dir):
@@ -141,21 +139,21 @@ def test_two_processes_see_disjoint_records_covering_all(shards_dir):
     seen = []
     for p in range(2):
         got, _ = batches(cfg, steps, process_index=p, process_count=2)
-        assert all(b["latents"].shape[0] == 2 for b in got)
-        seen.append(np.concatenate([b["record_index"] for b in got]))
+        assert all(b.latents.shape[0] == 2 for b in got)
+        seen.append(np.concatenate([b.record_index for b in got]))
     assert not set(seen[0]) & set(seen[1])
     assert sorted(np.concatenate(seen)) == list(range(NUM_CLIPS))
     # The two processes together hold the same global batches as a single process.
     single, _ = batches(cfg, steps)
     for s, b in enumerate(single):
-        assert sorted(b["record_index"]) == sorted(
+        assert sorted(b.record_index) == sorted(
             np.concatenate([seen[0][2 * s : 2 * s + 2], seen[1][2 * s : 2 * s + 2]])
         )
 
 
 def test_epochs_are_reshuffled_and_repeat_forever(shards_dir):
     got, _ = batches(data_cfg(shards_dir), 3 * NUM_CLIPS // 4)
-    order = np.concatenate([b["record_index"] for b in got]).reshape(3, NUM_CLIPS)
+    order = np.concatenate([b.record_index for b in got]).reshape(3, NUM_CLIPS)
     for epoch in order:
         assert sorted(epoch) == list(range(NUM_CLIPS))
     assert (order[0] != order[1]).any() and (order[1] != order[2]).any()
@@ -177,7 +175,7 @@ def test_same_seed_same_batches_other_seed_differs(shards_dir):
     b, _ = batches(cfg, 4)
     assert_batches_equal(a, b)
     c, _ = batches(data_cfg(shards_dir, cfg_dropout=0.5, shuffle_seed=7), 4)
-    assert any((x["record_index"] != y["record_index"]).any() for x, y in zip(a, c, strict=True))
+    assert any((x.record_index != y.record_index).any() for x, y in zip(a, c, strict=True))
 
 
 def test_state_round_trip_continues_bitwise(shards_dir):
@@ -235,16 +233,3 @@ def test_config_errors_name_the_field(shards_dir):
             process_index=0,
             process_count=1,
         )
-
-
-def test_make_global_batch_on_fake_devices(shards_dir):
-    mesh = jax.make_mesh((2, 2, 1, 2), ("data", "fsdp", "sequence", "tensor"))
-    (local,), _ = batches(data_cfg(shards_dir, global_batch_size=8), 1)
-    glob = loader.make_global_batch(local, mesh)
-    assert glob.keys() == local.keys()
-    for k, arr in glob.items():
-        assert arr.shape == local[k].shape
-        assert arr.sharding.spec == PartitionSpec(("data", "fsdp"))
-        assert arr.sharding.shard_shape(arr.shape)[0] == 2  # 8 rows over data*fsdp = 4
-        assert arr.sharding.shard_shape(arr.shape)[1:] == arr.shape[1:]
-        np.testing.assert_array_equal(np.asarray(arr), local[k])

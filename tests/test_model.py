@@ -11,6 +11,7 @@ from flax import nnx
 
 from audiodiff_jax import config as config_lib
 from audiodiff_jax.config import ModelConfig
+from audiodiff_jax.data.batch import Conditioning
 from audiodiff_jax.model import count_params, make_model
 from audiodiff_jax.model.attention import apply_rope, dot_product_attention, rope_tables
 from audiodiff_jax.model.dit import DiTBlock
@@ -34,6 +35,12 @@ def _inputs(seed=1, num_frames=(16, 11)):
         seconds_total_b=jnp.array([95.0, 240.0]),
         num_frames_b=jnp.array(num_frames, jnp.int32),
     )
+
+
+def _args(inp):
+    """The model's positional inputs (x, t, cond) from an ``_inputs()`` dict."""
+    cond = Conditioning(inp["tokens_bl"], inp["seconds_start_b"], inp["seconds_total_b"], inp["num_frames_b"])
+    return inp["x_btc"], inp["t_b"], cond
 
 
 def _randomize_zeros(params, seed=7, scale=0.05):
@@ -69,7 +76,7 @@ def apply(fns):
 
 
 def test_shapes_dtypes_and_structure(fns, params, apply, active_params):
-    out = apply(active_params, **_inputs())
+    out = apply(active_params, *_args(_inputs()))
     assert out.shape == (B, T, CFG.latent_channels) and out.dtype == jnp.float32
     assert all(p.dtype == jnp.float32 for p in jax.tree.leaves(params))
     abstract = fns.abstract_params()
@@ -88,12 +95,12 @@ def test_shapes_dtypes_and_structure(fns, params, apply, active_params):
 
 
 def test_output_is_zero_at_init_and_not_after_perturbing(params, apply):
-    out = apply(params, **_inputs())
+    out = apply(params, *_args(_inputs()))
     np.testing.assert_array_equal(np.asarray(out), 0.0)
     perturbed = jax.tree.map(lambda p: p, params)
     kernel = perturbed["final_layer"]["linear"]["kernel"]
     perturbed["final_layer"]["linear"]["kernel"] = 0.1 * jax.random.normal(jax.random.key(3), kernel.shape)
-    out = apply(perturbed, **_inputs())
+    out = apply(perturbed, *_args(_inputs()))
     assert np.all(np.isfinite(out)) and float(jnp.abs(out).mean()) > 1e-3
 
 
@@ -111,38 +118,38 @@ def test_each_block_starts_as_identity():
 
 def test_padded_frames_do_not_affect_valid_frames(active_params, apply):
     inp = _inputs(num_frames=(16, 11))
-    out1 = apply(active_params, **inp)
+    out1 = apply(active_params, *_args(inp))
     x2 = inp["x_btc"].at[1, 11:].set(100.0 * jax.random.normal(jax.random.key(9), (5, CFG.latent_channels)))
-    out2 = apply(active_params, **{**inp, "x_btc": x2})
+    out2 = apply(active_params, *_args({**inp, "x_btc": x2}))
     np.testing.assert_allclose(out1[1, :11], out2[1, :11], rtol=0, atol=1e-6)
     np.testing.assert_array_equal(out1[0], out2[0])
     # the change is visible where it is not masked: same edit with all 16 frames valid
-    out3 = apply(active_params, **{**inp, "x_btc": x2, "num_frames_b": jnp.array([16, 16])})
+    out3 = apply(active_params, *_args({**inp, "x_btc": x2, "num_frames_b": jnp.array([16, 16])}))
     assert float(jnp.abs(out3[1, :11] - out1[1, :11]).max()) > 1e-3
 
 
 def test_text_padding_does_not_change_output(active_params, apply):
     inp = _inputs()
-    out = apply(active_params, **inp)
+    out = apply(active_params, *_args(inp))
     # fewer pad tokens (shorter padded length) -> same output
     short = {**inp, "tokens_bl": inp["tokens_bl"][:, :4].at[1, 3].set(0)}
-    ref_short_row1 = apply(active_params, **{**inp, "tokens_bl": inp["tokens_bl"].at[1, 3:].set(0)})
-    out_short = apply(active_params, **short)
+    ref_short_row1 = apply(active_params, *_args({**inp, "tokens_bl": inp["tokens_bl"].at[1, 3:].set(0)}))
+    out_short = apply(active_params, *_args(short))
     np.testing.assert_allclose(out_short[0], out[0], rtol=0, atol=1e-6)
     np.testing.assert_allclose(out_short[1], ref_short_row1[1], rtol=0, atol=1e-6)
     # the embedding of the pad id is never seen
     p2 = jax.tree.map(lambda p: p, active_params)
     emb = p2["text_encoder"]["token_embedding"]
     p2["text_encoder"]["token_embedding"] = emb.at[0].set(5.0)
-    np.testing.assert_allclose(apply(p2, **inp), out, rtol=0, atol=1e-6)
+    np.testing.assert_allclose(apply(p2, *_args(inp)), out, rtol=0, atol=1e-6)
     # ...while a real token's embedding is
     p2["text_encoder"]["token_embedding"] = emb.at[5].set(5.0)
-    assert float(jnp.abs(apply(p2, **inp)[0] - out[0]).max()) > 1e-4
+    assert float(jnp.abs(apply(p2, *_args(inp))[0] - out[0]).max()) > 1e-4
 
 
 def test_all_pad_caption_is_finite_with_finite_grads(fns, active_params):
     inp = {**_inputs(), "tokens_bl": jnp.zeros((B, L), jnp.int32)}
-    loss = lambda p: jnp.mean(fns.apply(p, **inp) ** 2)
+    loss = lambda p: jnp.mean(fns.apply(p, *_args(inp)) ** 2)
     value, grads = jax.jit(jax.value_and_grad(loss))(active_params)
     assert np.isfinite(value)
     assert all(np.all(np.isfinite(g)) for g in jax.tree.leaves(grads))
@@ -232,9 +239,9 @@ def test_cudnn_path_passes_padding_as_lengths():
 
 def test_bf16_compute_close_to_fp32(active_params):
     inp = _inputs()
-    out32 = jax.jit(make_model(CFG).apply)(active_params, **inp)
+    out32 = jax.jit(make_model(CFG).apply)(active_params, *_args(inp))
     cfg16 = config_lib.replace(CFG, dtype="bfloat16")
-    out16 = jax.jit(make_model(cfg16).apply)(active_params, **inp)
+    out16 = jax.jit(make_model(cfg16).apply)(active_params, *_args(inp))
     assert out16.dtype == jnp.float32
     err = float(jnp.abs(out16 - out32).max())
     scale = float(jnp.abs(out32).max())
@@ -244,7 +251,7 @@ def test_bf16_compute_close_to_fp32(active_params):
 def _loss_grad(remat: str, params):
     inp = _inputs()
     fns = make_model(config_lib.replace(CFG, remat=remat))
-    loss = lambda p: jnp.mean((fns.apply(p, **inp) - inp["x_btc"]) ** 2)
+    loss = lambda p: jnp.mean((fns.apply(p, *_args(inp)) - inp["x_btc"]) ** 2)
     return jax.grad(loss), params
 
 
@@ -278,9 +285,9 @@ def test_scan_layers_matches_unrolled_blocks(remat, active_params, grads_without
     inp = _inputs()
     fns = make_model(config_lib.replace(CFG, scan_layers=True, remat=remat))
     assert jax.tree.structure(fns.abstract_params()) == jax.tree.structure(active_params)
-    want = apply(active_params, **inp)
-    np.testing.assert_allclose(jax.jit(fns.apply)(active_params, **inp), want, atol=1e-6)
-    loss = lambda p: jnp.mean((fns.apply(p, **inp) - inp["x_btc"]) ** 2)
+    want = apply(active_params, *_args(inp))
+    np.testing.assert_allclose(jax.jit(fns.apply)(active_params, *_args(inp)), want, atol=1e-6)
+    loss = lambda p: jnp.mean((fns.apply(p, *_args(inp)) - inp["x_btc"]) ** 2)
     jaxpr = str(jax.make_jaxpr(jax.grad(loss))(active_params))
     assert re.findall(r"length=(\d+)", jaxpr).count(str(CFG.depth)) >= 2  # forward and backward scans
     assert _num_remat_regions(jax.grad(loss), active_params) == (0 if remat == "none" else 1)
@@ -292,7 +299,7 @@ def test_scan_layers_matches_unrolled_blocks(remat, active_params, grads_without
 def test_apply_rejects_mismatched_params(fns, params):
     bad = {**params, "extra": {"kernel": jnp.zeros(3)}}
     with pytest.raises(ValueError, match="unknown"):
-        fns.apply(bad, **_inputs())
+        fns.apply(bad, *_args(_inputs()))
 
 
 @pytest.mark.parametrize("name", list(PRESETS))

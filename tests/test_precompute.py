@@ -12,8 +12,10 @@ import pytest
 import soundfile as sf
 
 from audiodiff_jax.config import DataConfig
-from data_pipeline import loader, precompute
-from data_pipeline.shards import CARD_FILE, DatasetCard, ShardSource, load_records
+from audiodiff_jax.data import loader
+from audiodiff_jax.data.cards import CARD_FILE, DatasetCard
+from audiodiff_jax.data.records import ShardSource, load_records
+from data_pipeline import precompute
 from tests.helpers import REPO
 from tests.precompute_codec import PoolingCodec
 
@@ -86,8 +88,8 @@ def test_rendered_scores_to_shards_to_loader(tmp_path):
     np.testing.assert_allclose(card.latent_std, all_frames.std(0), rtol=1e-5, atol=1e-6)
     cfg = DataConfig(shards_dir=out, window_frames=32, global_batch_size=2, cfg_dropout=0.0, prefetch=0)
     batch = next(iter(loader.make_dataset(cfg, text_max_len=16, process_index=0, process_count=1)))
-    assert batch["latents"].shape == (2, 32, 4) and batch["tokens"].shape == (2, 16)
-    assert np.isfinite(batch["latents"]).all() and (batch["tokens"][:, 0] > 3).all()
+    assert batch.latents.shape == (2, 32, 4) and batch.cond.tokens.shape == (2, 16)
+    assert np.isfinite(batch.latents).all() and (batch.cond.tokens[:, 0] > 3).all()
 
 
 def test_bad_files_are_reported_and_good_ones_kept(tmp_path):

@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 
 from audiodiff_jax import diffusion, sampling
+from audiodiff_jax.data.batch import Conditioning
 
 MU, S = 0.7, 0.4
 B, T, C = 2, 256, 4
@@ -21,7 +22,7 @@ B, T, C = 2, 256, 4
 
 def exact_v(z, t):
     """E[v | z_t] for x ~ N(MU, S^2), z = alpha x + sigma eps."""
-    a, s = sampling.alpha_sigma(t)
+    a, s = diffusion.alpha_sigma(t)
     a, s = a[:, None, None], s[:, None, None]
     var = a * a * S * S + s * s
     x = MU + a * S * S / var * (z - a * MU)
@@ -139,23 +140,17 @@ def test_cfg_combine_math():
 
 def test_guided_denoiser_uses_the_negative_prompt():
     # A fake model whose output is its first token id: shows which caption each branch got.
-    def apply(params, x, t, tokens, start, total, nf):
-        return jnp.broadcast_to(tokens[:, :1, None].astype(jnp.float32), x.shape)
+    def apply(params, x, t, cond):
+        return jnp.broadcast_to(cond.tokens[:, :1, None].astype(jnp.float32), x.shape)
 
     z = jnp.zeros((2, 8, 3))
-    kw = dict(
-        scale_b=jnp.asarray([2.0, 4.0]),
-        rescale_b=jnp.zeros(2),
-        seconds_start_b=jnp.zeros(2),
-        seconds_total_b=jnp.ones(2),
-        num_frames_b=jnp.full(2, 8),
-    )
-    cond = jnp.asarray([[10], [20]])
+    kw = dict(scale_b=jnp.asarray([2.0, 4.0]), rescale_b=jnp.zeros(2))
+    cond = Conditioning(jnp.asarray([[10], [20]]), jnp.zeros(2), jnp.ones(2), jnp.full(2, 8))
     neg = jnp.asarray([[4], [5]])
-    v = sampling.guided_denoiser(apply, None, tokens_cond_bl=cond, tokens_uncond_bl=neg, **kw)(z, jnp.ones(2))
+    v = sampling.guided_denoiser(apply, None, cond, uncond_tokens=neg, **kw)(z, jnp.ones(2))
     # v_u + w (v_c - v_u) = 4 + 2*6 = 16 and 5 + 4*15 = 65
     np.testing.assert_allclose(v[:, 0, 0], [16.0, 65.0])
-    no_cfg = sampling.guided_denoiser(apply, None, tokens_cond_bl=cond, tokens_uncond_bl=None, **kw)
+    no_cfg = sampling.guided_denoiser(apply, None, cond, uncond_tokens=None, **kw)
     np.testing.assert_allclose(no_cfg(z, jnp.ones(2))[:, 0, 0], [10.0, 20.0])
 
 

@@ -14,6 +14,7 @@ from jax.sharding import PartitionSpec as P
 from audiodiff_jax import config as config_lib
 from audiodiff_jax import names, sharding
 from audiodiff_jax.config import MeshConfig, ModelConfig
+from audiodiff_jax.data.batch import Conditioning
 from audiodiff_jax.model import make_model
 from audiodiff_jax.model.presets import PRESETS, apply_preset
 
@@ -215,9 +216,10 @@ def test_sharded_init_and_forward_match_unsharded():
         jnp.full((b,), 30.0),
         jnp.array([16, 12, 9, 16], jnp.int32),
     )
+    inputs = (inputs[0], inputs[1], Conditioning(*inputs[2:]))
     expected = jax.jit(fns.apply)(plain, *inputs)
     batch_s = sharding.batch_sharding(mesh)
-    sharded_inputs = [jax.device_put(x, batch_s) for x in inputs]
+    sharded_inputs = jax.tree.map(lambda x: jax.device_put(x, batch_s), inputs)
     with jax.set_mesh(mesh):
         apply = jax.jit(fns.apply)
         assert "sharding_constraint" in str(jax.make_jaxpr(fns.apply)(params, *sharded_inputs))
@@ -256,8 +258,8 @@ def test_splash_model_compiles_for_a_tpu_topology():
         sds((b,), jnp.int32),
     )
 
-    def loss(p, x, *rest):
-        return jnp.mean((fns.apply(p, x, *rest) - x) ** 2)
+    def loss(p, x, t, *cond):
+        return jnp.mean((fns.apply(p, x, t, Conditioning(*cond)) - x) ** 2)
 
     with jax.set_mesh(mesh):
         lowered = jax.jit(jax.value_and_grad(loss)).trace(params, *args).lower(lowering_platforms=("tpu",))

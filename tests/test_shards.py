@@ -9,8 +9,13 @@ import numpy as np
 import pytest
 from array_record.python import array_record_module
 
-from data_pipeline import shards, tokenizer
-from data_pipeline.shards import DatasetCard, ShardError, ShardSource, ShardWriter
+from audiodiff_jax.data import cards
+from audiodiff_jax.data import records as records_lib
+from audiodiff_jax.data.cards import DatasetCard, ShardError
+from audiodiff_jax.data.records import ShardSource
+from audiodiff_jax.data.tokenizer import Tokenizer
+from data_pipeline import tokenizer
+from data_pipeline.shards import ShardWriter
 
 CODEC = {
     "name": "test-codec",
@@ -65,14 +70,14 @@ def assert_record_equal(got, want):
 def test_record_round_trip_is_exact(dtype):
     rec = make_records(1)[0] | {"caption": "a slow piano piece in C minor"}
     rec["latents"] = rec["latents"].astype(dtype)
-    got = shards.decode_record(shards.encode_record(rec), where="x")
+    got = records_lib.decode_record(records_lib.encode_record(rec), where="x")
     assert_record_equal(got, rec)
 
 
 def test_record_without_labels_decodes_to_empty_labels():
     rec = make_records(1)[0]
     del rec["labels"]
-    assert shards.decode_record(shards.encode_record(rec), where="x")["labels"] == {}
+    assert records_lib.decode_record(records_lib.encode_record(rec), where="x")["labels"] == {}
 
 
 @pytest.mark.parametrize(
@@ -89,26 +94,26 @@ def test_record_without_labels_decodes_to_empty_labels():
 )
 def test_encode_rejects_bad_fields_by_name(change, field):
     with pytest.raises(ShardError, match=field):
-        shards.encode_record(make_records(1)[0] | change)
+        records_lib.encode_record(make_records(1)[0] | change)
 
 
 def test_decode_errors_name_the_place():
-    data = shards.encode_record(make_records(1)[0])
+    data = records_lib.encode_record(make_records(1)[0])
     where = "f.array_record, record 7"
     with pytest.raises(ShardError, match="f.array_record, record 7: not a latent record"):
-        shards.decode_record(b"XXXX" + data[4:], where=where)
+        records_lib.decode_record(b"XXXX" + data[4:], where=where)
     with pytest.raises(ShardError, match="record 7: .*payload"):
-        shards.decode_record(data[:-5], where=where)
+        records_lib.decode_record(data[:-5], where=where)
     with pytest.raises(ShardError, match="record 7: truncated"):
-        shards.decode_record(data[:5], where=where)
+        records_lib.decode_record(data[:5], where=where)
     flipped = bytearray(data)
     flipped[-3] ^= 0xFF
     with pytest.raises(ShardError, match="record 7: latents checksum"):
-        shards.decode_record(bytes(flipped), where=where)
+        records_lib.decode_record(bytes(flipped), where=where)
     header_broken = bytearray(data)
     header_broken[12] = ord("}")
     with pytest.raises(ShardError, match="record 7: corrupt record header"):
-        shards.decode_record(bytes(header_broken), where=where)
+        records_lib.decode_record(bytes(header_broken), where=where)
 
 
 # ---------------------------------------------------------------------------
@@ -121,7 +126,7 @@ def test_shards_and_card_round_trip(tmp_path):
         tmp_path, records, metadata={"corpus": "unit"}, tokenizer="tok.model", tokenizer_vocab_size=7
     )
     assert DatasetCard.load(str(tmp_path)) == card
-    assert [s.file for s in card.shards] == [shards.shard_file_name(i, 3) for i in range(3)]
+    assert [s.file for s in card.shards] == [records_lib.shard_file_name(i, 3) for i in range(3)]
     assert [s.num_records for s in card.shards] == [4, 3, 3]  # round robin
     assert card.num_records == 10
     assert card.total_frames == sum(len(r["latents"]) for r in records)
@@ -137,12 +142,15 @@ def test_shards_and_card_round_trip(tmp_path):
 def test_records_per_shard(tmp_path):
     card = write(tmp_path, make_records(7), num_shards=None, records_per_shard=3)
     assert [s.num_records for s in card.shards] == [3, 3, 1]
-    assert sorted(os.listdir(tmp_path)) == sorted([shards.CARD_FILE] + [s.file for s in card.shards])
+    assert sorted(os.listdir(tmp_path)) == sorted([cards.CARD_FILE] + [s.file for s in card.shards])
 
 
 def test_more_shards_than_records_drops_empty_ones(tmp_path):
     card = write(tmp_path, make_records(2), num_shards=5)
-    assert [s.file for s in card.shards] == [shards.shard_file_name(0, 2), shards.shard_file_name(1, 2)]
+    assert [s.file for s in card.shards] == [
+        records_lib.shard_file_name(0, 2),
+        records_lib.shard_file_name(1, 2),
+    ]
     assert len(ShardSource(str(tmp_path))) == 2
 
 
@@ -168,7 +176,7 @@ def test_exception_mid_write_leaves_nothing_visible(tmp_path):
                 w.add(r)
             # While writing, readers see neither shards nor a card.
             assert glob.glob(str(tmp_path / "latents-*")) == []
-            assert not (tmp_path / shards.CARD_FILE).exists()
+            assert not (tmp_path / cards.CARD_FILE).exists()
             raise RuntimeError("boom")
     assert os.listdir(tmp_path) == []  # temporary files removed too
 
@@ -178,7 +186,7 @@ def test_existing_dataset_needs_overwrite(tmp_path):
     with pytest.raises(ShardError, match="overwrite=True"):
         ShardWriter(str(tmp_path), CODEC, num_shards=1)
     card = write(tmp_path, make_records(3, seed=1), num_shards=1, overwrite=True)
-    assert sorted(os.listdir(tmp_path)) == sorted([shards.CARD_FILE, shards.shard_file_name(0, 1)])
+    assert sorted(os.listdir(tmp_path)) == sorted([cards.CARD_FILE, records_lib.shard_file_name(0, 1)])
     assert len(ShardSource(str(tmp_path))) == card.num_records == 3
 
 
@@ -194,7 +202,7 @@ def test_truncated_shard_names_the_file(tmp_path):
 def test_missing_shard_and_count_mismatch_name_the_file(tmp_path):
     card = write(tmp_path, make_records(9))
     bad = dataclasses.replace(
-        card, shards=(card.shards[0], shards.ShardInfo(card.shards[1].file, 4), card.shards[2])
+        card, shards=(card.shards[0], cards.ShardInfo(card.shards[1].file, 4), card.shards[2])
     )
     bad = dataclasses.replace(bad, num_records=10)
     bad.save(str(tmp_path))
@@ -214,7 +222,7 @@ def test_corrupted_bytes_in_file_name_file_and_record(tmp_path):
     path = tmp_path / card.shards[0].file
     data = bytearray(path.read_bytes())
     pos = bytes(data).find(
-        shards.encode_record(records[2])
+        records_lib.encode_record(records[2])
     )  # uncompressed shards keep record bytes contiguous
     assert pos > 0
     for k in range(pos + 60, pos + 70):
@@ -233,7 +241,7 @@ def test_bad_magic_in_valid_shard_names_file_and_record(tmp_path):
     os.remove(path)
     writer = array_record_module.ArrayRecordWriter(path, "group_size:1")
     for i, r in enumerate(records):
-        data = shards.encode_record(r)
+        data = records_lib.encode_record(r)
         writer.write(b"JUNK" + data[4:] if i == 1 else data)
     writer.close()
     source = ShardSource(str(tmp_path))
@@ -256,7 +264,7 @@ def test_bad_magic_in_valid_shard_names_file_and_record(tmp_path):
 )
 def test_card_validation_names_the_field(tmp_path, edit, message):
     write(tmp_path, make_records(4))
-    path = tmp_path / shards.CARD_FILE
+    path = tmp_path / cards.CARD_FILE
     d = json.loads(path.read_text())
     edit(d)
     path.write_text(json.dumps(d))
@@ -288,7 +296,7 @@ CAPTIONS = [
 @pytest.fixture(scope="module")
 def tok(tmp_path_factory):
     path = tokenizer.train_tokenizer(CAPTIONS, str(tmp_path_factory.mktemp("tok") / "tok"), vocab_size=64)
-    return tokenizer.Tokenizer(path)
+    return Tokenizer(path)
 
 
 def test_tokenizer_ids_and_small_vocab(tok):
@@ -325,4 +333,4 @@ def test_train_for_dataset_records_tokenizer_in_card(tmp_path):
     path = tokenizer.train_for_dataset(str(tmp_path), vocab_size=64)
     card = DatasetCard.load(str(tmp_path))
     assert card.tokenizer == "tokenizer.model" and os.path.join(str(tmp_path), card.tokenizer) == path
-    assert card.tokenizer_vocab_size == tokenizer.Tokenizer(path).vocab_size
+    assert card.tokenizer_vocab_size == Tokenizer(path).vocab_size

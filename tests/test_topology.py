@@ -16,9 +16,9 @@ import jax
 import numpy as np
 import pytest
 
-from audiodiff_jax import checkpointing, sharding, train
+from audiodiff_jax import checkpointing, loop, sharding, train
+from audiodiff_jax.data import loader
 from audiodiff_jax.metrics import read_loss_history
-from data_pipeline import loader
 from tests.helpers import assert_trees_equal, read_state, tiny_config, write_shards
 
 pytestmark = pytest.mark.slow
@@ -76,7 +76,7 @@ def test_checkpoint_resumes_on_other_mesh(run_222, shards, tmp_path, changes, nu
         _copy_up_to(workdir, 4, str(tmp_path / "restore")), keep_last=5, keep_every=0, async_save=False
     )
     data_iter = iter(loader.make_dataset(new_cfg.data, text_max_len=16, process_index=0, process_count=1))
-    state = train.restore_for_mesh(ckpt, 4, trainer, data_iter)
+    state = loop.restore_for_mesh(ckpt, 4, trainer, data_iter)
     ckpt.close()
     restored = jax.device_get(state)
     assert int(restored.step) == 4
@@ -126,20 +126,20 @@ def test_other_process_count_continues_the_data_stream(run_222, shards, tmp_path
     trainer = train.Trainer(cfg, sharding.make_mesh(cfg.mesh))
     ckpt = checkpointing.RunCheckpointer(moved, keep_last=5, keep_every=0, async_save=False)
     data_iter = iter(loader.make_dataset(cfg.data, text_max_len=16, process_index=0, process_count=1))
-    train.restore_for_mesh(ckpt, 4, trainer, data_iter)
+    loop.restore_for_mesh(ckpt, 4, trainer, data_iter)
     ckpt.close()
-    got = next(data_iter)["record_index"]
+    got = next(data_iter).record_index
     # The batch an uninterrupted run reads at step 5 (its 5th batch), as a set: two
     # processes split the same global batch differently.
     fresh = iter(loader.make_dataset(cfg.data, text_max_len=16, process_index=0, process_count=1))
     for _ in range(4):
         next(fresh)
-    want = next(fresh)["record_index"]
+    want = next(fresh).record_index
     assert sorted(got.tolist()) == sorted(want.tolist())
     # and two processes at that position read exactly that global batch between them
     halves = []
     for p in range(2):
         two = iter(loader.make_dataset(cfg.data, text_max_len=16, process_index=p, process_count=2))
         grain.experimental.set_next_index(two, 4)
-        halves += next(two)["record_index"].tolist()
+        halves += next(two).record_index.tolist()
     assert sorted(halves) == sorted(want.tolist())

@@ -7,7 +7,7 @@ import jax
 import numpy as np
 import pytest
 
-from audiodiff_jax import checkpointing, sharding, train
+from audiodiff_jax import checkpointing, loop, sharding, train
 from audiodiff_jax.metrics import read_loss_history
 from tests.helpers import assert_trees_equal, read_state, tiny_config, write_shards
 
@@ -22,7 +22,7 @@ def _fixed_eval_loss(cfg, trainer, params, shards):
     import jax.numpy as jnp
 
     from audiodiff_jax import diffusion
-    from data_pipeline import loader
+    from audiodiff_jax.data import loader
 
     batch = next(
         iter(
@@ -31,14 +31,12 @@ def _fixed_eval_loss(cfg, trainer, params, shards):
             )
         )
     )
-    x = jnp.asarray(batch["latents"])
+    x = jnp.asarray(batch.latents)
     t = jnp.linspace(0.1, 0.9, x.shape[0])
     noise = jax.random.normal(jax.random.key(123), x.shape)
     z, v = diffusion.add_noise(x, noise, t)
-    pred = trainer.model.apply(
-        params, z, t, batch["tokens"], batch["seconds_start"], batch["seconds_total"], batch["num_frames"]
-    )
-    return float(diffusion.masked_mse(pred, v, jnp.asarray(batch["loss_mask"])))
+    pred = trainer.model.apply(params, z, t, batch.cond)
+    return float(diffusion.masked_mse(pred, v, jnp.asarray(batch.loss_mask)))
 
 
 def test_loop_learns_and_checkpoints(shards, tmp_path):
@@ -123,7 +121,7 @@ def test_divergence_stops_and_keeps_last_good_checkpoint(shards, tmp_path):
             "optim.warmup_steps": 0,
         },
     )
-    with pytest.raises(train.TrainingDiverged, match=r"diverged at step 5.*checkpoint step 4"):
+    with pytest.raises(loop.TrainingDiverged, match=r"diverged at step 5.*checkpoint step 4"):
         train.train(bad, str(tmp_path))
     kept = sorted(int(d) for d in os.listdir(tmp_path / "checkpoints") if d.isdigit())
     assert kept[-1] == 4

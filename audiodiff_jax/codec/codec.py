@@ -4,7 +4,7 @@
     codec = load_codec()                      # the default shipped in the package
     z = codec.encode(audio, 44100)            # [channels, samples] at any rate -> [frames, 32]
     audio = codec.decode(z)                   # -> [1, frames * 1024] at 22050 Hz
-    codec.card                                # data_pipeline.shards.CodecCard
+    codec.card                                # audiodiff_jax.data.cards.CodecCard
 
 A saved codec is a folder with ``weights.npz`` (parameters, flattened ``a/b/c`` keys)
 and ``codec_card.json`` (:func:`audiodiff_jax.codec.train.card_dict`: the CodecCard
@@ -24,10 +24,13 @@ import numpy as np
 from absl import logging
 from flax.nnx import traversals
 
+from audiodiff_jax import checkpointing
 from audiodiff_jax.codec import chunked, inputs
 from audiodiff_jax.codec import config as config_lib
 from audiodiff_jax.codec import model as model_lib
 from audiodiff_jax.codec.config import CodecModelConfig, hop_of
+from audiodiff_jax.codec.data import load_wav
+from audiodiff_jax.data.cards import CodecCard
 
 WEIGHTS_FILE = "weights.npz"
 CARD_FILE = "codec_card.json"
@@ -85,9 +88,7 @@ class JaxCodec:
     # -- the interface ---------------------------------------------------------------
 
     @property
-    def card(self):
-        from data_pipeline.shards import CodecCard
-
+    def card(self) -> CodecCard:
         m = self.model
         return CodecCard(
             name=m.name,
@@ -166,11 +167,9 @@ class JaxCodec:
 
     def card_dict(self) -> dict:
         """The full codec card: CodecCard fields, latent statistics, model config."""
-        from audiodiff_jax.codec.config import CodecConfig
-        from audiodiff_jax.codec.train import card_dict
-
-        cfg = CodecConfig(model=self.model)
-        return card_dict(cfg, self.latent_mean, self.latent_std)
+        return config_lib.card_dict(
+            config_lib.CodecConfig(model=self.model), self.latent_mean, self.latent_std
+        )
 
     def save(self, out_dir: str) -> str:
         """Writes ``weights.npz`` + ``codec_card.json``; returns ``out_dir``."""
@@ -194,16 +193,10 @@ def _load_folder(path: str, **kwargs) -> JaxCodec:
 
 
 def _load_run(path: str, **kwargs) -> JaxCodec:
-    from audiodiff_jax.codec import train
-
-    root = os.path.join(path, "checkpoints")
-    steps = sorted(int(d) for d in os.listdir(root) if d.isdigit())
-    if not steps:
-        raise FileNotFoundError(f"{path}: no codec checkpoint in {root}")
-    with open(glob.glob(os.path.join(root, str(steps[-1]), "config", "*"))[0]) as f:
-        cfg = config_lib.from_configdict(json.load(f))
+    step_dir, _ = checkpointing.find_step(path, required_items=("state", "config"))
+    cfg = config_lib.from_configdict(checkpointing.read_json_item(step_dir / "config"))
     abstract = model_lib.make_vae(cfg.model).abstract_params()
-    params, step, _ = train.restore_params(path, abstract, use_ema=True)
+    params, step = checkpointing.restore_params(str(step_dir), abstract, use_ema=True)
     logging.info("codec: EMA weights of step %d from %s", step, path)
     return JaxCodec(cfg.model, params, **kwargs)
 
@@ -230,8 +223,6 @@ def load_codec(name_or_path: str = "default", **kwargs) -> JaxCodec:
 
 def latent_statistics(codec: JaxCodec, audio_dir: str, max_files: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """Per-channel mean and (population) std of the latents of every WAV in ``audio_dir``."""
-    from audiodiff_jax.codec.data import load_wav
-
     files = sorted(glob.glob(os.path.join(audio_dir, "**", "*.wav"), recursive=True))
     if max_files:
         files = files[:max_files]

@@ -229,3 +229,21 @@ def validate(cfg: CodecConfig, num_devices: int | None = None) -> None:
             w % sizes["fsdp"] == 0,
             f"model.widths (x decoder_width_mult) has {w}, not divisible by mesh.fsdp={sizes['fsdp']}",
         )
+
+
+def card_dict(cfg: CodecConfig, latent_mean=None, latent_std=None) -> dict:
+    """The codec card: the fields of ``audiodiff_jax.data.cards.CodecCard``, the latent
+    statistics (per channel, over the encoded training audio) and the model config."""
+    m = cfg.model
+    hop = hop_of(m)
+    return {
+        "name": m.name,
+        "sample_rate": m.sample_rate,
+        "audio_channels": m.audio_channels,
+        "hop": hop,
+        "latent_rate": m.sample_rate / hop,
+        "latent_channels": m.latent_channels,
+        "latent_mean": None if latent_mean is None else [float(v) for v in latent_mean],
+        "latent_std": None if latent_std is None else [float(v) for v in latent_std],
+        "model": dataclasses.asdict(m),
+    }

@@ -1,7 +1,7 @@
 """The codec interface (DESIGN.md contract 3): what every codec offers the rest.
 
 ``encode(audio) -> latents`` and ``decode(latents) -> audio`` on numpy arrays, plus the
-codec card (``data_pipeline.shards.CodecCard``: name, sample_rate, audio_channels,
+codec card (``audiodiff_jax.data.cards.CodecCard``: name, sample_rate, audio_channels,
 hop, latent_rate, latent_channels). Latents here are the codec's raw latents; the
 per-channel normalization used for training lives in the dataset card and is
 applied by the loader (and undone by the sampler before decoding). Long audio goes
@@ -19,7 +19,7 @@ import numpy as np
 class Codec(Protocol):
     @property
     def card(self):
-        """The codec card (``data_pipeline.shards.CodecCard``)."""
+        """The codec card (``audiodiff_jax.data.cards.CodecCard``)."""
 
     def encode(self, audio: np.ndarray, sample_rate: int) -> np.ndarray:
         """``audio [audio_channels, samples]`` float32 in [-1, 1] -> ``latents [frames, latent_channels]``.

@@ -25,18 +25,15 @@ checkpoint keys; do not rename them.
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import Any, NamedTuple
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from flax.nnx import traversals
 
 from audiodiff_jax import names
 from audiodiff_jax.codec.config import CodecModelConfig, DiscriminatorConfig
 from audiodiff_jax.model.layers import ParamKeys, dtype_of, make_param
+from audiodiff_jax.model.module_fns import ModuleFns, module_fns
 from audiodiff_jax.sharding import constrain
 
 ACT_AXES = (names.BATCH, names.LENGTH, names.ACT_EMBED)
@@ -338,67 +335,17 @@ class MultiScaleSTFTDiscriminator(nnx.Module):
 
 
 # ---------------------------------------------------------------------------
-# Pure-function interface (as audiodiff_jax.model.make_model): params are nested dicts
-
-
-class ModuleFns(NamedTuple):
-    """A module as pure functions over a nested dict of parameters (string keys)."""
-
-    init: Callable[[jax.Array], dict]  # rng key -> params (unsharded; jit with out_shardings)
-    merge: Callable[[dict], nnx.Module]  # params -> a module to call (inside jit / grad)
-    abstract_params: Callable[[], dict]  # ShapeDtypeStructs; allocates nothing
-    logical_axes: Callable[[], Any]  # same structure, leaves = logical axis tuples
-
-
-def _str_keys(tree):
-    # nnx.List children have int keys; Orbax and npz give them back as strings.
-    if isinstance(tree, dict):
-        return {str(k): _str_keys(v) for k, v in tree.items()}
-    return tree
-
-
-def module_fns(build: Callable[[ParamKeys], nnx.Module]) -> ModuleFns:
-    """Wraps ``build(keys) -> module`` into :class:`ModuleFns`."""
-
-    def make(rng):
-        # Unsharded construction; placement is the caller's jit out_shardings.
-        with nnx.use_eager_sharding(False):
-            return build(ParamKeys(rng))
-
-    abstract = nnx.eval_shape(lambda: make(jax.random.key(0)))
-    graphdef, abstract_state = nnx.split(abstract)
-    variables = {tuple(str(k) for k in path): (path, var) for path, var in nnx.to_flat_state(abstract_state)}
-    axes = _str_keys(nnx.to_pure_dict(abstract_state, lambda v: tuple(v.get_metadata("out_sharding"))))
-    shapes = _str_keys(nnx.to_pure_dict(abstract_state))
-
-    def init(rng):
-        return _str_keys(nnx.to_pure_dict(nnx.state(make(rng))))
-
-    def merge(params):
-        flat = traversals.flatten_mapping(params)
-        if flat.keys() != variables.keys():
-            missing = sorted("/".join(p) for p in variables.keys() - flat.keys())
-            unknown = sorted("/".join(p) for p in flat.keys() - variables.keys())
-            raise ValueError(
-                f"params do not match the codec model: missing {missing[:5]}, unknown {unknown[:5]}"
-            )
-        state = nnx.from_flat_state([(variables[p][0], variables[p][1].replace(v)) for p, v in flat.items()])
-        return nnx.merge(graphdef, state)
-
-    return ModuleFns(
-        init=init,
-        merge=merge,
-        abstract_params=lambda: _str_keys(shapes),
-        logical_axes=lambda: _str_keys(axes),
-    )
+# Pure-function interface (audiodiff_jax/model/module_fns.py): params are nested dicts
 
 
 def make_vae(m: CodecModelConfig) -> ModuleFns:
-    return module_fns(lambda keys: VAE(m, keys=keys))
+    return module_fns(lambda keys: VAE(m, keys=keys), "codec model")
 
 
 def make_discriminator(audio_channels: int, cfg: DiscriminatorConfig) -> ModuleFns:
-    return module_fns(lambda keys: MultiScaleSTFTDiscriminator(audio_channels, cfg, keys=keys))
+    return module_fns(
+        lambda keys: MultiScaleSTFTDiscriminator(audio_channels, cfg, keys=keys), "discriminator"
+    )
 
 
 def count_params(tree) -> int:

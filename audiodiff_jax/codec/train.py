@@ -1,4 +1,4 @@
-"""Training the codec: one jitted, sharded, donated step and the loop around it.
+"""Training the codec: one jitted, sharded, donated step; the loop is ``audiodiff_jax/loop.py``.
 
 One batch, in order: :class:`audiodiff_jax.codec.data.CropSource` (crops chosen by
 seed and step) -> global array sharded over (data, fsdp) -> :func:`make_train_step`
@@ -9,36 +9,25 @@ The train state is a dict: ``step``, ``params``, ``opt_state``, ``ema_params``,
 ``rng``, and with a discriminator ``disc_params``, ``disc_opt_state``. Checkpoints are
 an Orbax CheckpointManager in ``WORKDIR/checkpoints`` with the items ``state``,
 ``config`` (the resolved config as JSON) and ``codec_card``. No data iterator state is
-needed: crops are a pure function of (seed, step).
-
-Resume order (the only place it is written down):
-
-1. the latest complete checkpoint in ``WORKDIR/checkpoints`` (continues bit for bit);
-2. else ``train.init_from``: params of another codec run (copied into the EMA), with a
-   fresh optimizer and step 0;
-3. else a fresh initialization from ``train.seed``.
+needed: crops are a pure function of (seed, step). The shared loop gives the codec the
+DiT's resume order, SIGTERM save, step watchdog, NaN checks and goodput.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import time
-from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
-import orbax.checkpoint as ocp
 from absl import logging
-from etils import epath
 
-from audiodiff_jax import checkpointing, names, optim, sharding
+from audiodiff_jax import checkpointing, loop, names, optim, sharding
 from audiodiff_jax.codec import losses
 from audiodiff_jax.codec import model as model_lib
-from audiodiff_jax.codec.config import CodecConfig, hop_of, validate
-from audiodiff_jax.metrics import MetricWriter, log_line
-from audiodiff_jax.train import TrainingDiverged, check_finite, opt_state_shardings
+from audiodiff_jax.codec.config import CodecConfig, card_dict, validate
+from audiodiff_jax.codec.data import CropSource
+from audiodiff_jax.config import ConfigError
 
 # Metric names of the codec run (the DiT's are in audiodiff_jax/names.py).
 LOSS = names.TRAIN_LOSS
@@ -50,29 +39,9 @@ FEAT = "codec/feature_matching"
 DISC_LOSS = "codec/discriminator"
 PERF_AUDIO_SECONDS = "perf/audio_seconds_per_s"
 
-ITEMS = ("state", "config", "codec_card")
-
 
 def uses_discriminator(cfg: CodecConfig) -> bool:
     return cfg.discriminator.adversarial_weight > 0 or cfg.discriminator.feature_weight > 0
-
-
-def card_dict(cfg: CodecConfig, latent_mean=None, latent_std=None) -> dict:
-    """The codec card: the fields of ``data_pipeline.shards.CodecCard``, the latent
-    statistics (per channel, over the encoded training audio) and the model config."""
-    m = cfg.model
-    hop = hop_of(m)
-    return {
-        "name": m.name,
-        "sample_rate": m.sample_rate,
-        "audio_channels": m.audio_channels,
-        "hop": hop,
-        "latent_rate": m.sample_rate / hop,
-        "latent_channels": m.latent_channels,
-        "latent_mean": None if latent_mean is None else [float(v) for v in latent_mean],
-        "latent_std": None if latent_std is None else [float(v) for v in latent_std],
-        "model": dataclasses.asdict(m),
-    }
 
 
 def make_train_step(cfg: CodecConfig, vae: model_lib.ModuleFns, disc, tx, disc_tx, schedule):
@@ -164,7 +133,7 @@ class CodecTrainer:
         shardings = {
             "step": replicated,
             "params": self.param_shardings,
-            "opt_state": opt_state_shardings(opt_shapes, abstract, self.param_shardings, replicated),
+            "opt_state": loop.opt_state_shardings(opt_shapes, abstract, self.param_shardings, replicated),
             "ema_params": self.param_shardings,
             "rng": replicated,
         }
@@ -172,7 +141,7 @@ class CodecTrainer:
             d_sh = sharding.named_shardings(self.disc.logical_axes(), mesh)
             d_abs = self.disc.abstract_params()
             shardings["disc_params"] = d_sh
-            shardings["disc_opt_state"] = opt_state_shardings(
+            shardings["disc_opt_state"] = loop.opt_state_shardings(
                 jax.eval_shape(self.disc_tx.init, d_abs), d_abs, d_sh, replicated
             )
         self.state_shardings = shardings
@@ -221,42 +190,40 @@ class CodecTrainer:
         with jax.set_mesh(self.mesh):
             return self.train_step(state, audio_btc)
 
+    # -- the loop's Trainer protocol (audiodiff_jax/loop.py) -------------------------
 
-def checkpoint_manager(workdir: str, cfg: CodecConfig) -> ocp.CheckpointManager:
-    options = ocp.CheckpointManagerOptions(
-        max_to_keep=cfg.checkpoint.keep_last,
-        keep_period=cfg.checkpoint.keep_every or None,
-        enable_async_checkpointing=cfg.checkpoint.async_save,
-        create=True,
-    )
-    return ocp.CheckpointManager(epath.Path(workdir) / "checkpoints", options=options, item_names=ITEMS)
+    def initial_state(self) -> dict:
+        """``train.init_from`` weights (another codec run's raw params), or a fresh state."""
+        cfg = self.cfg
+        if cfg.train.init_from:
+            abstract = jax.tree.map(
+                lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
+                self.vae.abstract_params(),
+                self.param_shardings,
+            )
+            try:
+                params, src = checkpointing.restore_params(
+                    cfg.train.init_from, abstract, required_items=("state", "config")
+                )
+            except checkpointing.CheckpointNotFound as e:
+                raise ConfigError(f"train.init_from: {e}") from e
+            logging.info("starting from the weights of %s (step %d)", cfg.train.init_from, src)
+            return self.init_state(cfg.train.seed, params=params)
+        logging.info("starting fresh from seed %d", cfg.train.seed)
+        return self.init_state(cfg.train.seed)
 
+    @staticmethod
+    def state_step(state: dict) -> int:
+        return int(jax.device_get(state["step"]))
 
-def restore_params(path: str, abstract_params: Any, *, use_ema: bool = True) -> tuple[Any, int, dict]:
-    """Weights (EMA by default) of a codec run's latest checkpoint, with its step and config.
-
-    Args:
-      path: a codec run workdir (or its ``checkpoints`` folder).
-      abstract_params: ShapeDtypeStructs (with or without shardings) of the params.
-    """
-    step_dir, step = checkpointing.find_step(path, required_items=("state", "config"))
-    key = "ema_params" if use_ema else "params"
-    with ocp.PyTreeCheckpointer() as ckptr:
-        restored = ckptr.restore(
-            step_dir / "state",
-            args=ocp.args.PyTreeRestore(
-                item={key: abstract_params},
-                restore_args={key: ocp.checkpoint_utils.construct_restore_args(abstract_params)},
-                partial_restore=True,
-            ),
-        )
-    return restored[key], step, checkpointing.read_json_item(step_dir / "config")
-
-
-@dataclasses.dataclass
-class TrainResult:
-    state: dict
-    final_step: int
+    def perf_scalars(self, seconds_per_step: float) -> dict[str, float]:
+        d = self.cfg.data
+        return {
+            PERF_AUDIO_SECONDS: d.global_batch_size
+            * d.crop_samples
+            / self.cfg.model.sample_rate
+            / seconds_per_step
+        }
 
 
 def train(
@@ -266,17 +233,18 @@ def train(
     mesh: jax.sharding.Mesh | None = None,
     source=None,
     trainer: CodecTrainer | None = None,
-) -> TrainResult:
-    """Trains the codec ``cfg`` in ``workdir``, resuming as the module docstring says.
+    process_start: float | None = None,
+    step_timeout_s: float = 0.0,
+) -> loop.TrainResult:
+    """Trains the codec ``cfg`` in ``workdir``, resuming as ``audiodiff_jax/loop.py`` says.
 
     Args:
       source: a :class:`~audiodiff_jax.codec.data.CropSource` (default: one over
         ``cfg.data.audio_dir``); tests pass synthetic audio here.
       trainer: a :class:`CodecTrainer` of ``cfg`` to reuse (its jitted step is
         compiled once; tests run several short runs with one).
+      process_start, step_timeout_s: as ``audiodiff_jax.train.train``.
     """
-    from audiodiff_jax.codec.data import CropSource
-
     validate(cfg, num_devices=jax.device_count())
     if trainer is not None and trainer.cfg != cfg:
         raise ValueError("trainer was built for another config")
@@ -291,79 +259,19 @@ def train(
             min_rms=cfg.data.min_rms,
         )
     trainer = trainer or CodecTrainer(cfg, mesh)
-    manager = checkpoint_manager(workdir, cfg)
-    config_json = dataclasses.asdict(cfg)
-    card = card_dict(cfg)
-    latest = manager.latest_step()
-    if latest is not None:
-        logging.info("resuming codec run from step %d", latest)
-        state = manager.restore(
-            latest, args=ocp.args.Composite(state=ocp.args.StandardRestore(trainer.abstract_state()))
-        ).state
-    elif cfg.train.init_from:
-        abstract = jax.tree.map(
-            lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
-            trainer.vae.abstract_params(),
-            trainer.param_shardings,
-        )
-        params, src, _ = restore_params(cfg.train.init_from, abstract, use_ema=False)
-        logging.info("starting from the weights of %s (step %d)", cfg.train.init_from, src)
-        state = trainer.init_state(cfg.train.seed, params=params)
-    else:
-        logging.info("starting fresh from seed %d", cfg.train.seed)
-        state = trainer.init_state(cfg.train.seed)
-    step = int(jax.device_get(state["step"]))
-    n_params = model_lib.count_params(state["params"])
-    logging.info("codec: %.2fM params; steps %d -> %d", n_params / 1e6, step, cfg.train.num_steps)
-    writer = MetricWriter(workdir)
-    batch_seconds = cfg.data.global_batch_size * cfg.data.crop_samples / cfg.model.sample_rate
-    pending: list[tuple[int, dict]] = []
-    last_saved = latest
-    t_last, step_last = time.perf_counter(), step
-    try:
-        while step < cfg.train.num_steps:
-            local = source.batch(step, cfg.data.global_batch_size, jax.process_index(), jax.process_count())
-            audio = jax.make_array_from_process_local_data(trainer.batch_sharding, local)
-            state, metrics = trainer.step(state, audio)
-            step += 1
-            pending.append((step, metrics))
-            is_log = step % cfg.train.log_every == 0 or step == cfg.train.num_steps
-            is_save = step % cfg.checkpoint.every_steps == 0 or step == cfg.train.num_steps
-            if is_log or is_save:
-                fetched = jax.device_get([m for _, m in pending])
-                rows = [
-                    (s, {k: float(v) for k, v in m.items()})
-                    for (s, _), m in zip(pending, fetched, strict=True)
-                ]
-                pending = []
-                for s, m in rows:
-                    check_finite(s, m, last_saved, workdir)
-                writer.write_step_losses([(s, m[LOSS]) for s, m in rows])
-                if is_log:
-                    now = time.perf_counter()
-                    dt = (now - t_last) / max(step - step_last, 1)
-                    t_last, step_last = now, step
-                    scalars = dict(rows[-1][1])
-                    scalars[LOSS] = float(np.mean([m[LOSS] for _, m in rows]))
-                    scalars[names.PERF_STEP_TIME] = dt
-                    scalars[PERF_AUDIO_SECONDS] = batch_seconds / dt
-                    writer.write_scalars(step, scalars)
-                    log_line(step, cfg.train.num_steps, scalars, 1.0 / dt)
-            if is_save:
-                manager.save(
-                    step,
-                    args=ocp.args.Composite(
-                        state=ocp.args.StandardSave(state),
-                        config=ocp.args.JsonSave(config_json),
-                        codec_card=ocp.args.JsonSave(card),
-                    ),
-                    force=True,
-                )
-                last_saved = step
-    except TrainingDiverged:
-        raise
-    finally:
-        manager.wait_until_finished()
-        manager.close()
-        writer.close()
-    return TrainResult(state=state, final_step=step)
+    n_params = model_lib.count_params(trainer.vae.abstract_params())
+    logging.info("codec: %.2fM params; %d steps", n_params / 1e6, cfg.train.num_steps)
+
+    def next_batch(step: int) -> jax.Array:
+        # Crops are a pure function of (seed, step): no iterator state to checkpoint.
+        local = source.batch(step, cfg.data.global_batch_size, jax.process_index(), jax.process_count())
+        return jax.make_array_from_process_local_data(trainer.batch_sharding, local)
+
+    return loop.run(
+        trainer,
+        next_batch,
+        workdir,
+        loop.LoopConfig.from_config(cfg, step_timeout_s),
+        json_items={"config": dataclasses.asdict(cfg), "codec_card": card_dict(cfg)},
+        process_start=process_start,
+    )

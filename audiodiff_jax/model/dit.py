@@ -26,6 +26,7 @@ from flax import nnx
 
 from audiodiff_jax import names
 from audiodiff_jax.config import ModelConfig
+from audiodiff_jax.data.batch import Conditioning
 from audiodiff_jax.model.attention import Attention, rope_tables
 from audiodiff_jax.model.layers import Dense, LayerNorm, Mlp, ParamKeys, ScalarEmbedder, dtype_of
 from audiodiff_jax.model.text_encoder import TextEncoder
@@ -111,24 +112,23 @@ class DiT(nnx.Module):
         self,
         x_btc: jax.Array,
         t_b: jax.Array,
-        tokens_bl: jax.Array,
-        seconds_start_b: jax.Array,
-        seconds_total_b: jax.Array,
-        num_frames_b: jax.Array,
+        cond: Conditioning,
     ) -> jax.Array:
+        """``x_btc`` noisy latents, ``t_b`` diffusion time, ``cond`` caption tokens ``[B, L]``,
+        window start and song length in seconds ``[B]``, real frames ``[B]``."""
         cfg = self.cfg
         frames = x_btc.shape[1]
         x = self.x_embedder(x_btc)
         x = constrain(x, (names.BATCH, names.LENGTH, names.ACT_EMBED))
         c = (
             self.t_embedder(t_b)
-            + self.start_embedder(seconds_start_b / cfg.max_seconds)
-            + self.total_embedder(seconds_total_b / cfg.max_seconds)
+            + self.start_embedder(cond.seconds_start / cfg.max_seconds)
+            + self.total_embedder(cond.seconds_total / cfg.max_seconds)
         )
         silu_c = jax.nn.silu(c)
-        ctx, text_mask = self.text_encoder(tokens_bl)
+        ctx, text_mask = self.text_encoder(cond.tokens)
         # Padding is always at the end: frame i is real iff i < num_frames.
-        frame_mask = jnp.arange(frames, dtype=jnp.int32)[None, :] < num_frames_b.astype(jnp.int32)[:, None]
+        frame_mask = jnp.arange(frames, dtype=jnp.int32)[None, :] < cond.num_frames.astype(jnp.int32)[:, None]
         rope = rope_tables(frames, cfg.width // cfg.num_heads, cfg.rope_theta)
 
         if cfg.scan_layers:

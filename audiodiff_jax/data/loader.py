@@ -8,7 +8,7 @@ One batch, from shard to step::
     [process_index::process_count] this host's elements of the stream
     batch(b, drop_remainder)   b = data.global_batch_size // process_count
     to_iter_dataset / mp_prefetch  threads and (optionally) worker processes
-    make_global_batch          jax.make_array_from_process_local_data over (data, fsdp)
+    batch.make_global_batch    jax.make_array_from_process_local_data (data/batch.py)
 
 Per-process sharding slices the *stream* (after shuffle and repeat), not the record
 set: in every global batch, process p holds stream elements p, p + P, p + 2P, ...
@@ -40,19 +40,14 @@ import os
 from typing import Any
 
 import grain
-import jax
 import numpy as np
 from absl import flags
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from audiodiff_jax.config import ConfigError, DataConfig
-from data_pipeline.shards import DatasetCard, ShardSource
-from data_pipeline.tokenizer import Tokenizer
-
-BATCH_AXES = ("data", "fsdp")  # mesh axes the batch dimension is sharded over
-# A channel with zero variance (constant latents) would divide by zero; this floor
-# leaves such a channel at its (zero) centred value instead.
-_MIN_STD = 1e-6
+from audiodiff_jax.data.batch import Batch, Conditioning
+from audiodiff_jax.data.cards import DatasetCard, latent_scale
+from audiodiff_jax.data.records import ShardSource
+from audiodiff_jax.data.tokenizer import Tokenizer
 
 
 class _CropAndTokenize(grain.transforms.RandomMap):
@@ -66,23 +61,20 @@ class _CropAndTokenize(grain.transforms.RandomMap):
         self,
         *,
         window_frames: int,
-        latent_rate: float,
-        mean: np.ndarray,
-        std: np.ndarray,
+        card: DatasetCard,
         tokenizer: Tokenizer,
         text_max_len: int,
         cfg_dropout: float,
     ):
         self.window_frames = window_frames
-        self.latent_rate = latent_rate
-        self.mean = np.asarray(mean, np.float32)
-        self.inv_std = (1.0 / np.maximum(np.asarray(std, np.float64), _MIN_STD)).astype(np.float32)
+        self.latent_rate = card.codec.latent_rate
+        self.mean, self.inv_std = latent_scale(card)
         self.tokenizer = tokenizer
         self.text_max_len = text_max_len
         self.cfg_dropout = cfg_dropout
         self.null_tokens = tokenizer.encode("", text_max_len)
 
-    def random_map(self, record: dict[str, Any], rng: np.random.Generator) -> dict[str, Any]:
+    def random_map(self, record: dict[str, Any], rng: np.random.Generator) -> Batch:
         latents = record["latents"]
         frames, channels = latents.shape
         window = self.window_frames
@@ -96,15 +88,17 @@ class _CropAndTokenize(grain.transforms.RandomMap):
         tokens = (
             self.null_tokens if drop_caption else self.tokenizer.encode(record["caption"], self.text_max_len)
         )
-        return {
-            "latents": out,
-            "loss_mask": mask,
-            "num_frames": np.int32(n),
-            "tokens": tokens,
-            "seconds_start": np.float32(record["seconds_start"] + offset / self.latent_rate),
-            "seconds_total": np.float32(record["seconds_total"]),
-            "record_index": np.int32(record["record_index"]),
-        }
+        return Batch(
+            latents=out,
+            loss_mask=mask,
+            cond=Conditioning(
+                tokens=tokens,
+                seconds_start=np.float32(record["seconds_start"] + offset / self.latent_rate),
+                seconds_total=np.float32(record["seconds_total"]),
+                num_frames=np.int32(n),
+            ),
+            record_index=np.int32(record["record_index"]),
+        )
 
 
 def resolve_tokenizer_path(data_cfg: DataConfig, card: DatasetCard) -> str:
@@ -136,17 +130,10 @@ def make_dataset(
 
     Returns:
       An IterDataset; ``iter()`` of it gives a checkpointable iterator
-      (``get_state``/``set_state``) of dicts of numpy arrays, with
-      ``b = data.global_batch_size // process_count``, ``T = data.window_frames``,
-      ``L = text_max_len``:
-
-      - ``latents`` float32 [b, T, C], normalized with the card's mean/std, zero padded
-      - ``loss_mask`` float32 [b, T] (1 = real frame, 0 = padding)
-      - ``num_frames`` int32 [b]: real frames in the window
-      - ``tokens`` int32 [b, L]: caption ids (the null caption where dropped for CFG)
-      - ``seconds_start`` float32 [b]: start of the window in its song
-      - ``seconds_total`` float32 [b]: length of the whole song
-      - ``record_index`` int32 [b]: which record (for debugging; not a model input)
+      (``get_state``/``set_state``) of :class:`~audiodiff_jax.data.batch.Batch` of numpy
+      arrays (fields and shapes in ``audiodiff_jax/data/batch.py``), with
+      ``b = data.global_batch_size // process_count`` rows, ``T = data.window_frames``,
+      ``L = text_max_len``; latents are normalized with the dataset card.
     """
     d = data_cfg
     if not d.shards_dir:
@@ -175,9 +162,7 @@ def make_dataset(
     card = source.card
     transform = _CropAndTokenize(
         window_frames=d.window_frames,
-        latent_rate=card.codec.latent_rate,
-        mean=np.asarray(card.latent_mean),
-        std=np.asarray(card.latent_std),
+        card=card,
         tokenizer=Tokenizer(resolve_tokenizer_path(d, card)),
         text_max_len=text_max_len,
         cfg_dropout=d.cfg_dropout,
@@ -213,23 +198,3 @@ def make_dataset(
             )
         )
     return ds
-
-
-def batch_sharding(mesh: Mesh) -> NamedSharding:
-    """Batch axis over the mesh's ``data`` and ``fsdp`` axes; every other dimension replicated."""
-    axes = tuple(a for a in BATCH_AXES if a in mesh.axis_names)
-    return NamedSharding(mesh, PartitionSpec(axes or None))
-
-
-def make_global_batch(local_batch: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
-    """Assembles global arrays from every process's local batch.
-
-    Each process passes its own ``[b, ...]`` arrays; the result has global batch
-    ``b * process_count``, sharded over (data, fsdp). This assumes the processes own
-    distinct slices of that batch axis, i.e. the (data, fsdp) axes span the hosts;
-    hosts that differ only along ``sequence``/``tensor`` would need identical batches.
-    """
-    sharding = batch_sharding(mesh)
-    return {
-        k: jax.make_array_from_process_local_data(sharding, np.asarray(v)) for k, v in local_batch.items()
-    }
