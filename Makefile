@@ -16,7 +16,7 @@ $(STAMP): setup.py launch/setup_env.sh
 # platform also keeps libtpu (installed for AOT compiles) from probing for a TPU.
 JAX_PLATFORMS ?= cpu
 demo: $(STAMP)
-	JAX_PLATFORMS=$(JAX_PLATFORMS) $(BIN)/python -m audiodiff_jax.demo --out=$(DEMO_DIR)
+	JAX_PLATFORMS=$(JAX_PLATFORMS) $(BIN)/python -m launch.demo --out=$(DEMO_DIR)
 
 test: $(STAMP)
 	$(BIN)/ruff check .

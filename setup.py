@@ -59,7 +59,7 @@ setup(
         "configs": ["*.py"],
         "launch": ["*.yaml.tmpl"],  # the GKE JobSet template of launch/gke.py
         "audiodiff_jax.codec": ["weights/*.npz", "weights/*.json", "weights/*.md", "testdata/*.wav"],
-        "audiodiff_jax": ["templates/*"],  # the report pages (report.py, demo.py)
+        "audiodiff_jax": ["templates/*"],  # the report pages (report.py, launch/demo.py)
     },
     install_requires=INSTALL_REQUIRES,
     extras_require=EXTRAS_REQUIRE,
@@ -68,7 +68,7 @@ setup(
             "audiodiff-train=audiodiff_jax.train_main:run",
             "audiodiff-codec-train=audiodiff_jax.codec.train_main:run",
             "audiodiff-make-demo-shards=data_pipeline.demo_shards:run",
-            "audiodiff-demo=audiodiff_jax.demo:run",
+            "audiodiff-demo=launch.demo:run",
             "audiodiff-tokenizer=data_pipeline.tokenizer:run",
             "audiodiff-corpus=data_pipeline.corpus_main:run",
             "audiodiff-precompute=data_pipeline.precompute:run",

@@ -300,8 +300,7 @@ ATTENTION_IMPLS = ("xla", "cudnn", "splash")
 REMAT_POLICIES = ("none", "full", "dots_saveable", "dots_with_no_batch_dims_saveable")
 DTYPES = ("float32", "bfloat16")
 TIMESTEP_SAMPLING = ("uniform", "logit_normal")
-# The samplers and step schedules that sampling.py implements (test_config checks
-# that the two lists agree).
+# The samplers and step schedules that sampling.py implements (it imports these).
 SAMPLERS = ("ddim", "dpmpp_2m", "euler", "heun")
 SCHEDULES = ("uniform", "logsnr", "karras")
 MAX_SAMPLE_STEPS = 10_000
@@ -349,6 +348,12 @@ def validate_data(d: DataConfig) -> None:
     _check(d.window_frames > 0, f"data.window_frames={d.window_frames} must be > 0")
     _check(d.global_batch_size > 0, f"data.global_batch_size={d.global_batch_size} must be > 0")
     _check(0.0 <= d.cfg_dropout <= 1.0, f"data.cfg_dropout={d.cfg_dropout} must be in [0, 1]")
+    _check(
+        d.num_epochs >= 0 and d.worker_count >= 0 and d.prefetch >= 0,
+        f"data.num_epochs={d.num_epochs}, data.worker_count={d.worker_count}, "
+        f"data.prefetch={d.prefetch} must be >= 0",
+    )
+    _check(0 <= d.shuffle_seed < 2**32, f"data.shuffle_seed={d.shuffle_seed} must be in [0, 2**32)")
 
 
 def validate_mesh(mesh: MeshConfig) -> None:

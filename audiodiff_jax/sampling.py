@@ -40,10 +40,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from audiodiff_jax import diffusion
+from audiodiff_jax.config import SAMPLERS, SCHEDULES  # the names the config accepts
 from audiodiff_jax.data.batch import Conditioning
 
-SAMPLERS = ("ddim", "dpmpp_2m", "euler", "heun")
-SCHEDULES = ("uniform", "logsnr", "karras")
 # Model evaluations per step (for cost accounting in benchmarks and manifests).
 EVALS_PER_STEP = {"ddim": 1, "dpmpp_2m": 1, "euler": 1, "heun": 2}
 # Range of the noise-to-signal ratio sigma/alpha covered by the logsnr and karras grids

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import json
 import os
+import signal
 import sys
+import time
 
 import numpy as np
 
@@ -68,3 +71,23 @@ def assert_trees_equal(a, b, what: str):
         assert np.array_equal(np.atleast_1d(x).view(np.uint8), np.atleast_1d(y).view(np.uint8)), (
             f"{what}{jax.tree_util.keystr(path)} differs"
         )
+
+
+def last_logged_step(workdir: str) -> int:
+    """The last step a run wrote to ``metrics.jsonl`` (0 before the first)."""
+    path = os.path.join(workdir, "metrics.jsonl")
+    if not os.path.exists(path):
+        return 0
+    steps = [json.loads(line).get("step", 0) for line in open(path) if line.strip()]
+    return max(steps, default=0)
+
+
+def wait_then_sigterm(proc, workdir: str, at_step: int, timeout: float = 300) -> int:
+    """Sends SIGTERM once the run logged ``at_step``; returns its exit status."""
+    start = time.monotonic()
+    while last_logged_step(workdir) < at_step:
+        assert proc.poll() is None, f"exited early with {proc.returncode}"
+        assert time.monotonic() - start < timeout, "run made no progress"
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    return proc.wait(timeout=timeout)

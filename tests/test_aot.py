@@ -15,6 +15,7 @@ import pytest
 from audiodiff_jax import aot, topology
 from audiodiff_jax import config as config_lib
 from audiodiff_jax.config import ConfigError
+from configs import tiny
 from tests.helpers import REPO, bin_path
 
 needs_libtpu = pytest.mark.skipif(
@@ -164,7 +165,10 @@ def test_compile_cli_sample_step_multislice(tmp_path):
     )
     assert res.returncode == 0, res.stdout + res.stderr[-3000:]
     assert "target: v5e-4 (v5e:2x2: 4 chips x 2 slices over DCN, 16 GiB HBM per chip)" in res.stdout
-    assert "sample_step (CFG: 8 songs x 2 x 256 frames" in res.stdout and "FITS" in res.stdout
+    # The program audiodiff-sample runs (generation.SampleProgram), with the config's sample defaults.
+    s = config_lib.from_configdict(tiny.get_config()).sample
+    want = f"sample      ({s.samplers[0]}, {s.steps[0]} steps, CFG on: 8 songs x 256 frames)"
+    assert want in res.stdout and "FITS" in res.stdout
     report = json.loads(out.read_text())
     assert report["fits"] and report["mesh"]["data"] == 8 and report["config"]["mesh"]["dcn_data"] == 2
     (prog,) = report["programs"]

@@ -159,8 +159,10 @@ def test_validate_names_the_sample_field(changes, pattern):
 
 
 def test_sampler_and_schedule_names_are_the_ones_sampling_implements():
-    assert config_lib.SAMPLERS == sampling.SAMPLERS
-    assert config_lib.SCHEDULES == sampling.SCHEDULES
+    assert set(sampling.EVALS_PER_STEP) == set(config_lib.SAMPLERS)
+    for schedule in config_lib.SCHEDULES:  # each one builds a grid from 1 down to 0
+        grid = sampling.time_grid(4, schedule=schedule)
+        assert grid[0] == 1.0 and grid[-1] == 0.0
 
 
 def test_every_sample_field_has_help_and_a_valid_default():

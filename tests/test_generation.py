@@ -15,8 +15,8 @@ import jax
 import numpy as np
 import pytest
 
+from audiodiff_jax import aot, generation, sharding, sweep, train
 from audiodiff_jax import config as config_lib
-from audiodiff_jax import generation, sharding, sweep, train
 from audiodiff_jax.config import MeshConfig
 from audiodiff_jax.data.cards import CodecCard
 from tests.helpers import REPO, bin_path, tiny_config, write_shards
@@ -138,6 +138,15 @@ def test_long_song_goes_window_by_window(gen):
         gen.checkpoint, gen.codec, mesh=gen.mesh, window_frames=0, min_seconds=0.5
     )
     assert one_pass.generate_latents([P(seconds=3.0, seed=4)]).windows == 1
+
+
+def test_audiodiff_compile_compiles_the_program_the_generator_runs(gen):
+    s = gen.cfg.sample  # the defaults audiodiff-compile takes: first sampler, steps, guidance
+    gen.generate_latents(
+        [P(seconds=3.0, seed=4, steps=s.steps[0], sampler=s.samplers[0], guidance=s.guidance[0])]
+    )
+    program = aot.sample_program(gen.cfg, gen.mesh, songs=1, frames=gen.window)
+    assert program.known and program in gen._fns  # a window after the first: overlap known
 
 
 def test_continuation_inpainting_variation(gen):

@@ -1,4 +1,4 @@
-"""The report pages (``report.py``, ``demo.py``): Jinja2 templates with autoescaping,
+"""The report pages (``report.py``, ``launch/demo.py``): Jinja2 templates with autoescaping,
 matplotlib spectrogram and loss-curve PNGs."""
 
 import io
@@ -8,7 +8,8 @@ import types
 import numpy as np
 from PIL import Image
 
-from audiodiff_jax import demo, report
+from audiodiff_jax import report
+from launch import demo
 
 SR = 16000
 

@@ -6,17 +6,14 @@ step. One process with a 2x2x2 mesh, and two processes on localhost with 4 devic
 each (jax.distributed), all under timeouts so nothing can hang.
 """
 
-import json
 import os
-import signal
 import subprocess
 import sys
-import time
 
 import pytest
 
 from audiodiff_jax.metrics import read_loss_history
-from tests.helpers import REPO, assert_trees_equal, bin_path, read_state, write_shards
+from tests.helpers import REPO, assert_trees_equal, bin_path, read_state, wait_then_sigterm, write_shards
 
 pytestmark = pytest.mark.slow
 
@@ -50,24 +47,6 @@ def _env(devices):
     return env
 
 
-def _last_step(workdir):
-    path = os.path.join(workdir, "metrics.jsonl")
-    if not os.path.exists(path):
-        return 0
-    steps = [json.loads(line).get("step", 0) for line in open(path) if line.strip()]
-    return max(steps, default=0)
-
-
-def _wait_then_sigterm(proc, workdir, at_step, timeout=300):
-    start = time.monotonic()
-    while _last_step(workdir) < at_step:
-        assert proc.poll() is None, f"exited early with {proc.returncode}"
-        assert time.monotonic() - start < timeout, "run made no progress"
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGTERM)
-    return proc.wait(timeout=timeout)
-
-
 def _compare_runs(full, resumed, stopped_at):
     a, b = read_state(full), read_state(resumed)
     assert int(a["step"]) == int(b["step"]) == NUM_STEPS
@@ -88,7 +67,7 @@ def test_sigterm_and_restart_is_bitwise_identical(shards, tmp_path):
     subprocess.run([train_bin, *_args(shards, full, mesh)], env=_env(8), check=True, timeout=600)
 
     proc = subprocess.Popen([train_bin, *_args(shards, resumed, mesh)], env=_env(8))
-    assert _wait_then_sigterm(proc, resumed, at_step=7) == 0
+    assert wait_then_sigterm(proc, resumed, at_step=7) == 0
     ckpts = sorted(int(d) for d in os.listdir(os.path.join(resumed, "checkpoints")) if d.isdigit())
     stopped_at = ckpts[-1]
     assert stopped_at >= 7 and stopped_at % 5 != 0, ckpts  # saved at the preemption, not a periodic step
@@ -120,7 +99,7 @@ def test_two_processes_preempt_and_resume_exactly(shards, tmp_path):
     assert p.wait(timeout=600) == 0, open(tmp_path / "logs_full" / "process_1.log").read()[-3000:]
 
     p = _launch(shards, resumed, tmp_path / "logs_a")
-    assert _wait_then_sigterm(p, resumed, at_step=7) == 0, open(tmp_path / "logs_a" / "process_1.log").read()[
+    assert wait_then_sigterm(p, resumed, at_step=7) == 0, open(tmp_path / "logs_a" / "process_1.log").read()[
         -3000:
     ]
     ckpts = sorted(int(d) for d in os.listdir(os.path.join(resumed, "checkpoints")) if d.isdigit())

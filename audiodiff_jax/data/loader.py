@@ -43,7 +43,7 @@ import grain
 import numpy as np
 from absl import flags
 
-from audiodiff_jax.config import ConfigError, DataConfig
+from audiodiff_jax.config import ConfigError, DataConfig, validate_data
 from audiodiff_jax.data.batch import Batch, Conditioning
 from audiodiff_jax.data.cards import DatasetCard, latent_scale
 from audiodiff_jax.data.records import ShardSource
@@ -145,17 +145,7 @@ def make_dataset(
             f"data.global_batch_size={d.global_batch_size} is not divisible by "
             f"the process count {process_count}"
         )
-    if d.window_frames < 1:
-        raise ConfigError(f"data.window_frames={d.window_frames} must be >= 1")
-    if not 0.0 <= d.cfg_dropout <= 1.0:
-        raise ConfigError(f"data.cfg_dropout={d.cfg_dropout} must be in [0, 1]")
-    if d.num_epochs < 0 or d.worker_count < 0 or d.prefetch < 0:
-        raise ConfigError(
-            f"data.num_epochs={d.num_epochs}, data.worker_count={d.worker_count}, "
-            f"data.prefetch={d.prefetch} must be >= 0"
-        )
-    if not 0 <= d.shuffle_seed < 2**32:
-        raise ConfigError(f"data.shuffle_seed={d.shuffle_seed} must be in [0, 2**32)")
+    validate_data(d)  # the section's own checks (config.py), for callers that skipped validate()
     local_batch = d.global_batch_size // process_count
 
     source = ShardSource(d.shards_dir)

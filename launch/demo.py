@@ -1,4 +1,6 @@
-"""``make demo``: the main job end to end on the embedded default, on a CPU.
+"""``make demo`` (``python -m launch.demo``): the main job end to end on the embedded
+default, on a CPU. It drives every stage (pipeline, training, sampling), so it lives
+with the launchers, outside the library.
 
 1. Renders a small corpus of real music (music21 scores through a General MIDI
    soundfont, ``data_pipeline/corpus_scores.py``) with exact captions.
@@ -22,9 +24,16 @@ import json
 import os
 import time
 
+import jax
 from absl import flags, logging
 
-from audiodiff_jax import cli
+from audiodiff_jax import cli, report, sweep, train
+from audiodiff_jax import config as config_lib
+from audiodiff_jax.codec import load_codec
+from audiodiff_jax.logs import quiet_library_logs
+from audiodiff_jax.metrics import read_loss_history
+from configs import demo as demo_config
+from data_pipeline import corpus_scores, precompute
 
 _OUT = flags.DEFINE_string("out", "demo_out", "Output folder.")
 _STEPS = flags.DEFINE_integer("steps", 0, "Override the demo config's train.num_steps (0 = keep).")
@@ -59,9 +68,6 @@ def loss_curve_figure(history: dict[int, float]):
 
 def write_report(out: str, workdir: str, cfg, facts: dict, songs_report: str = "") -> str:
     """Writes ``out/report.html`` (and ``out/loss.png``, the loss curve); returns its path."""
-    from audiodiff_jax import report
-    from audiodiff_jax.metrics import read_loss_history
-
     del cfg  # the resolved config is in ``facts["config"]``
     fig = loss_curve_figure(read_loss_history(workdir))
     if fig is not None:
@@ -79,15 +85,6 @@ def write_report(out: str, workdir: str, cfg, facts: dict, songs_report: str = "
 
 def main(argv):
     del argv
-    import jax
-
-    from audiodiff_jax import config as config_lib
-    from audiodiff_jax import sweep, train
-    from audiodiff_jax.codec import load_codec
-    from audiodiff_jax.logs import quiet_library_logs
-    from configs import demo as demo_config
-    from data_pipeline import corpus_scores, precompute
-
     quiet_library_logs()
     out = os.path.abspath(_OUT.value)
     corpus_dir = os.path.join(out, "corpus")
