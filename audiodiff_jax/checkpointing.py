@@ -29,6 +29,8 @@ import orbax.checkpoint as ocp
 from absl import logging
 from etils import epath
 
+from audiodiff_jax.errors import UserError
+
 ITEMS = ("state", "data_iter", "config", "dataset_card", "tokenizer")
 
 
@@ -102,7 +104,7 @@ class RunCheckpointer:
         self.manager.close()
 
 
-class CheckpointNotFound(FileNotFoundError):
+class CheckpointNotFound(UserError, FileNotFoundError):
     """A checkpoint path that is missing, empty, lacks the step, or is incomplete."""
 
 

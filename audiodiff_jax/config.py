@@ -20,9 +20,10 @@ from typing import Any
 import ml_collections
 
 from audiodiff_jax import names
+from audiodiff_jax.errors import UserError
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     """A config field has a value that cannot work; the message names the field."""
 
 

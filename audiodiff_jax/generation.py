@@ -40,6 +40,7 @@ from audiodiff_jax.data import loader
 from audiodiff_jax.data.batch import Conditioning
 from audiodiff_jax.data.cards import DatasetCard, ShardError
 from audiodiff_jax.data.tokenizer import Tokenizer
+from audiodiff_jax.errors import UserError
 from audiodiff_jax.model import make_model
 
 MANIFEST = "manifest.jsonl"
@@ -50,7 +51,7 @@ _LATENTS = (names.BATCH, names.LENGTH, None)
 _FRAMES = (names.BATCH, names.LENGTH)
 
 
-class GenerationError(ValueError):
+class GenerationError(UserError, ValueError):
     """Bad input to generation (checkpoint, codec, prompt, duration...); the message says which."""
 
 

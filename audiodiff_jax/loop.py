@@ -51,9 +51,11 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
+from etils import epath
 from jax.experimental import multihost_utils
 
 from audiodiff_jax import checkpointing, goodput, names
+from audiodiff_jax.errors import UserError
 from audiodiff_jax.metrics import MetricWriter, log_line
 
 
@@ -295,6 +297,79 @@ def restore_for_mesh(ckpt: checkpointing.RunCheckpointer, step: int, trainer: Tr
     return state
 
 
+class WorkdirError(UserError):
+    """The run folder cannot be used."""
+
+
+class CheckpointUnreadable(UserError):
+    """Checkpoints exist but none of them can be read."""
+
+
+def _first_line(e: BaseException, limit: int = 300) -> str:
+    text = str(e).strip().splitlines()[0] if str(e).strip() else ""
+    text = f"{type(e).__name__}: {text}"
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _set_aside(ckpt: checkpointing.RunCheckpointer, steps: list[int]) -> None:
+    """Moves unreadable steps to ``checkpoints.unreadable/`` (kept for inspection, never
+    deleted) so the run can save those step numbers again."""
+    aside = ckpt.directory.parent / (ckpt.directory.name + ".unreadable")
+    if jax.process_index() == 0:
+        aside.mkdir(parents=True, exist_ok=True)
+        for step in steps:
+            target = aside / f"{step}-{int(time.time())}"
+            (ckpt.directory / str(step)).rename(target)
+            logging.warning("checkpoint: moved unreadable step %d to %s", step, target)
+    if jax.process_count() > 1:
+        multihost_utils.sync_global_devices("audiodiff_set_aside_unreadable_checkpoints")
+    ckpt.manager.reload()
+
+
+def restore_newest_readable(
+    ckpt: checkpointing.RunCheckpointer, trainer: Trainer, data_iter: grain.DatasetIterator | None
+) -> tuple[int, Any]:
+    """Restores the newest complete step that can be read, falling back step by step.
+
+    A step whose files are damaged (truncated, corrupt) is named in one warning line and
+    the next older one is tried; every process takes the same decision. Never a silent
+    fresh start: when no step can be read this raises :class:`CheckpointUnreadable`.
+    """
+    failures, unreadable = [], []
+    for step in sorted(ckpt.all_steps(), reverse=True):
+        logging.info("resuming from checkpoint step %d in %s", step, ckpt.directory)
+        error = None
+        try:
+            if data_iter is not None:
+                state = restore_for_mesh(ckpt, step, trainer, data_iter)
+            else:
+                state = ckpt.restore(step, trainer.abstract_state())
+            jax.block_until_ready(state)
+        except Exception as e:  # noqa: BLE001 - Orbax/TensorStore raise many types for damaged files
+            error = e
+        ok = error is None
+        if jax.process_count() > 1:  # every process moves on if any one could not read the step
+            ok = bool(np.all(multihost_utils.process_allgather(np.int32(ok))))
+        if ok:
+            if unreadable:
+                _set_aside(ckpt, unreadable)
+                logging.warning("checkpoint: resumed from step %d, the newest readable one", step)
+            return step, state
+        reason = _first_line(error) if error is not None else "another process could not read it"
+        logging.warning(
+            "checkpoint: step %d in %s cannot be read (%s); trying the previous one",
+            step,
+            ckpt.directory,
+            reason,
+        )
+        failures.append(f"step {step}: {reason}")
+        unreadable.append(step)
+    raise CheckpointUnreadable(
+        f"no checkpoint in {ckpt.directory} can be read ({'; '.join(failures)}); "
+        "move the folder away to start fresh"
+    )
+
+
 def run(
     trainer: Trainer,
     next_batch: Callable[[int], Any],
@@ -319,6 +394,8 @@ def run(
       process_start: unix time the process started, for goodput (default: now).
     """
     process_start = time.time() if process_start is None else process_start
+    if epath.Path(workdir).exists() and not epath.Path(workdir).is_dir():
+        raise WorkdirError(f"workdir {workdir} is a file, not a folder; give a folder for the run")
     item_names = ("state",) + (("data_iter",) if data_iter is not None else ()) + tuple(json_items)
     ckpt = checkpointing.RunCheckpointer(
         workdir,
@@ -328,18 +405,13 @@ def run(
         async_save=loop.async_save,
     )
     _warn_incomplete_checkpoints(ckpt)
-    latest = ckpt.latest_step()
     restore_s = 0.0
-    if latest is not None:
-        logging.info("resuming from checkpoint step %d in %s", latest, ckpt.directory)
+    if ckpt.all_steps():
         t0 = time.perf_counter()
-        if data_iter is not None:
-            state = restore_for_mesh(ckpt, latest, trainer, data_iter)
-        else:
-            state = ckpt.restore(latest, trainer.abstract_state())
-        jax.block_until_ready(state)
+        latest, state = restore_newest_readable(ckpt, trainer, data_iter)
         restore_s = time.perf_counter() - t0
     else:
+        latest = None
         state = trainer.initial_state()
 
     step = trainer.state_step(state)

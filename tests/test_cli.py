@@ -19,6 +19,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.helpers import write_shards
+
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 TIMEOUT_S = 120
@@ -124,3 +126,52 @@ def test_helpfull_exits_0_and_lists_every_flag(helps):
     assert result.returncode == 0, result.stderr[-3000:]
     for flag in ("--workdir:", "--config:", "--[no]helpfull:", "--[no]logtostderr:"):
         assert flag in result.stdout, flag
+
+
+def test_user_errors_are_one_line_and_exit_2(tmp_path):
+    shards = write_shards(str(tmp_path / "shards"))
+    """Mistakes a user makes end in one line naming the field or file, exit 2, no traceback;
+    a config is found by name from any directory."""
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "a_file").write_text("")
+    train = str(Path(sys.executable).parent / "audiodiff-train")
+    cases = {
+        "typo": (
+            ["--config=tiny", "--config.model.typo=1"],
+            "--config.model.typo=1: the config has no field 'typo'",
+        ),
+        "bad value": (["--config=tiny", "--config.model.width=abc"], "--config.model.width=abc"),
+        "no config file": (["--config=/nonexistent/cfg.py"], "no config file '/nonexistent/cfg.py'"),
+        "no shards": (
+            ["--config=configs/tiny.py", f"--config.data.shards_dir={tmp_path / 'empty'}"],
+            "dataset_card.json: no dataset card",
+        ),
+        "unknown flag": (["--config=tiny", "--bogus=1"], "Unknown command line flag 'bogus'"),
+        "workdir is a file": (
+            ["--config=tiny", f"--config.data.shards_dir={shards}", f"--workdir={tmp_path / 'a_file'}"],
+            "is a file, not a folder",
+        ),
+    }
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    procs = {
+        name: subprocess.Popen(
+            [
+                train,
+                *([] if any(a.startswith("--workdir") for a in args) else [f"--workdir={tmp_path / 'w'}"]),
+                *args,
+            ],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=env,
+            cwd=tmp_path,  # not the repository: configs/... and names resolve from the package
+        )
+        for name, (args, _) in cases.items()
+    }
+    for name, proc in procs.items():
+        _, err = proc.communicate(timeout=120)
+        want = cases[name][1]
+        assert proc.returncode == 2, f"{name}: exit {proc.returncode}\n{err[-2000:]}"
+        lines = [line for line in err.splitlines() if line.startswith("audiodiff-train: error: ")]
+        assert len(lines) == 1 and want in lines[0], f"{name}:\n{err[-2000:]}"
+        assert "Traceback" not in err, f"{name}:\n{err[-2000:]}"

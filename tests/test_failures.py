@@ -20,8 +20,8 @@ import time
 import pytest
 
 from audiodiff_jax import goodput
-from tests.helpers import REPO, bin_path, write_shards
-from tests.test_resume import NUM_STEPS, _args, _compare_runs, _env, _last_step
+from tests.helpers import REPO, bin_path, last_logged_step, write_shards
+from tests.test_resume import NUM_STEPS, _args, _compare_runs, _env
 
 pytestmark = pytest.mark.slow
 
@@ -78,7 +78,7 @@ def test_dead_host_fails_cleanly_and_restart_resumes_exactly(shards, tmp_path):
     logs = tmp_path / "logs_a"
     p = _launch(shards, crashed, logs)
     start = time.monotonic()
-    while _last_step(crashed) < 7:  # past the step-5 checkpoint
+    while last_logged_step(crashed) < 7:  # past the step-5 checkpoint
         assert p.poll() is None, _log(logs, 0)[-3000:]
         assert time.monotonic() - start < 400, "run made no progress"
         time.sleep(0.05)

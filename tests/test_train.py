@@ -107,6 +107,19 @@ def test_keep_last_plus_every_kth(shards, tmp_path):
     kept = sorted(int(d) for d in os.listdir(tmp_path / "checkpoints") if d.isdigit())
     assert kept == [5, 10, 11, 12]
 
+    # A damaged newest step (its largest data file cut in half): the run resumes from the
+    # newest readable step (11), sets step 12 aside, and makes the same step 12 again
+    # (bit for bit: same schedule, same data position).
+    before = read_state(str(tmp_path), 12)
+    files = [f for f in (tmp_path / "checkpoints" / "12" / "state").rglob("*") if f.is_file()]
+    biggest = max(files, key=lambda f: f.stat().st_size)
+    biggest.write_bytes(biggest.read_bytes()[: biggest.stat().st_size // 2])
+    result = train.train(cfg, str(tmp_path))
+    assert result.final_step == 12
+    (aside,) = os.listdir(tmp_path / "checkpoints.unreadable")
+    assert aside.startswith("12-")
+    assert_trees_equal(read_state(str(tmp_path), 12), before, "step 12 made again")
+
 
 def test_divergence_stops_and_keeps_last_good_checkpoint(shards, tmp_path):
     good = tiny_config(shards, **{"train.num_steps": 4, "checkpoint.every_steps": 2})

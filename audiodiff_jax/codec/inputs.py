@@ -23,10 +23,12 @@ from __future__ import annotations
 import numpy as np
 from absl import logging
 
+from audiodiff_jax.errors import UserError
+
 UNSCALED_PEAK = 64.0  # a float signal this loud is integer PCM that was never divided
 
 
-class CodecInputError(ValueError):
+class CodecInputError(UserError, ValueError):
     """Audio the codec cannot take; the message says what was wrong and what would work."""
 
 

@@ -18,6 +18,8 @@ from typing import Any
 
 import numpy as np
 
+from audiodiff_jax.errors import UserError
+
 CARD_VERSION = 1
 CARD_FILE = "dataset_card.json"
 # Channels whose std is below this are treated as constant: normalizing divides by
@@ -25,7 +27,7 @@ CARD_FILE = "dataset_card.json"
 MIN_STD = 1e-6
 
 
-class ShardError(ValueError):
+class ShardError(UserError, ValueError):
     """A shard, record or dataset card is missing or malformed; the message says where."""
 
 

@@ -5,18 +5,21 @@ One batch, from shard to step::
     ShardSource[i]             decoded record (latents [frames, C], caption, timing)
     shuffle + repeat           a global stream of records, reshuffled every epoch
     random_map(_CropAndTokenize)   crop/pad to the window, normalize, CFG dropout, tokens
-    [process_index::process_count] this host's elements of the stream
     batch(b, drop_remainder)   b = data.global_batch_size // process_count
+    [process_index::process_count] this host's blocks of the stream
     to_iter_dataset / mp_prefetch  threads and (optionally) worker processes
     batch.make_global_batch    jax.make_array_from_process_local_data (data/batch.py)
 
 Per-process sharding slices the *stream* (after shuffle and repeat), not the record
-set: in every global batch, process p holds stream elements p, p + P, p + 2P, ...
-Each process therefore sees a disjoint part of every epoch, all processes advance at
-the same rate, and no record is ever dropped, also when the record count is not
-divisible by the process count (an epoch boundary then simply falls inside a
-batch, and next epoch the records land on different processes). The global batch
-at step s is the same set of records for any process count.
+set: the stream is cut into blocks of b elements and process p takes blocks p, p + P,
+p + 2P, ..., so at step s it holds stream elements s*G + p*b ... s*G + p*b + b - 1
+(G = global batch). Each process therefore sees a disjoint part of every epoch, all
+processes advance at the same rate, and no record is ever dropped, also when the
+record count is not divisible by the process count. Assembled in process order
+(``batch.make_global_batch``), the global batch at step s is the same rows *in the
+same order* for any process count, so the train step's per-row noise and times (drawn
+by row position) and hence the whole trajectory do not depend on how many processes
+load the data.
 
 Randomness (crop offset, caption dropout) comes from Grain's ``random_map``, whose
 generator is seeded by (seed, index of the element in the global stream), and the
@@ -172,8 +175,10 @@ def make_dataset(
                 f"(data.global_batch_size={d.global_batch_size})"
             )
         ds = ds[:usable]
-    ds = ds[process_index::process_count]
+    # Batch, then deal out whole blocks: process p's rows are one contiguous slice of
+    # the global batch, whatever the process count (see the module docstring).
     ds = ds.batch(local_batch, drop_remainder=True)
+    ds = ds[process_index::process_count]
     # One thread per prefetched batch: a thread builds a whole batch.
     ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=d.prefetch, prefetch_buffer_size=d.prefetch))
     if d.worker_count > 0:
