@@ -12,8 +12,9 @@ environment variables that ``audiodiff-train`` reads (``AUDIODIFF_COORDINATOR``,
 fake CPU devices. The launcher forwards SIGTERM/SIGINT to every child, and when one
 child fails it gives the others ``--grace_s`` seconds to exit before killing them,
 so a dead peer can never leave the job hanging. It exits with the first non-zero
-child status (or 124 on timeout). With ``--logs_to`` it also writes each child's pid
-to ``DIR/process_K.pid`` (tests use it to kill one process of a job).
+child status (or 124 on timeout). Each child's output lines appear prefixed with its
+process (``[p0] ...``); with ``--logs_to`` they go to ``DIR/process_K.log`` instead, and
+each child's pid to ``DIR/process_K.pid`` (tests use it to kill one process of a job).
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 
 from absl import app, flags, logging
@@ -59,6 +61,18 @@ def child_env(base: dict, *, coordinator: str, num: int, pid: int, devices: int)
     return env
 
 
+_PRINT_LOCK = threading.Lock()
+
+
+def _pump(stream, prefix: str) -> None:
+    """Copies a child's output to ours line by line, each line prefixed with its process."""
+    for line in stream:
+        with _PRINT_LOCK:
+            sys.stdout.write(prefix + line)
+            sys.stdout.flush()
+    stream.close()
+
+
 def describe_exit(code: int) -> str:
     """'exited with status 3' or 'was killed by SIGKILL' (Popen reports signals as -N)."""
     if code < 0:
@@ -84,12 +98,14 @@ def launch(
     base = dict(os.environ if env is None else env)
     procs: list[subprocess.Popen] = []
     logs = []
+    pumps: list[threading.Thread] = []
     for pid in range(num_processes):
-        out = None
         if log_dir:
             os.makedirs(log_dir, exist_ok=True)
             out = open(os.path.join(log_dir, f"process_{pid}.log"), "w")
             logs.append(out)
+        else:
+            out = subprocess.PIPE  # lines go to our stdout with a "[pK] " prefix
         procs.append(
             subprocess.Popen(
                 command,
@@ -97,9 +113,14 @@ def launch(
                     base, coordinator=coordinator, num=num_processes, pid=pid, devices=devices_per_process
                 ),
                 stdout=out,
-                stderr=subprocess.STDOUT if out else None,
+                stderr=subprocess.STDOUT,
+                text=not log_dir,
+                errors="replace" if not log_dir else None,
             )
         )
+        if not log_dir:
+            pumps.append(threading.Thread(target=_pump, args=(procs[-1].stdout, f"[p{pid}] "), daemon=True))
+            pumps[-1].start()
     if log_dir:
         for pid, p in enumerate(procs):
             with open(os.path.join(log_dir, f"process_{pid}.pid"), "w") as f:
@@ -148,6 +169,8 @@ def launch(
             signal.signal(s, h)
         for f in logs:
             f.close()
+        for t in pumps:
+            t.join(timeout=5)
     if status == 0:
         status = next((p.returncode for p in procs if p.returncode != 0), 0)
     return status

@@ -4,17 +4,20 @@ r"""SLURM GPU clusters: an sbatch script generated from flags, submitted with sb
         --config=configs/dit.py:1B --workdir=gs://BUCKET/runs/dit1b \
         --override=mesh.dcn_data=4 --venv=/shared/audiodiff/.venv --dry_run
 
-``--dry_run`` prints the script; ``--out=FILE`` writes it; otherwise it is piped to
-``sbatch``. One task per node drives all of that node's GPUs; ``jax.distributed``
-finds the coordinator, process count and process id from SLURM's variables by
-itself (``--distributed=on``). ``srun --kill-on-bad-exit=1`` ends every task when one
-fails, SLURM sends SIGTERM ``--signal_s`` seconds before the time limit (the program
-saves a checkpoint and exits 0), and ``--requeue`` lets the scheduler restart a
+``--dry_run`` prints the script; ``--out=FILE`` writes it; otherwise the log folder is
+created and the script is piped to ``sbatch``. One task per GPU (``--ntasks-per-node``
+= ``--gpus_per_node``), as ``jax.distributed`` expects on SLURM: it finds the
+coordinator, process count and process id from SLURM's variables by itself
+(``--distributed=on``) and gives each process the GPU of its ``SLURM_LOCALID``.
+``srun --kill-on-bad-exit=1`` ends every task when one fails, SLURM sends SIGTERM
+``--signal_s`` seconds before the time limit (the program saves a checkpoint and exits
+0), and ``--requeue`` lets the scheduler restart a
 preempted job, which then resumes from the last complete checkpoint.
 """
 
 from __future__ import annotations
 
+import os
 import shlex
 import subprocess
 import sys
@@ -52,9 +55,9 @@ def define_flags() -> None:
     """Defines this launcher's flags (its ``__main__`` only; see ``common.define_flags``)."""
     global _NAME, _NODES, _GPUS, _CPUS, _TIME, _PARTITION, _ACCOUNT, _SIGNAL_S, _VENV, _LOG_DIR, _OUT
     _NAME = flags.DEFINE_string("name", "audiodiff-train", "Job name.")
-    _NODES = flags.DEFINE_integer("nodes", 1, "Nodes (one process each).")
-    _GPUS = flags.DEFINE_integer("gpus_per_node", 8, "GPUs per node.")
-    _CPUS = flags.DEFINE_integer("cpus_per_task", 32, "CPU cores per node for the data loader.")
+    _NODES = flags.DEFINE_integer("nodes", 1, "Nodes.")
+    _GPUS = flags.DEFINE_integer("gpus_per_node", 8, "GPUs per node (one task, i.e. one process, each).")
+    _CPUS = flags.DEFINE_integer("cpus_per_task", 8, "CPU cores per task (per GPU) for its data loader.")
     _TIME = flags.DEFINE_string("time", "24:00:00", "Time limit.")
     _PARTITION = flags.DEFINE_string("partition", "", "Partition ('' = the cluster default).")
     _ACCOUNT = flags.DEFINE_string("account", "", "Account ('' = none).")
@@ -86,7 +89,7 @@ def sbatch_script(
         "#!/bin/bash",
         f"#SBATCH --job-name={name}",
         f"#SBATCH --nodes={nodes}",
-        "#SBATCH --ntasks-per-node=1",
+        f"#SBATCH --ntasks-per-node={gpus_per_node}",
         f"#SBATCH --gpus-per-node={gpus_per_node}",
         f"#SBATCH --cpus-per-task={cpus_per_task}",
         f"#SBATCH --time={time}",
@@ -99,16 +102,18 @@ def sbatch_script(
         lines.append(f"#SBATCH --partition={partition}")
     if account:
         lines.append(f"#SBATCH --account={account}")
-    lines += ["", "set -euo pipefail", f"mkdir -p {log_dir}"]
+    # SLURM opens --output before the script runs: the launcher creates log_dir first.
+    lines += ["", "set -euo pipefail"]
     if venv:
         lines.append(f"source {shlex.quote(venv + '/bin/activate')}")
     env = {**common.BASE_ENV, **GPU_ENV}
     lines += [f"export {k}={shlex.quote(v)}" for k, v in env.items()]
     lines += [
         "",
-        "# One task per node; jax.distributed reads SLURM_* for coordinator and ranks.",
-        "# --kill-on-bad-exit: when one task fails, SLURM ends the others at once.",
-        "srun --kill-on-bad-exit=1 --ntasks-per-node=1 " + shlex.join(train_args),
+        "# One task per GPU; jax.distributed reads SLURM_* for the coordinator, the ranks and",
+        "# each task's GPU (SLURM_LOCALID). --kill-on-bad-exit: when one task fails, SLURM",
+        "# ends the others at once.",
+        f"srun --kill-on-bad-exit=1 --ntasks-per-node={gpus_per_node} " + shlex.join(train_args),
         "",
     ]
     return "\n".join(lines)
@@ -129,8 +134,11 @@ def main(argv):
         venv=_VENV.value,
         log_dir=_LOG_DIR.value,
     )
-    if common.print_or_write(text, _OUT.value, "submit with: sbatch {path}"):
+    if common.print_or_write(
+        text, _OUT.value, f"create the log folder and submit: mkdir -p {_LOG_DIR.value} && sbatch {{path}}"
+    ):
         return
+    os.makedirs(_LOG_DIR.value, exist_ok=True)  # before sbatch: SLURM opens --output there
     print("sbatch <<script>>", flush=True)
     sys.exit(subprocess.run(["sbatch"], input=text, text=True).returncode)
 

@@ -13,7 +13,7 @@ import pytest
 import yaml
 
 from launch import common, gke, slurm, tpu_vm
-from tests.helpers import REPO
+from tests.helpers import REPO, bin_path, read_state, write_shards
 
 ARGS = common.train_args(
     "configs/dit.py:1B",
@@ -213,7 +213,7 @@ def test_slurm_script(tmp_path):
     assert lines[0] == "#!/bin/bash"
     for want in (
         "#SBATCH --nodes=4",
-        "#SBATCH --ntasks-per-node=1",
+        "#SBATCH --ntasks-per-node=8",  # one task (process) per GPU
         "#SBATCH --gpus-per-node=8",
         "#SBATCH --signal=TERM@300",
         "#SBATCH --requeue",
@@ -223,7 +223,8 @@ def test_slurm_script(tmp_path):
     ):
         assert want in lines, want
     (srun,) = [line for line in lines if line.startswith("srun ")]
-    assert srun == "srun --kill-on-bad-exit=1 --ntasks-per-node=1 " + shlex.join(ARGS)
+    assert srun == "srun --kill-on-bad-exit=1 --ntasks-per-node=8 " + shlex.join(ARGS)
+    assert not any(line.startswith("mkdir") for line in lines)  # the launcher makes the log folder
     # The script is valid bash.
     path = tmp_path / "job.sh"
     path.write_text(text)
@@ -260,3 +261,61 @@ def test_local_launcher_reports_pids_and_kill(tmp_path):
         local.describe_exit(-9) == "was killed by SIGKILL"
         and local.describe_exit(3) == "exited with status 3"
     )
+
+
+# A stand-in for SLURM's srun: starts --ntasks-per-node local tasks of the command with
+# the variables SLURM gives each task, one fake CPU device per task (one "GPU" each).
+FAKE_SRUN = r"""#!/usr/bin/env python3
+import os, subprocess, sys
+args = sys.argv[1:]
+n = 1
+while args and args[0].startswith("--"):
+    if args[0].startswith("--ntasks-per-node="):
+        n = int(args[0].split("=", 1)[1])
+    args = args[1:]
+procs = []
+for i in range(n):
+    env = dict(os.environ, SLURM_JOB_ID=os.environ["FAKE_SLURM_JOB_ID"], SLURM_STEP_NODELIST="localhost",
+               SLURM_JOB_NODELIST="localhost", SLURM_NTASKS=str(n), SLURM_PROCID=str(i), SLURM_LOCALID=str(i),
+               SLURM_NODEID="0", SLURM_STEP_NUM_NODES="1", JAX_PLATFORMS="cpu",
+               XLA_FLAGS="--xla_force_host_platform_device_count=1")
+    log = open(os.path.join(os.environ["FAKE_SLURM_LOGS"], f"task_{i}.log"), "w")
+    procs.append(subprocess.Popen(args, env=env, stdout=log, stderr=subprocess.STDOUT))
+codes = [p.wait(timeout=600) for p in procs]
+sys.exit(next((c for c in codes if c), 0))
+"""
+
+
+@pytest.mark.slow
+def test_slurm_script_runs_one_process_per_gpu(tmp_path):
+    """The generated script, run by bash with a stand-in srun on this machine: two tasks
+    ("GPUs") join one jax.distributed job, each process sees its own device, and it trains."""
+    shards = write_shards(str(tmp_path / "shards"))
+    bindir = tmp_path / "bin"
+    bindir.mkdir()
+    (bindir / "srun").write_text(FAKE_SRUN)
+    (bindir / "srun").chmod(0o755)
+    workdir = tmp_path / "run"
+    args = common.train_args(
+        "tiny",  # by name: the installed configs/tiny.py, whatever the task's directory
+        str(workdir),
+        [f"data.shards_dir={shards}", "train.num_steps=3", "checkpoint.every_steps=3", "mesh.data=2"],
+    )
+    args[0] = bin_path("audiodiff-train")
+    text = slurm.sbatch_script(
+        name="t", nodes=1, gpus_per_node=2, cpus_per_task=1, time="0:10:00", train_args=args
+    )
+    (tmp_path / "job.sh").write_text(text)
+    (tmp_path / "logs").mkdir()
+    env = dict(
+        os.environ,
+        PATH=f"{bindir}:{os.environ['PATH']}",
+        FAKE_SLURM_JOB_ID=str(os.getpid() % 4000 + 1),
+        FAKE_SLURM_LOGS=str(tmp_path / "logs"),
+    )
+    res = subprocess.run(["bash", str(tmp_path / "job.sh")], env=env, cwd=tmp_path, timeout=600)
+    logs = [(tmp_path / "logs" / f"task_{i}.log").read_text() for i in range(2)]
+    assert res.returncode == 0, logs[0][-3000:] + logs[1][-3000:]
+    for i, log in enumerate(logs):
+        assert f"joined jax.distributed: process {i} of 2" in log, log[-3000:]
+    assert read_state(str(workdir))["step"] == 3
