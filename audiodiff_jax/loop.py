@@ -297,6 +297,12 @@ def restore_for_mesh(ckpt: checkpointing.RunCheckpointer, step: int, trainer: Tr
     return state
 
 
+class PeerLost(RuntimeError):
+    """Another process of the job failed or went away (multi-process runs)."""
+
+    EXIT_CODE = 5
+
+
 class WorkdirError(UserError):
     """The run folder cannot be used."""
 
@@ -443,6 +449,7 @@ def run(
         return rows
 
     gp.loop_started()
+    peer_lost = False
     try:
         while step < num_steps:
             batch = next_batch(step)
@@ -495,9 +502,20 @@ def run(
         summary = gp.update(step, last_checkpoint=last_saved, finished=True)
         logging.info("%s", summary.line())
         writer.write_scalars(step, summary.scalars())
+    except jax.errors.JaxRuntimeError as e:
+        if jax.process_count() == 1:
+            raise
+        # A collective failed: a peer process died or its host went away. Closing the
+        # checkpointer would wait on that peer; the last complete checkpoint is on disk.
+        peer_lost = True
+        raise PeerLost(
+            f"step {step + 1}: a collective with the other processes failed ({_first_line(e)}); "
+            f"a peer process died or was cut off. The last complete checkpoint is step {last_saved}."
+        ) from e
     finally:
         watchdog.close()
-        ckpt.close()
-        writer.close()
         watcher.close()
+        if not peer_lost:
+            ckpt.close()
+            writer.close()
     return TrainResult(state=state, final_step=step, preempted=preempted)

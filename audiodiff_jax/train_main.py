@@ -10,11 +10,11 @@ and SLURM the coordinator is found automatically (``--distributed=auto``); on on
 machine pass ``--coordinator_address``, ``--num_processes`` and ``--process_id``
 (``launch/local.py`` does).
 
-Failures: when a process dies, the coordination service notices its missing
-heartbeats within ``--heartbeat_timeout_s`` and ends every other process with an
-error naming the dead task; a process whose steps stop (a hung peer) exits after
-``--step_timeout_s`` (status 4). Run the same command again and the job resumes from
-the last complete checkpoint.
+Failures: when a process dies, every other one exits within ``--peer_timeout_s``
+(status 5, one line naming the lost process; ``audiodiff_jax/distributed.py``); a
+process whose steps stop (a hung peer) exits after ``--step_timeout_s`` (status 4).
+Mistakes in flags, configs and files end in one line and status 2. Run the same command
+again and the job resumes from the last complete checkpoint.
 """
 
 from __future__ import annotations
@@ -76,6 +76,8 @@ def main(argv):
     except config_lib.ConfigError as e:
         print(f"audiodiff-train: config error: {e}", file=sys.stderr)
         sys.exit(EXIT_CONFIG_ERROR)
+    except loop.PeerLost as e:
+        distributed.exit_peer_lost("audiodiff-train", e, loop.PeerLost.EXIT_CODE)
     except loop.TrainingDiverged as e:
         logging.error("%s", e)
         print(f"audiodiff-train: {e}", file=sys.stderr)

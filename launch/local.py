@@ -171,8 +171,12 @@ def launch(
             f.close()
         for t in pumps:
             t.join(timeout=5)
-    if status == 0:
-        status = next((p.returncode for p in procs if p.returncode != 0), 0)
+    if status != 124:
+        # A child's own exit code says why (e.g. 5: its peer was lost) better than the
+        # signal that killed another one: prefer the first positive status.
+        codes = [p.returncode for p in procs]
+        positive = [c for c in codes if c and c > 0]
+        status = positive[0] if positive else next((c for c in codes if c), 0)
     return status
 
 

@@ -55,6 +55,8 @@ def main(argv):
     except ConfigError as e:
         print(f"audiodiff-codec-train: config error: {e}", file=sys.stderr)
         sys.exit(EXIT_CONFIG_ERROR)
+    except loop.PeerLost as e:
+        distributed.exit_peer_lost("audiodiff-codec-train", e, loop.PeerLost.EXIT_CODE)
     except loop.TrainingDiverged as e:
         print(f"audiodiff-codec-train: {e}", file=sys.stderr)
         sys.exit(EXIT_DIVERGED)
