@@ -22,7 +22,10 @@ INSTALL_REQUIRES = [
     "soundfile==0.14.0",
     "tensorboardX==2.6.5",
     "tqdm==4.70.1",
-    "soxr==1.1.0",  # the codec resamples input at other sample rates
+    "soxr==1.1.0",
+    # gs:// paths (workdirs, checkpoints, sweeps) through etils/fsspec; Orbax's arrays go
+    # through TensorStore's own GCS driver.
+    "gcsfs==2026.10.1",  # the codec resamples input at other sample rates
     # Report pages of audiodiff-sample and the demo: spectrograms (scipy.signal.ShortTimeFFT),
     # pictures (matplotlib, Agg), HTML (Jinja2 templates in audiodiff_jax/templates).
     "scipy==1.17.1",

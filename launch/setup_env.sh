@@ -8,10 +8,15 @@
 set -euo pipefail
 VENV=${1:-.venv}
 PYTHON=${PYTHON:-python3}
+# Knobs for images (Dockerfile): which extras, and whether to try system packages.
+EXTRAS=${AUDIODIFF_EXTRAS:-test,eval}
+SYSTEM_PACKAGES=${AUDIODIFF_SYSTEM_PACKAGES:-auto}  # auto | none
 
 want=()
-command -v mma >/dev/null 2>&1 || want+=(mma)
-command -v chromium >/dev/null 2>&1 || want+=(chromium)
+if [ "$SYSTEM_PACKAGES" != "none" ]; then
+  command -v mma >/dev/null 2>&1 || want+=(mma)
+  command -v chromium >/dev/null 2>&1 || want+=(chromium)
+fi
 if [ ${#want[@]} -gt 0 ]; then
   if [ "$(id -u)" = "0" ] && command -v apt-get >/dev/null 2>&1; then
     echo "setup: installing system packages: ${want[*]}"
@@ -23,7 +28,7 @@ if [ ${#want[@]} -gt 0 ]; then
 fi
 
 [ -x "$VENV/bin/python" ] || "$PYTHON" -m venv "$VENV"
-"$VENV/bin/pip" install --quiet -e '.[test,eval]' music21==10.5.1 pretty-midi==0.2.11.post0
+"$VENV/bin/pip" install --quiet -e ".[$EXTRAS]" music21==10.5.1 pretty-midi==0.2.11.post0
 # tinysoundfont declares pyaudio (live playback, never used here), which only builds
 # from source against portaudio headers: install it without its dependencies.
 "$VENV/bin/pip" install --quiet --no-deps tinysoundfont==0.3.7

@@ -11,8 +11,9 @@ one after another (``gcloud`` must be installed and logged in). Actions:
 - ``create``: a queued resource (``gcloud compute tpus queued-resources create``),
   which waits for capacity and can hold several slices (``--num_slices``: nodes
   ``NAME-0``, ``NAME-1``, ...), or with ``--no-queued`` a plain ``tpu-vm create``;
-- ``setup``: on every host (``tpu-vm ssh --worker=all``) install the package with the
-  TPU extra and ``gcsfs`` (gs:// workdirs);
+- ``setup``: on every host (``tpu-vm ssh --worker=all``) make a Python 3.11 venv with
+  ``uv`` (stock images ship an older Python) and install the package with the TPU
+  extra into it (``setup_script``);
 - ``train``: on every host, the same ``audiodiff-train`` command in the background
   (``nohup``; output in ``~/audiodiff-train.log``, pid in ``~/audiodiff-train.pid``)
   so a dropped ssh session does not stop it. Several slices talk over DCN through
@@ -59,6 +60,8 @@ RUNTIME_VERSIONS = {
 }
 MEGASCALE_PORT = 8080
 LOG_FILE = "~/audiodiff-train.log"
+VENV = "~/audiodiff-venv"  # made by setup_script with a Python 3.11 from uv
+UV_REQUIREMENT = "uv==0.13.8"
 PID_FILE = "~/audiodiff-train.pid"
 
 
@@ -173,10 +176,18 @@ def ssh_all(node: str, project: str, zone: str, command: str) -> list[str]:
     ]
 
 
-def setup_script(package: str) -> str:
+def setup_script(package: str, uv: str = UV_REQUIREMENT) -> str:
+    """Per-host set-up that works on the stock TPU VM images, whose Python is older than
+    the pinned jax needs: ``uv`` (from PyPI, into the user site) makes a Python 3.11
+    venv at ``VENV`` (a uv-managed interpreter when the image has no 3.11) and installs
+    ``package`` with the TPU extra into it."""
     return (
-        "set -e; python3 -m pip install --upgrade pip && "
-        f"python3 -m pip install {shlex.quote(package)} 'audiodiff-jax[tpu]' gcsfs"
+        "set -e; "
+        # (images whose system Python is "externally managed" still take a --user install)
+        f"PIP_BREAK_SYSTEM_PACKAGES=1 python3 -m pip install --quiet --user {shlex.quote(uv)} && "
+        f"python3 -m uv venv --quiet --allow-existing --python 3.11 {VENV} && "
+        f"python3 -m uv pip install --quiet --python {VENV}/bin/python "
+        f"{shlex.quote(package)} 'audiodiff-jax[tpu]'"
     )
 
 
@@ -196,9 +207,10 @@ def train_env(slice_id: int, num_slices: int, coordinator: str, libtpu_args: str
 
 
 def train_script(train_args: list[str], env: dict[str, str]) -> str:
-    """The host-side command: the training program in the background, logging to a file."""
+    """The host-side command: the training program of the set-up's venv in the background,
+    logging to a file."""
     run = f"{common.env_prefix(env)} nohup {shlex.join(train_args)} > {LOG_FILE} 2>&1 &"
-    return f"{run} echo $! > {PID_FILE}"
+    return f"PATH={VENV}/bin:$PATH {run} echo $! > {PID_FILE}"
 
 
 def coordinator_lookup(name: str, project: str, zone: str) -> str:

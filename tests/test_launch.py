@@ -8,6 +8,7 @@ import os
 import shlex
 import subprocess
 import sys
+import time
 
 import pytest
 import yaml
@@ -73,13 +74,13 @@ def test_tpu_vm_single_slice_dry_run():
     assert lines[2].startswith(
         "gcloud compute tpus tpu-vm ssh dit1b --project=proj --zone=us-east5-a --worker=all '--command=set -e"
     )
-    assert "git+https://example.com/audiodiff-jax@abc123" in lines[2] and "gcsfs" in lines[2]
+    assert "git+https://example.com/audiodiff-jax@abc123" in lines[2] and "uv venv" in lines[2]
     train = lines[3]
     assert train.startswith(
         "gcloud compute tpus tpu-vm ssh dit1b --project=proj --zone=us-east5-a --worker=all"
     )
     for piece in (
-        "PYTHONUNBUFFERED=1 nohup audiodiff-train --config=configs/dit.py:1B",
+        "PATH=~/audiodiff-venv/bin:$PATH PYTHONUNBUFFERED=1 nohup audiodiff-train --config=configs/dit.py:1B",
         "--workdir=gs://bucket/runs/dit1b --distributed=on --heartbeat_timeout_s=100",
         "--config.data.shards_dir=gs://bucket/latents > ~/audiodiff-train.log 2>&1 &",
         "& echo $! > ~/audiodiff-train.pid",
@@ -123,7 +124,10 @@ def test_tpu_vm_multislice_sets_megascale_per_slice(tmp_path):
             timeout=30,
             check=True,
         ).stdout
-        assert remote.startswith("PYTHONUNBUFFERED=1 MEGASCALE_COORDINATOR_ADDRESS=10.1.2.3:8080 "), remote
+        want = (
+            "PATH=~/audiodiff-venv/bin:$PATH PYTHONUNBUFFERED=1 MEGASCALE_COORDINATOR_ADDRESS=10.1.2.3:8080 "
+        )
+        assert remote.startswith(want), remote
         assert f"MEGASCALE_SLICE_ID={i} " in remote and "LIBTPU_INIT_ARGS=--xla_tpu_flag=1 nohup" in remote
         assert remote.rstrip().endswith("& echo $! > ~/audiodiff-train.pid")
     create = tpu_vm.create_commands(
@@ -174,6 +178,10 @@ def test_gke_jobset_manifest():
     assert env["MEGASCALE_NUM_SLICES"]["value"] == "2"
     assert "job-index" in env["MEGASCALE_SLICE_ID"]["valueFrom"]["fieldRef"]["fieldPath"]
     assert env["PYTHONUNBUFFERED"]["value"] == "1"
+    # Shared memory for Grain's worker processes (a container's default /dev/shm is 64 MB).
+    (mount,) = c["volumeMounts"]
+    (vol,) = [v for v in pod["volumes"] if v["name"] == mount["name"]]
+    assert mount["mountPath"] == "/dev/shm" and vol["emptyDir"] == {"medium": "Memory"}
 
     one = yaml.safe_load(
         gke.manifest(name="s", image="i", accelerator_type="v5e-256", num_slices=1, train_args=ARGS)
@@ -183,6 +191,17 @@ def test_gke_jobset_manifest():
     assert pod["nodeSelector"]["cloud.google.com/gke-tpu-accelerator"] == "tpu-v5-lite-podslice"
     assert not any(e["name"].startswith("MEGASCALE") for e in pod["containers"][0]["env"])
     assert gke.chips_per_host("v5e", 8) == 8 and gke.chips_per_host("v5e", 256) == 4
+
+
+def test_image_is_built_by_the_set_up_script_that_ci_runs():
+    """The Dockerfile installs through launch/setup_env.sh, which `make test` also runs."""
+    docker = open(os.path.join(REPO, "Dockerfile")).read()
+    make = open(os.path.join(REPO, "Makefile")).read()
+    assert "bash launch/setup_env.sh" in docker and "launch/setup_env.sh" in make
+    assert "AUDIODIFF_EXTRAS=tpu" in docker and "FROM python:3.11" in docker
+    setup = open(os.path.join(REPO, "launch", "setup_env.sh")).read()
+    assert ".[$EXTRAS]" in setup and "AUDIODIFF_SYSTEM_PACKAGES" in setup
+    assert subprocess.run(["bash", "-n", os.path.join(REPO, "launch", "setup_env.sh")]).returncode == 0
 
 
 def test_gke_dry_run_prints_manifest():
@@ -319,3 +338,50 @@ def test_slurm_script_runs_one_process_per_gpu(tmp_path):
     for i, log in enumerate(logs):
         assert f"joined jax.distributed: process {i} of 2" in log, log[-3000:]
     assert read_state(str(workdir))["step"] == 3
+
+
+@pytest.mark.slow
+def test_tpu_vm_host_scripts_run_on_a_stand_in_host(tmp_path):
+    """The per-host set-up and launch commands, run by bash on this machine as a stand-in
+    TPU host (a fresh HOME, the base Python on PATH): uv makes the Python 3.11 venv, the
+    package goes into it, and the launch starts that venv's audiodiff-train in the
+    background with its log and pid files. A stub package stands in for audiodiff-jax
+    (same name and extra) so the test does not download jax."""
+    pkg, home = tmp_path / "pkg", tmp_path / "home"
+    pkg.mkdir()
+    home.mkdir()
+    (pkg / "setup.py").write_text(
+        "from setuptools import setup\n"
+        "setup(name='audiodiff-jax', version='0.0.1', py_modules=['stub_train'],\n"
+        "      extras_require={'tpu': []},\n"
+        "      entry_points={'console_scripts': ['audiodiff-train=stub_train:main']})\n"
+    )
+    (pkg / "stub_train.py").write_text(
+        "import os, sys\n"
+        "def main():\n"
+        "    print('python', sys.version_info[:2], 'args', sys.argv[1:], os.environ['PYTHONUNBUFFERED'])\n"
+    )
+    path = [os.path.join(sys.base_prefix, "bin")] + [
+        p for p in os.environ["PATH"].split(os.pathsep) if not p.startswith(sys.prefix)
+    ]
+    env = dict(os.environ, HOME=str(home), PATH=os.pathsep.join(path), UV_NATIVE_TLS="1")
+    env.pop("VIRTUAL_ENV", None)
+    res = subprocess.run(
+        ["bash", "-c", tpu_vm.setup_script(str(pkg))], env=env, cwd=home, capture_output=True, text=True
+    )
+    assert res.returncode == 0, res.stderr[-3000:]
+    venv_python = home / "audiodiff-venv" / "bin" / "python"
+    version = subprocess.run(
+        [str(venv_python), "-c", "import sys; print(sys.version_info[:2])"], capture_output=True
+    )
+    assert version.stdout.decode().strip() == "(3, 11)"
+    launch = tpu_vm.train_script(["audiodiff-train", "--config=dit:1B"], tpu_vm.train_env(0, 1, "", ""))
+    assert subprocess.run(["bash", "-c", launch], env=env, cwd=home).returncode == 0
+    assert int((home / "audiodiff-train.pid").read_text()) > 0
+    log_file = home / "audiodiff-train.log"
+    for _ in range(200):  # the background job writes its line at once
+        if log_file.exists() and "args" in log_file.read_text():
+            break
+        time.sleep(0.1)
+    log = log_file.read_text()
+    assert "python (3, 11) args ['--config=dit:1B'] 1" in log, log
