@@ -398,7 +398,8 @@ class Generator:
         return sharding.batch_shards(self.mesh)
 
     def frames_for(self, seconds: float) -> int:
-        return int(round(seconds * self.latent_rate))
+        """Latent frames that cover ``seconds`` (rounded up: decoding trims to the length)."""
+        return int(math.ceil(seconds * self.latent_rate - 1e-6))
 
     def check(self, p: SampleParams) -> None:
         """Raises GenerationError naming the first bad field of ``p``."""
@@ -594,8 +595,12 @@ class Generator:
         raw = [self.card.denormalize(out[i]) for i in range(len(requests))]
         return Generated(raw, denoise_s, len(starts), compiled_any)
 
-    def decode(self, raw_latents: np.ndarray) -> np.ndarray:
-        """Raw latents ``[frames, channels]`` -> audio ``[audio_channels, samples]``."""
+    def decode(self, raw_latents: np.ndarray, seconds: float | None = None) -> np.ndarray:
+        """Raw latents ``[frames, channels]`` -> audio ``[audio_channels, samples]``, cut to
+        exactly ``seconds`` (to the sample) when given: whole latent frames overshoot."""
         if self.codec is None:
             raise GenerationError("no codec given: cannot decode latents to audio")
-        return np.asarray(self.codec.decode(raw_latents), np.float32)
+        audio = np.asarray(self.codec.decode(raw_latents), np.float32)
+        if seconds is not None:
+            audio = audio[:, : int(round(seconds * self.codec.card.sample_rate))]
+        return audio

@@ -298,7 +298,7 @@ def run_sweep(
             res = gen.generate_latents(params, edit=edit, batch_size=batch_size)
             for it, lat in zip(batch, res.latents, strict=True):
                 t0 = time.perf_counter()
-                audio = gen.decode(lat)
+                audio = gen.decode(lat, seconds=it.params.seconds)
                 decode_s = time.perf_counter() - t0
                 iid = ids[it.index]
                 stem = f"{_slug(it.params.prompt)}-s{it.params.seed}-{iid[:10]}"
