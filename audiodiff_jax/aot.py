@@ -39,6 +39,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+from absl import logging
 
 from audiodiff_jax import config as config_lib
 from audiodiff_jax import flops, generation, sharding
@@ -126,6 +127,12 @@ class StepReport:
     biggest_inputs: list[Buffer] = dataclasses.field(default_factory=list)
     biggest: list[Buffer] = dataclasses.field(default_factory=list)  # arrays the program creates
     kernels: dict[str, int] = dataclasses.field(default_factory=dict)  # Pallas kernels in the program
+    # The attention kernel the config asks for ("splash_mha"): its absence is reported loudly.
+    expect_kernel: str = ""
+
+    @property
+    def kernel_missing(self) -> bool:
+        return bool(self.expect_kernel) and not any(k.startswith(self.expect_kernel) for k in self.kernels)
     error: str = ""
 
     @property
@@ -164,6 +171,11 @@ class StepReport:
         if self.kernels:
             lines.append(
                 "   Pallas kernels " + ", ".join(f"{k} x{n}" for k, n in sorted(self.kernels.items()))
+            )
+        if self.kernel_missing:
+            lines.append(
+                f"   WARNING: no {self.expect_kernel} kernel in the compiled program: attention runs as "
+                "XLA einsums with full T x T logits (memory and speed figures are not the kernel's)"
             )
         if self.peak_flops and self.model_flops:
             t = self.model_flops / self.peak_flops
@@ -303,6 +315,8 @@ def compile_and_report(
     report.xla_flops = float((cost or {}).get("flops", 0.0))
     hlo = compiled.as_text()
     report.kernels = custom_kernels(hlo)
+    if report.kernel_missing:
+        logging.warning("%s: no %s kernel in the compiled program", report.name, report.expect_kernel)
     if not report.fits:
         report.biggest_inputs = arg_buffers
         report.biggest = largest_hlo_buffers(hlo)
@@ -323,6 +337,10 @@ def is_out_of_memory(report: StepReport) -> bool:
     )
 
 
+def _expected_kernel(cfg: Config) -> str:
+    return "splash_mha" if cfg.model.attention == "splash" else ""
+
+
 def compile_train_step(cfg: Config, mesh, hbm_bytes: int, peak_flops: float = 0.0) -> StepReport:
     """Compiles ``Trainer``'s jitted train step (shardings, donation) for ``mesh``."""
     trainer = Trainer(cfg, mesh)
@@ -333,6 +351,7 @@ def compile_train_step(cfg: Config, mesh, hbm_bytes: int, peak_flops: float = 0.
         hbm_bytes=hbm_bytes,
         model_flops=flops.train_flops_per_step(cfg.model, b, t, cfg.model.text.max_len) / mesh.size,
         peak_flops=peak_flops,
+        expect_kernel=_expected_kernel(cfg),
     )
     return compile_and_report(trainer.train_step, args, ("state", "batch"), report, mesh)
 
@@ -385,6 +404,7 @@ def compile_sample_step(
         hbm_bytes=hbm_bytes,
         model_flops=forward * evals / mesh.size,
         peak_flops=peak_flops,
+        expect_kernel=_expected_kernel(cfg),
     )
     return compile_and_report(jitted, args, ("params", "cond", "inputs"), report, mesh)
 

@@ -63,7 +63,7 @@ def _tiny(**changes):
     from configs import tiny
 
     cfg = config_lib.from_configdict(tiny.get_config())
-    # 256 frames: splash's 128 x 128 tiles apply (shorter sequences fall back to XLA).
+    # Any length runs the kernel (padded to its 128 block); 256 frames keeps compiles quick.
     return config_lib.replace(cfg, **{"model.attention": "splash", "data.window_frames": 256, **changes})
 
 
@@ -95,7 +95,11 @@ def test_tiny_train_step_compiles_with_splash_and_reports_memory():
     # An HBM of 1 MiB: the program compiles but cannot fit, and the report says why.
     report = aot.compile_train_step(cfg, mesh, hbm_bytes=2**20, peak_flops=spec.generation.peak_bf16_flops)
     assert report.compiled, report.error
-    assert report.kernels.get("splash_mha_fwd_segmented_residuals") == cfg.model.depth
+    # Every attention layer runs the kernel: each DiT block's self- and cross-attention
+    # (captions padded up to the 128 block) and each text-encoder layer.
+    per_step = 2 * cfg.model.depth + cfg.model.text.depth
+    assert report.kernels.get("splash_mha_fwd_segmented_residuals") == per_step, report.kernels
+    assert not report.kernel_missing
     assert any(k.startswith("splash_mha_dkv") for k in report.kernels)  # the backward kernels too
     # Donation: the new state reuses the old state's buffers.
     assert report.argument_bytes > 0 and report.alias_bytes > 0.9 * report.argument_bytes - 2**16
@@ -109,6 +113,25 @@ def test_tiny_train_step_compiles_with_splash_and_reports_memory():
     assert sizes == sorted(sizes, reverse=True) and sizes[0] > 0
     report.hbm_bytes = spec.generation.hbm_bytes
     assert report.fits and "FITS" in report.format()
+
+
+@needs_libtpu
+def test_splash_runs_at_a_window_that_is_not_a_block_multiple():
+    """700 frames (700 % 128 = 60, as the shipped 6,460) get as many kernels as 640."""
+    from audiodiff_jax import sharding
+
+    spec = topology.parse_topology("v5p-8")
+    counts = []
+    for frames in (640, 700):
+        cfg = aot.prepare_config(_tiny(**{"data.window_frames": frames}), spec)
+        mesh = sharding.make_mesh(cfg.mesh, aot.get_devices(spec))
+        report = aot.compile_train_step(cfg, mesh, hbm_bytes=spec.generation.hbm_bytes)
+        assert report.compiled, report.error
+        counts.append(report.kernels)
+    assert counts[0] == counts[1] and counts[0].get("splash_mha_fwd_segmented_residuals", 0) > 0, counts
+    # A config that asks for splash but gets none is reported loudly.
+    missing = aot.StepReport(name="x", hbm_bytes=1, expect_kernel="splash_mha", compiled=True)
+    assert missing.kernel_missing and "WARNING: no splash_mha kernel" in missing.format()
 
 
 @needs_libtpu

@@ -216,10 +216,12 @@ def test_splash_attention_interpret_matches_xla(monkeypatch):
     with jax.set_mesh(mesh):
         out = splash(q, k, v, mask)
     np.testing.assert_allclose(np.asarray(out), np.asarray(ref), rtol=2e-3, atol=2e-3)
-    # lengths that are not multiples of 128 (captions) take the XLA path
-    out = dot_product_attention(q[:, :32], k[:, :32], v[:, :32], impl="splash", kv_mask_bs=mask[:, :32])
-    ref = dot_product_attention(q[:, :32], k[:, :32], v[:, :32], impl="xla", kv_mask_bs=mask[:, :32])
-    np.testing.assert_array_equal(np.asarray(out), np.asarray(ref))
+    # Lengths that are not block multiples (a 100-frame window, 40 caption tokens) run the
+    # kernel too: padded to 128, the padded keys masked, the padded queries cut off.
+    out = splash(q[:, :100], k[:, :40], v[:, :40], mask[:, :40])
+    ref = dot_product_attention(q[:, :100], k[:, :40], v[:, :40], impl="xla", kv_mask_bs=mask[:, :40])
+    assert out.shape == (4, 100, 2, 64)
+    np.testing.assert_allclose(np.asarray(out), np.asarray(ref), rtol=2e-3, atol=2e-3)
 
 
 def test_cudnn_path_passes_padding_as_lengths():

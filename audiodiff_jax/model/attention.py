@@ -9,9 +9,10 @@
   latent frames and for tokenized captions).
 - ``"splash"``: Pallas splash attention on TPU. Padding goes in as segment ids (valid
   keys 1, padded keys 0, every query 1). Under a mesh it runs inside ``shard_map``
-  (batch over data x fsdp, heads over tensor). The kernel tiles 128 x 128, so lengths
-  that are not multiples of 128 (short captions: text self-attention and
-  cross-attention) use the XLA path, whose cost there is small.
+  (batch over data x fsdp, heads over tensor). The kernel tiles 128 x 128: other
+  lengths (the 6,460-frame window, captions) are padded up to the next multiple, the
+  padded keys masked out and the padded query rows cut off, so the kernel runs at every
+  length (``audiodiff-compile`` reports the kernels it finds in each program).
 
 Masking convention: ``kv_mask_bs`` is True where a key may be attended to. A query
 whose row has no valid key (an all-pad caption) gets an output of exactly zero; the
@@ -88,6 +89,8 @@ def _jax_nn_attention(q, k, v, kv_mask_bs, implementation="cudnn"):
 
 
 def _splash_attention(q, k, v, kv_mask_bs):
+    """Pallas splash attention; lengths must be multiples of ``_SPLASH_BLOCK``."""
+    # Here, not at the top: the TPU Pallas ops import only where splash is chosen.
     from jax.experimental.pallas.ops.tpu import splash_attention as sa
 
     _, t, _, d = q.shape
@@ -133,6 +136,23 @@ def _splash_attention(q, k, v, kv_mask_bs):
     return jnp.swapaxes(out, 1, 2)
 
 
+def _padded_splash_attention(q, k, v, kv_mask_bs):
+    """Splash at any length: queries and keys padded up to the kernel's block multiple,
+    the padded keys masked out (segment 0) and the padded query rows cut off again, so
+    the kernel runs at every window (e.g. 6,460 frames) instead of falling back to XLA."""
+    t, s = q.shape[1], k.shape[1]
+    tp, sp = -(-t // _SPLASH_BLOCK) * _SPLASH_BLOCK, -(-s // _SPLASH_BLOCK) * _SPLASH_BLOCK
+    if kv_mask_bs is None:
+        kv_mask_bs = jnp.ones(k.shape[:2], jnp.bool_)
+    if tp != t:
+        q = jnp.pad(q, ((0, 0), (0, tp - t), (0, 0), (0, 0)))
+    if sp != s:
+        k = jnp.pad(k, ((0, 0), (0, sp - s), (0, 0), (0, 0)))
+        v = jnp.pad(v, ((0, 0), (0, sp - s), (0, 0), (0, 0)))
+        kv_mask_bs = jnp.pad(kv_mask_bs, ((0, 0), (0, sp - s)))  # padded keys: never attended
+    return _splash_attention(q, k, v, kv_mask_bs)[:, :t]
+
+
 def dot_product_attention(
     q_bthd: jax.Array,
     k_bshd: jax.Array,
@@ -161,9 +181,7 @@ def dot_product_attention(
         any_valid_b = jnp.any(kv_mask_bs, axis=-1)
         # A row without valid keys attends to all of them (finite), then is zeroed below.
         kv_mask_bs = kv_mask_bs | ~any_valid_b[:, None]
-    if impl == "splash" and (q_bthd.shape[1] % _SPLASH_BLOCK or k_bshd.shape[1] % _SPLASH_BLOCK):
-        impl = "xla"
-    fn = {"xla": _xla_attention, "cudnn": _jax_nn_attention, "splash": _splash_attention}[impl]
+    fn = {"xla": _xla_attention, "cudnn": _jax_nn_attention, "splash": _padded_splash_attention}[impl]
     out = fn(q_bthd, k_bshd, v_bshd, kv_mask_bs)
     if any_valid_b is not None:
         out = jnp.where(any_valid_b[:, None, None, None], out, jnp.zeros((), out.dtype))
