@@ -133,6 +133,7 @@ class StepReport:
     @property
     def kernel_missing(self) -> bool:
         return bool(self.expect_kernel) and not any(k.startswith(self.expect_kernel) for k in self.kernels)
+
     error: str = ""
 
     @property

@@ -15,8 +15,9 @@ How the work is cut, so that it is resumable and splits across processes:
    cuts it into *units* of ``files_per_shard`` consecutive entries; unit ``u`` belongs
    to process ``u % process_count``. The plan depends on the corpus, the codec card
    and the settings, never on the process count, so any split yields the same
-   shards. Its fingerprint is stored in ``OUT/.work/plan.json``; resuming against a
-   changed corpus is refused.
+   shards. Its fingerprint (codec card, settings, every entry, and each file's size
+   and mtime) is stored in ``OUT/.work/plan.json``; resuming interrupted work against
+   a changed corpus is refused.
 2. **Units.** A unit is encoded into ``OUT/.work/unit-UUUUU/`` by a
    ``ShardWriter`` (hidden temporary file, renamed when complete), then its report
    (records, bad files, audio seconds) is written atomically as
@@ -27,6 +28,14 @@ How the work is cut, so that it is resumable and splits across processes:
    latent statistics, writes ``precompute_summary.json``, then the dataset card
    last (a folder with a card is complete), trains the caption tokenizer if asked,
    and removes ``.work``. Every step can be repeated after a crash.
+4. **Reruns.** The summary keeps the plan's fingerprint and each file's. A rerun
+   over an unchanged corpus says "already complete"; over a changed one (files or
+   caption rows added, changed or removed; another ``files_per_shard``) it updates
+   the dataset: records of unchanged files are copied from the old shards, new and
+   changed files are encoded, and the summary lists what was new, changed and
+   removed. The result is byte for byte the dataset a run from scratch would make.
+   A dataset made with another codec, ``latent_dtype`` or corpus is not updated:
+   the run stops and names the difference (``--overwrite`` replaces it).
 
 The folder must be shared by all processes (a local disk, NFS or a FUSE-mounted
 bucket with atomic rename). Bad input never stops the run: each bad file is
@@ -48,15 +57,16 @@ import os
 import shutil
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
 
 from audiodiff_jax import cli
 from audiodiff_jax import codec as codec_lib
-from audiodiff_jax.data.cards import CARD_FILE, CodecCard, DatasetCard, ShardInfo
-from audiodiff_jax.data.records import SHARD_PREFIX, SHARD_SUFFIX, shard_file_name
+from audiodiff_jax.data.cards import CARD_FILE, CodecCard, DatasetCard, ShardError, ShardInfo
+from audiodiff_jax.data.records import SHARD_PREFIX, SHARD_SUFFIX, ShardSource, shard_file_name
+from audiodiff_jax.errors import UserError
 from data_pipeline import audio_folder, tokenizer
 from data_pipeline.audio_folder import AudioError, Problem
 from data_pipeline.manifest import Entry
@@ -68,8 +78,13 @@ _PLAN_FILE = "plan.json"
 _UNIT_SHARD = shard_file_name(0, 1)
 
 
-class PrecomputeError(RuntimeError):
+class PrecomputeError(UserError, RuntimeError):
     """The run cannot go on (changed corpus, missing unit, timeout); the message says what to do."""
+
+
+def _digest(data: Any) -> str:
+    # ensure_ascii: a file name that is not UTF-8 (surrogate escapes) still hashes.
+    return hashlib.sha256(json.dumps(data, sort_keys=True, ensure_ascii=True).encode()).hexdigest()[:24]
 
 
 # ---------------------------------------------------------------------------
@@ -93,12 +108,28 @@ class FolderCorpus:
     def load(self, entry: Entry) -> tuple[np.ndarray, int]:
         return audio_folder.read_audio(self.where(entry))
 
+    def fingerprint(self, entry: Entry) -> str:
+        """What the entry's record depends on: its caption row and its file's size and mtime.
+
+        Size and mtime (as make and rsync do) rather than a content hash: a rerun must
+        not read every file of a large corpus to find the few that changed.
+        """
+        try:
+            st = os.stat(self.where(entry))
+            state: list[Any] = [st.st_size, st.st_mtime_ns]
+        except OSError as e:
+            state = [type(e).__name__, e.errno]
+        return _digest({"entry": entry.to_json(), "file": state})
+
 
 class TfdsCorpus:
     """A TFDS dataset with an Audio feature, read by random access (ArrayRecord, no TensorFlow).
 
     Captions come from ``caption_key`` (a Text feature, or a ClassLabel whose name
     is used); every other scalar feature becomes a label. Ids are ``NAME/SPLIT/INDEX``.
+    Datasets built by ``data_pipeline/tfds_audio_folder.py`` also bring the problems
+    of their build (files left out, caption rows), which precompute reports as its
+    own, and the path of each example's file, which names it in the summary.
     """
 
     def __init__(
@@ -109,8 +140,10 @@ class TfdsCorpus:
         audio_key: str | None = None,
         caption_key: str | None = None,
     ):
+        # Here, not at the top: tensorflow_datasets is a heavy import that folder corpora never need.
         import tensorflow_datasets as tfds
 
+        self._tfds = tfds
         self.builder = tfds.builder(name, data_dir=data_dir)
         features = self.builder.info.features
         # tfds.features.Audio, or (as data_pipeline/tfds_audio_folder.py writes, since
@@ -122,33 +155,54 @@ class TfdsCorpus:
             raise PrecomputeError(f"tfds {name}: no Audio feature (features: {sorted(features)})")
         self.sample_rate = int(getattr(features[self.audio_key], "sample_rate", 0) or 0)
         texts = [k for k, f in features.items() if isinstance(f, tfds.features.Text)]
+        texts = [k for k in texts if k not in ("id", "file", "labels_json")] or texts
         self.caption_key = caption_key or ("caption" if "caption" in texts else (texts[0] if texts else None))
         self._features = features
         self._source = self.builder.as_data_source(split=split)
         self.name, self.split = name, split
         self.description = {"kind": "tfds", "name": name, "split": split, "data_dir": data_dir or ""}
-        self.problems: list[Problem] = []
+        metadata = self.builder.info.metadata or {}
+        self.problems: list[Problem] = [Problem(**p) for p in metadata.get("problems", [])]
         self.entries = []
         for i in range(len(self._source)):
             self.entries.append(Entry(f"{name}/{split}/{i:09d}", str(i), "", {}))
         self._meta: dict[int, tuple[str, dict[str, Any]]] = {}
+        self._files: dict[int, str] = {}
+        self._identity = self._dataset_identity()
+
+    def _dataset_identity(self) -> str:
+        """The dataset's name, version and files (names, sizes, mtimes): a rebuilt dataset differs."""
+        files: list[Any] = []
+        try:
+            data_dir = os.fspath(self.builder.data_dir)
+            for name in sorted(os.listdir(data_dir)):
+                st = os.stat(os.path.join(data_dir, name))
+                files.append([name, st.st_size, st.st_mtime_ns])
+        except (OSError, TypeError):  # a remote data_dir: the name, version and size stand for it
+            files = []
+        return _digest(
+            {"name": self.builder.info.full_name, "split": self.split, "n": len(self.entries), "files": files}
+        )
 
     def where(self, entry: Entry) -> str:
-        return f"tfds:{self.name}/{self.split}[{entry.audio}]"
+        index = int(entry.audio)
+        return self._files.get(index) or f"tfds:{self.name}/{self.split}[{entry.audio}]"
 
     def seconds(self, entry: Entry) -> float:
         return 0.0  # unknown until decoded; progress then counts files only
 
-    def _describe(self, example: dict[str, Any]) -> tuple[str, dict[str, Any]]:
-        import tensorflow_datasets as tfds
+    def fingerprint(self, entry: Entry) -> str:
+        """Examples have no files of their own: the dataset's identity stands for each of them."""
+        return _digest({"entry": entry.to_json(), "dataset": self._identity})
 
+    def _describe(self, example: dict[str, Any]) -> tuple[str, dict[str, Any]]:
         labels: dict[str, Any] = {}
         caption = ""
         for key, feature in self._features.items():
-            if key in (self.audio_key, "sample_rate"):
+            if key in (self.audio_key, "sample_rate", "file"):
                 continue
             value = example[key]
-            if isinstance(feature, tfds.features.ClassLabel):
+            if isinstance(feature, self._tfds.features.ClassLabel):
                 value = feature.int2str(int(value))
             elif isinstance(value, bytes):
                 value = value.decode("utf-8", "replace")
@@ -165,7 +219,11 @@ class TfdsCorpus:
         return caption, labels
 
     def load(self, entry: Entry) -> tuple[np.ndarray, int]:
-        example = self._source[int(entry.audio)]
+        index = int(entry.audio)
+        example = self._source[index]
+        if "file" in example:
+            file = example["file"]
+            self._files[index] = file.decode("utf-8", "replace") if isinstance(file, bytes) else str(file)
         sample_rate = int(example.get("sample_rate", 0) or self.sample_rate)
         audio = np.asarray(example[self.audio_key])
         if audio.dtype.kind in "iu":
@@ -178,7 +236,7 @@ class TfdsCorpus:
             raise AudioError(f"{int(np.size(audio) - np.count_nonzero(np.isfinite(audio)))} NaN/Inf samples")
         if not sample_rate:
             raise AudioError("no sample rate (neither the Audio feature nor a sample_rate feature has one)")
-        self._meta[int(entry.audio)] = self._describe(example)
+        self._meta[index] = self._describe(example)
         return audio, sample_rate
 
     def describe(self, entry: Entry) -> tuple[str, dict[str, Any], str]:
@@ -211,7 +269,8 @@ def _is_codec(obj: Any) -> bool:
     return all(hasattr(obj, name) for name in ("card", "encode", "decode")) and not isinstance(obj, type)
 
 
-def _codec_card(codec) -> CodecCard:
+def codec_card(codec) -> CodecCard:
+    """The codec's card as a CodecCard (codecs may give a dict)."""
     card = codec.card
     return card if isinstance(card, CodecCard) else CodecCard.from_dict(card)
 
@@ -229,8 +288,15 @@ class Plan:
         return unit % process_count
 
 
-def make_plan(entries: Sequence[Entry], codec_card: CodecCard, files_per_shard: int, settings: dict) -> Plan:
-    """Cuts entries (sorted by id) into units; the fingerprint covers everything a shard depends on."""
+def make_plan(
+    entries: Sequence[Entry],
+    codec_card: CodecCard,
+    files_per_shard: int,
+    settings: dict,
+    fingerprints: Mapping[str, str] | None = None,
+) -> Plan:
+    """Cuts entries (sorted by id) into units; the fingerprint covers everything a shard depends on:
+    the codec, the settings, every entry and (``fingerprints``, by id) the state of its file."""
     if files_per_shard < 1:
         raise ValueError(f"files_per_shard={files_per_shard} must be >= 1")
     entries = sorted(entries, key=lambda e: e.id)
@@ -238,7 +304,8 @@ def make_plan(entries: Sequence[Entry], codec_card: CodecCard, files_per_shard: 
     h = hashlib.sha256()
     h.update(json.dumps({"codec": codec_card.to_dict(), "settings": settings}, sort_keys=True).encode())
     for entry in entries:
-        h.update(json.dumps(entry.to_json(), sort_keys=True, ensure_ascii=False).encode())
+        h.update(json.dumps(entry.to_json(), sort_keys=True).encode())
+        h.update((fingerprints or {}).get(entry.id, "").encode())
     return Plan(units, h.hexdigest())
 
 
@@ -255,17 +322,87 @@ def _read_json(path: str) -> Any:
         return json.load(f)
 
 
-def _check_plan(work: str, plan: Plan, num_units: int) -> None:
+def _check_plan(work: str, plan: Plan, num_units: int, incremental: dict[str, Any] | None) -> None:
+    """Records the plan (and what an incremental run found changed), or refuses another plan's work."""
     path = os.path.join(work, _PLAN_FILE)
     if os.path.exists(path):
         old = _read_json(path)
         if old.get("fingerprint") != plan.fingerprint:
             raise PrecomputeError(
                 f"{path}: an interrupted run with a different corpus, codec or settings left work here; "
-                "rerun with the same inputs, or delete the output folder (or pass --overwrite)"
+                f"rerun with the same inputs, or delete {work} to start this run over (a finished dataset "
+                "beside it is kept), or pass --overwrite to replace everything"
             )
         return
-    _write_json(path, {"fingerprint": plan.fingerprint, "num_units": num_units})
+    _write_json(path, {"fingerprint": plan.fingerprint, "num_units": num_units, "incremental": incremental})
+
+
+# ---------------------------------------------------------------------------
+# A finished dataset already in the output folder
+
+
+@dataclasses.dataclass
+class Previous:
+    """A finished dataset in ``out_dir``: its card, summary, and the records a rerun can reuse."""
+
+    card: DatasetCard
+    summary: dict[str, Any]
+    records: dict[str, tuple[int, float]]  # id -> (record index, seconds of audio)
+    fingerprints: dict[str, str]  # id -> fingerprint of every file it was made from (bad ones too)
+
+
+def previous_dataset(out_dir: str) -> Previous | None:
+    """The finished dataset in ``out_dir`` (card and summary both there), or None."""
+    card_path, summary_path = os.path.join(out_dir, CARD_FILE), os.path.join(out_dir, SUMMARY_FILE)
+    if not (os.path.exists(card_path) and os.path.exists(summary_path)):
+        return None
+    card = DatasetCard.load(out_dir)
+    summary = _read_json(summary_path)
+    offsets, start = {}, 0
+    for shard in card.shards:
+        offsets[shard.file] = start
+        start += shard.num_records
+    records = {}
+    for unit in summary.get("units", []):
+        if unit.get("shard") in offsets and len(unit.get("seconds", ())) == len(unit["ids"]):
+            for j, (clip_id, seconds) in enumerate(zip(unit["ids"], unit["seconds"], strict=True)):
+                records[clip_id] = (offsets[unit["shard"]] + j, float(seconds))
+    return Previous(card, summary, records, dict(summary.get("fingerprints", {})))
+
+
+def _incompatible(previous: Previous, card: CodecCard, corpus, latent_dtype: str) -> str | None:
+    """Why the dataset in the folder cannot be updated in place (its records are not reusable), or None."""
+    meta = previous.card.metadata
+    if previous.card.codec.to_dict() != card.to_dict():
+        return f"codec {previous.card.codec.name!r} ({previous.card.codec.to_dict()}), not {card.to_dict()}"
+    if meta.get("corpus") != corpus.description:
+        return f"corpus {meta.get('corpus')}, not {corpus.description}"
+    if meta.get("latent_dtype") != latent_dtype:
+        return f"latent_dtype {meta.get('latent_dtype')!r}, not {latent_dtype!r}"
+    return None
+
+
+def _changes(
+    previous: Previous, fingerprints: Mapping[str, str], settings: dict[str, Any]
+) -> tuple[dict[str, Any], dict[str, tuple[int, float]]]:
+    """What differs from the previous dataset, and the records of unchanged files (id -> index, seconds)."""
+    old = previous.fingerprints
+    unchanged = [i for i, fp in fingerprints.items() if old.get(i) == fp]
+    reuse = {i: previous.records[i] for i in unchanged if i in previous.records}
+    info: dict[str, Any] = {
+        "new": sorted(i for i in fingerprints if i not in old),
+        "changed": sorted(i for i, fp in fingerprints.items() if i in old and old[i] != fp),
+        "removed": sorted(i for i in old if i not in fingerprints),
+        "unchanged": len(unchanged),
+        "previous_records": previous.card.num_records,
+    }
+    meta = previous.card.metadata
+    changed_settings = {k: [meta.get(k), v] for k, v in settings.items() if meta.get(k) != v}
+    if changed_settings:
+        info["settings"] = changed_settings
+    if not old:
+        info["note"] = "the dataset here records no file fingerprints (an older precompute): all re-encoded"
+    return info, reuse
 
 
 # ---------------------------------------------------------------------------
@@ -310,6 +447,27 @@ def _load(corpus, entry: Entry, card: CodecCard):
         return AudioError(f"unreadable: {type(e).__name__}: {e}")
 
 
+@dataclasses.dataclass(frozen=True)
+class _Reused:
+    """A record of an unchanged file, read back from the dataset being updated."""
+
+    record: dict[str, Any]
+    seconds: float
+
+
+def _read_previous(previous: ShardSource | None, reuse: Mapping[str, tuple[int, float]], entry: Entry):
+    """The entry's record in the previous dataset, or None (then the file is encoded again)."""
+    if previous is None or entry.id not in reuse:
+        return None
+    index, seconds = reuse[entry.id]
+    try:
+        record = previous[index]
+    except (ShardError, IndexError):  # a damaged old shard: encode the file again instead
+        return None
+    record.pop("record_index", None)
+    return _Reused(record, seconds)
+
+
 def encode_unit(
     corpus,
     unit: int,
@@ -322,9 +480,18 @@ def encode_unit(
     read_threads: int,
     latent_dtype: str,
     on_file=None,
+    reuse: Mapping[str, tuple[int, float]] | None = None,
+    previous: ShardSource | None = None,
 ) -> dict[str, Any]:
-    """Encodes one unit into ``work/unit-UUUUU/`` and writes its report (the done mark); returns it."""
-    card = _codec_card(codec)
+    """Encodes one unit into ``work/unit-UUUUU/`` and writes its report (the done mark); returns it.
+
+    Entries in ``reuse`` (id -> record index in ``previous``, seconds) are unchanged
+    files of the dataset being updated: their records are copied, not encoded again.
+    Records are written in entry order either way, so the unit is the same bytes as
+    in a run from scratch.
+    """
+    card = codec_card(codec)
+    reuse = reuse or {}
     unit_dir = _unit_dir(work, unit)
     # The unit belongs to this process alone; whatever a killed attempt left is stale.
     shutil.rmtree(unit_dir, ignore_errors=True)
@@ -333,29 +500,51 @@ def encode_unit(
         "unit": unit,
         "process_index": process_index,
         "ids": [],
+        "seconds": [],
         "skipped": [],
         "warnings": [],
         "audio_seconds": 0.0,
         "frames": 0,
+        "reused": 0,
     }
     start = time.time()
     writer = ShardWriter(unit_dir, card, num_shards=1, overwrite=True)
+
+    def kept(entry: Entry, seconds: float, frames: int) -> None:
+        report["ids"].append(entry.id)
+        report["seconds"].append(seconds)
+        report["audio_seconds"] += seconds
+        report["frames"] += frames
+        if on_file:
+            on_file(seconds)
+
+    def skipped(entry: Entry, reason: str, seconds: float = 0.0) -> None:
+        report["skipped"].append(Problem(corpus.where(entry), reason, "skipped").to_json())
+        if on_file:
+            on_file(seconds)
+
     with concurrent.futures.ThreadPoolExecutor(max(1, read_threads)) as pool:
         # Reading and decoding (libsndfile releases the GIL) runs ahead of the codec.
-        pending = [pool.submit(_load, corpus, e, card) for e in entries]
+        pending = [None if e.id in reuse else pool.submit(_load, corpus, e, card) for e in entries]
         for b in range(0, len(entries), batch_size):
-            batch = list(zip(entries[b : b + batch_size], pending[b : b + batch_size], strict=True))
-            loaded = [(entry, future.result()) for entry, future in batch]
-            good = []
+            loaded = []
+            for entry, future in zip(entries[b : b + batch_size], pending[b : b + batch_size], strict=True):
+                result = future.result() if future is not None else _read_previous(previous, reuse, entry)
+                loaded.append((entry, _load(corpus, entry, card) if result is None else result))
+            todo = [(entry, r) for entry, r in loaded if isinstance(r, tuple)]
+            latents_list = _encode(codec, [r[0] for _, r in todo], card.sample_rate) if todo else []
+            encoded = iter(latents_list)  # in the order of `todo`, which is the order of `loaded`
             for entry, result in loaded:
                 if isinstance(result, AudioError):
-                    report["skipped"].append(Problem(corpus.where(entry), str(result), "skipped").to_json())
-                    if on_file:
-                        on_file(0.0)
-                else:
-                    good.append((entry, result))
-            latents_list = _encode(codec, [r[0] for _, r in good], card.sample_rate) if good else []
-            for (entry, (_, seconds, notes)), latents in zip(good, latents_list, strict=True):
+                    skipped(entry, str(result))
+                    continue
+                if isinstance(result, _Reused):
+                    writer.add(result.record)
+                    report["reused"] += 1
+                    kept(entry, result.seconds, int(result.record["latents"].shape[0]))
+                    continue
+                _, seconds, notes = result
+                latents = next(encoded)
                 where = corpus.where(entry)
                 report["warnings"].extend(Problem(where, n, "warning").to_json() for n in notes)
                 try:
@@ -384,15 +573,9 @@ def encode_unit(
                         }
                     )
                 except (AudioError, ValueError) as e:  # ShardError is a ValueError
-                    report["skipped"].append(Problem(where, str(e), "skipped").to_json())
-                    if on_file:
-                        on_file(seconds)
+                    skipped(entry, str(e), seconds)
                     continue
-                report["ids"].append(entry.id)
-                report["audio_seconds"] += seconds
-                report["frames"] += int(latents.shape[0])
-                if on_file:
-                    on_file(seconds)
+                kept(entry, seconds, int(latents.shape[0]))
     if report["ids"]:
         writer.close()
     else:
@@ -432,8 +615,14 @@ def merge(
     scan_problems: Sequence[Problem],
     metadata: dict[str, Any],
     wait_timeout_s: float,
+    fingerprints: Mapping[str, str] | None = None,
 ) -> tuple[DatasetCard, dict[str, Any]]:
-    """Waits for every unit report, moves the shards into place, writes summary and card."""
+    """Waits for every unit report, moves the shards into place, writes summary and card.
+
+    A dataset already in ``out_dir`` (one this run updates) stops being complete first:
+    its card goes before any shard is touched, so a crash in between leaves a folder a
+    rerun finishes, never an old card over new shards.
+    """
     work = os.path.join(out_dir, WORK_DIR)
     deadline = time.time() + wait_timeout_s
     reports = []
@@ -454,12 +643,17 @@ def merge(
     unit_cards = []
     for report in full:
         unit_cards.append(DatasetCard.load(_unit_dir(work, report["unit"])))
+    for name in (CARD_FILE, SUMMARY_FILE):
+        if os.path.exists(os.path.join(out_dir, name)):
+            os.remove(os.path.join(out_dir, name))
     # Leftovers of another dataset (or of an older plan) must not sit beside ours.
     for name in os.listdir(out_dir):
         if name.startswith(SHARD_PREFIX) and name.endswith(SHARD_SUFFIX) and name not in names:
             os.remove(os.path.join(out_dir, name))
     shards = []
+    shard_of = {}
     for report, name, ucard in zip(full, names, unit_cards, strict=True):
+        shard_of[report["unit"]] = name
         src = os.path.join(_unit_dir(work, report["unit"]), _UNIT_SHARD)
         dst = os.path.join(out_dir, name)
         if os.path.exists(src):
@@ -477,6 +671,9 @@ def merge(
         skipped.extend(report["skipped"])
         warnings.extend(report["warnings"])
     num_records = sum(s.num_records for s in shards)
+    incremental = _read_json(os.path.join(work, _PLAN_FILE)).get("incremental")
+    if incremental is not None:
+        incremental = {**incremental, "reused": sum(r.get("reused", 0) for r in reports)}
     summary = {
         "out_dir": os.path.abspath(out_dir),
         "num_files": sum(len(u) for u in plan.units),
@@ -488,10 +685,20 @@ def merge(
         "num_warnings": len(warnings),
         "skipped": skipped,
         "warnings": warnings,
+        "incremental": incremental,
         "units": [
-            {k: r[k] for k in ("unit", "process_index", "ids", "audio_seconds", "wall_seconds")}
+            {
+                **{
+                    k: r.get(k)
+                    for k in ("unit", "process_index", "ids", "seconds", "audio_seconds", "wall_seconds")
+                },
+                "shard": shard_of.get(r["unit"]),
+            }
             for r in reports
         ],
+        # What the next run compares against: it encodes only what differs.
+        "plan_fingerprint": plan.fingerprint,
+        "fingerprints": dict(sorted((fingerprints or {}).items())),
     }
     _write_json(os.path.join(out_dir, SUMMARY_FILE), summary)
     dataset_card = DatasetCard(
@@ -555,7 +762,7 @@ def precompute(
     if latent_dtype not in ("float32", "float16"):
         raise ValueError(f"latent_dtype={latent_dtype!r}: use float32 or float16")
     batch_size = max(1, int(batch_size))
-    card = _codec_card(codec)
+    card = codec_card(codec)
     work = os.path.join(out_dir, WORK_DIR)
     if overwrite:
         if process_count > 1:
@@ -564,18 +771,28 @@ def precompute(
             if name == WORK_DIR or name in (CARD_FILE, SUMMARY_FILE) or name.startswith(SHARD_PREFIX):
                 path = os.path.join(out_dir, name)
                 shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
-    card_path = os.path.join(out_dir, CARD_FILE)
-    summary_path = os.path.join(out_dir, SUMMARY_FILE)
-    if os.path.exists(card_path) and os.path.exists(summary_path):
-        summary = _read_json(summary_path)
-        if process_index == 0:
-            _finish(out_dir, tokenizer_vocab_size)
-        summary["already_complete"] = True
-        return summary
     settings = {"files_per_shard": files_per_shard, "latent_dtype": latent_dtype}
-    plan = make_plan(corpus.entries, card, files_per_shard, settings)
+    fingerprints = {e.id: corpus.fingerprint(e) for e in corpus.entries}
+    plan = make_plan(corpus.entries, card, files_per_shard, settings, fingerprints)
+    previous = previous_dataset(out_dir)
+    incremental, reuse, previous_source = None, {}, None
+    if previous is not None:
+        if previous.summary.get("plan_fingerprint") == plan.fingerprint:
+            summary = previous.summary
+            if process_index == 0:
+                _finish(out_dir, tokenizer_vocab_size)
+            summary["already_complete"] = True
+            return summary
+        why = _incompatible(previous, card, corpus, latent_dtype)
+        if why:
+            raise PrecomputeError(
+                f"{out_dir} holds a dataset made with {why}; pass --overwrite to replace it, "
+                "or choose another --out_dir"
+            )
+        incremental, reuse = _changes(previous, fingerprints, settings)
+        previous_source = ShardSource(out_dir, previous.card)
     os.makedirs(work, exist_ok=True)
-    _check_plan(work, plan, len(plan.units))
+    _check_plan(work, plan, len(plan.units), incremental)
     mine = [u for u in range(len(plan.units)) if plan.owner(u, process_count) == process_index]
     todo = [u for u in mine if not os.path.exists(_unit_report_path(work, u))]
     files = sum(len(plan.units[u]) for u in todo)
@@ -617,6 +834,8 @@ def precompute(
                     read_threads=read_threads,
                     latent_dtype=latent_dtype,
                     on_file=on_file,
+                    reuse=reuse,
+                    previous=previous_source,
                 )
             )
     finally:
@@ -641,7 +860,13 @@ def precompute(
         "latent_dtype": latent_dtype,
     }
     _, summary = merge(
-        out_dir, plan, card, scan_problems=corpus.problems, metadata=metadata, wait_timeout_s=wait_timeout_s
+        out_dir,
+        plan,
+        card,
+        scan_problems=corpus.problems,
+        metadata=metadata,
+        wait_timeout_s=wait_timeout_s,
+        fingerprints=fingerprints,
     )
     summary["this_process"] = mine_summary
     _finish(out_dir, tokenizer_vocab_size)
@@ -666,13 +891,17 @@ def format_summary(summary: dict[str, Any], max_lines: int = 50) -> str:
         ]
         problems = summary["skipped"]
     else:
-        head = "already complete: " if summary.get("already_complete") else ""
+        head = ""
+        if summary.get("already_complete"):
+            head = "already complete (no file, caption, codec or setting changed since it was made): "
         lines = [
             f"{head}{summary['num_records']} records from {summary['num_files']} files "
             f"({summary['audio_hours']:.3f} h audio, {summary['total_frames']} latent frames) in "
             f"{summary['num_shards']} shards -> {summary['out_dir']}",
             f"skipped {summary['num_skipped']}, warnings {summary['num_warnings']} (all in {SUMMARY_FILE})",
         ]
+        if summary.get("incremental") and not summary.get("already_complete"):
+            lines.extend(_incremental_lines(summary["incremental"], max_lines))
         this = summary.get("this_process")
         if this:
             lines.append(
@@ -685,6 +914,28 @@ def format_summary(summary: dict[str, Any], max_lines: int = 50) -> str:
     if len(problems) > max_lines:
         lines.append(f"  ... {len(problems) - max_lines} more")
     return "\n".join(lines)
+
+
+def _incremental_lines(inc: dict[str, Any], max_lines: int) -> list[str]:
+    new, changed, removed = inc["new"], inc["changed"], inc["removed"]
+    lines = [
+        f"updated the dataset that was here ({inc['previous_records']} records): {len(new)} new, "
+        f"{len(changed)} changed, {len(removed)} removed files; {inc.get('reused', 0)} records of "
+        f"unchanged files reused, the rest encoded"
+    ]
+    if inc.get("settings"):
+        lines.append(
+            "  settings changed: "
+            + ", ".join(f"{k} {old!r} -> {new!r}" for k, (old, new) in sorted(inc["settings"].items()))
+        )
+    if inc.get("note"):
+        lines.append(f"  note: {inc['note']}")
+    for what, ids in (("new", new), ("changed", changed), ("removed", removed)):
+        for clip_id in ids[:max_lines]:
+            lines.append(f"  {what:8s} {clip_id}")
+        if len(ids) > max_lines:
+            lines.append(f"  ... {len(ids) - max_lines} more {what}")
+    return lines
 
 
 def run() -> None:

@@ -1,12 +1,18 @@
 """A TFDS dataset builder over an audio folder, so a corpus can be versioned and built with tfds.
 
 The folder is read by ``data_pipeline/audio_folder.py`` (captions from
-``manifest.jsonl``, a caption JSONL/CSV, or file names). Each example holds the
-audio (float32 ``[samples, channels]``; a Tensor feature, since TFDS's Audio
-feature needs TensorFlow) and its ``sample_rate``, the
-caption, the id, and the labels as one JSON string. Files that ``audio_folder``
-rejects, or whose rate/channel count differs from the first good file's, are left
-out (with a log line); precompute reports such files in detail.
+``manifest.jsonl``, a caption JSONL/CSV, or file names; the same ids, checks and
+reasons as the folder path of precompute). Each example holds the audio as the file
+has it (float32 ``[samples, channels]`` at its own ``sample_rate``: any rate, any
+channel count; precompute resamples and mixes down for its codec exactly as it does
+for a folder), the caption, the id, the file's path, and the labels as one JSON
+string. The audio is a Tensor feature, since TFDS's Audio feature needs TensorFlow.
+
+Nothing is left out silently: every file the folder reader rejects (unreadable,
+truncated, NaN, a rate below ``audio_folder.MIN_RATE``...) and every caption problem
+is stored in the dataset's metadata (``metadata.json``, key ``problems``, as
+``{path, reason, severity}``), and precompute reports them in its summary as it does
+for a folder.
 
 Build, then precompute from it by name (random access over ArrayRecord; TensorFlow
 is not needed)::
@@ -21,12 +27,16 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 
 import numpy as np
 import tensorflow_datasets as tfds
-from absl import logging
 
 from data_pipeline import audio_folder
+from data_pipeline.audio_folder import AudioError, Problem
+from data_pipeline.manifest import Entry
+
+PROBLEMS_KEY = "problems"  # in the dataset metadata: what the build left out or converted, and why
 
 
 @dataclasses.dataclass
@@ -35,46 +45,38 @@ class AudioFolderConfig(tfds.core.BuilderConfig):
 
     folder: str = ""
     captions: str | None = None
+    read_threads: int = 0  # files decoded in parallel; 0 = one per CPU
 
 
 class AudioFolder(tfds.core.GeneratorBasedBuilder):
     """Audio files + captions of one folder as a TFDS dataset (a single ``train`` split)."""
 
-    VERSION = tfds.core.Version("1.0.0")
-    RELEASE_NOTES = {"1.0.0": "First version."}
-
-    def _probe(self) -> tuple[list, int, int]:
-        entries, problems = audio_folder.scan_folder(self.builder_config.folder, self.builder_config.captions)
-        for p in problems:
-            logging.warning("%s: %s (%s)", p.path, p.reason, p.severity)
-        for entry in entries:
-            try:
-                audio, sr = audio_folder.read_audio(self._path(entry))
-            except audio_folder.AudioError:
-                continue
-            return entries, sr, audio.shape[0]
-        raise ValueError(f"{self.builder_config.folder}: no readable audio file")
-
-    def _path(self, entry) -> str:
-        import os
-
-        return os.path.join(self.builder_config.folder, entry.audio)
+    VERSION = tfds.core.Version("1.1.0")
+    RELEASE_NOTES = {
+        "1.0.0": "First version.",
+        "1.1.0": "Any sample rate and channel count per example; ids keep the file extension; "
+        "the file's path in 'file'; files left out are listed in the metadata ('problems').",
+    }
 
     def _info(self) -> tfds.core.DatasetInfo:
-        _, sr, channels = self._probe()
         return self.dataset_info_from_configs(
             features=tfds.features.FeaturesDict(
                 {
                     # A float32 Tensor, not tfds.features.Audio: the Audio feature needs
                     # TensorFlow even to be declared, and this stack runs without it.
-                    "audio": tfds.features.Tensor(shape=(None, channels), dtype=np.float32),
+                    # Two unknown dimensions (samples, channels) need an explicit encoding.
+                    "audio": tfds.features.Tensor(
+                        shape=(None, None), dtype=np.float32, encoding=tfds.features.Encoding.BYTES
+                    ),
                     "sample_rate": tfds.features.Scalar(dtype=np.int32),
                     "caption": tfds.features.Text(),
                     "id": tfds.features.Text(),
+                    "file": tfds.features.Text(),
                     "labels_json": tfds.features.Text(),
                 }
             ),
             description=f"Audio folder {self.builder_config.folder}",
+            metadata=tfds.core.MetadataDict(),
         )
 
     def _split_generators(self, dl_manager):
@@ -82,22 +84,28 @@ class AudioFolder(tfds.core.GeneratorBasedBuilder):
         return {"train": self._generate_examples()}
 
     def _generate_examples(self):
-        entries, sr, channels = self._probe()
-        for entry in entries:
+        folder = os.path.abspath(self.builder_config.folder)
+        entries, problems = audio_folder.scan_folder(folder, self.builder_config.captions)
+
+        def read(entry: Entry):
+            path = os.path.join(folder, entry.audio)
             try:
-                audio, rate = audio_folder.read_audio(self._path(entry))
-            except audio_folder.AudioError as e:
-                logging.warning("%s: skipped (%s)", self._path(entry), e)
-                continue
-            if rate != sr or audio.shape[0] != channels:
-                logging.warning(
-                    "%s: skipped (%d Hz x %d channels; this dataset is %d Hz x %d)",
-                    self._path(entry),
-                    rate,
-                    audio.shape[0],
-                    sr,
-                    channels,
-                )
+                audio, rate = audio_folder.read_audio(path)
+                # Any rate and channel count is stored as is; this only rejects what precompute
+                # would (a rate below MIN_RATE), so that the file is named here by its path.
+                audio_folder.conversion_notes(rate, audio.shape[0], rate, audio.shape[0])
+                return entry, audio, rate
+            except AudioError as e:
+                return entry, e, 0
+            except Exception as e:  # noqa: BLE001 - as precompute: an unexpected failure is one bad file
+                return entry, AudioError(f"unreadable: {type(e).__name__}: {e}"), 0
+
+        for entry, audio, rate in audio_folder.map_ahead(
+            read, entries, self.builder_config.read_threads or os.cpu_count() or 1
+        ):
+            path = os.path.join(folder, entry.audio)
+            if isinstance(audio, AudioError):
+                problems.append(Problem(path, str(audio), "skipped"))
                 continue
             yield (
                 entry.id,
@@ -106,6 +114,10 @@ class AudioFolder(tfds.core.GeneratorBasedBuilder):
                     "sample_rate": np.int32(rate),
                     "caption": entry.caption,
                     "id": entry.id,
+                    "file": audio_folder.printable(path),
                     "labels_json": json.dumps(entry.labels, sort_keys=True, ensure_ascii=False),
                 },
             )
+        # Written with the dataset info once every example is out (DatasetBuilder.download_and_prepare).
+        self.info.metadata[PROBLEMS_KEY] = [p.to_json() for p in problems]
+        self.info.metadata["folder"] = folder

@@ -11,14 +11,18 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import tempfile
 from collections.abc import Iterable
 
 import sentencepiece as spm
+from sentencepiece import sentencepiece_model_pb2 as sp_model
 
 from audiodiff_jax import cli
 from audiodiff_jax.data.cards import DatasetCard
 from audiodiff_jax.data.records import read_captions
 from audiodiff_jax.data.tokenizer import BOS_ID, DEFAULT_FILE, EOS_ID, PAD_ID, UNK_ID, Tokenizer
+
+_SEED = 0  # sentencepiece's sampling seed: training is a function of the captions alone
 
 
 def train_tokenizer(captions: Iterable[str], out_path_prefix: str, vocab_size: int) -> str:
@@ -28,7 +32,8 @@ def train_tokenizer(captions: Iterable[str], out_path_prefix: str, vocab_size: i
     ``hard_vocab_limit=False``, so a caption set too small to support that many
     pieces yields a smaller vocabulary instead of failing (read the real size from
     :attr:`Tokenizer.vocab_size`). It must still exceed the number of distinct
-    characters in the captions plus the 4 special ids.
+    characters in the captions plus the 4 special ids. The model bytes are a function
+    of the captions and ``vocab_size`` alone (not of the output path or the run).
 
     Args:
       captions: training text, one caption per item (empty ones are skipped).
@@ -43,25 +48,48 @@ def train_tokenizer(captions: Iterable[str], out_path_prefix: str, vocab_size: i
         raise ValueError("train_tokenizer: no non-empty captions to train on")
     if vocab_size <= 4:
         raise ValueError(f"vocab_size={vocab_size} must be > 4 (ids 0-3 are pad/unk/bos/eos)")
-    os.makedirs(os.path.dirname(os.path.abspath(out_path_prefix)), exist_ok=True)
-    spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(captions),
-        model_prefix=out_path_prefix,
-        vocab_size=vocab_size,
-        model_type="unigram",
-        hard_vocab_limit=False,
-        character_coverage=1.0,  # captions are short; keep every character rather than map some to unk
-        pad_id=PAD_ID,
-        unk_id=UNK_ID,
-        bos_id=BOS_ID,
-        eos_id=EOS_ID,
-        # Sentencepiece samples 1M sentences by default; captions can be more, and
-        # shuffling keeps the sample representative when they are.
-        input_sentence_size=1_000_000,
-        shuffle_input_sentence=True,
-        minloglevel=2,
-    )
+    out_dir = os.path.dirname(os.path.abspath(out_path_prefix))
+    os.makedirs(out_dir, exist_ok=True)
+    # Identical captions must give identical bytes: sentencepiece samples and shuffles
+    # with its own generator (seeded here), and writes the model_prefix it was given
+    # into the model's trainer_spec. Training goes to a temporary folder and that
+    # field is cleared, so the model never records where it was written.
+    spm.set_random_generator_seed(_SEED)
+    with tempfile.TemporaryDirectory(dir=out_dir, prefix=".tokenizer-") as tmp:
+        prefix = os.path.join(tmp, "tokenizer")
+        spm.SentencePieceTrainer.train(
+            sentence_iterator=iter(captions),
+            model_prefix=prefix,
+            vocab_size=vocab_size,
+            model_type="unigram",
+            hard_vocab_limit=False,
+            character_coverage=1.0,  # captions are short; keep every character rather than map some to unk
+            pad_id=PAD_ID,
+            unk_id=UNK_ID,
+            bos_id=BOS_ID,
+            eos_id=EOS_ID,
+            # Sentencepiece samples 1M sentences by default; captions can be more, and
+            # shuffling keeps the sample representative when they are.
+            input_sentence_size=1_000_000,
+            shuffle_input_sentence=True,
+            minloglevel=2,
+        )
+        proto = sp_model.ModelProto()
+        with open(prefix + ".model", "rb") as f:
+            proto.ParseFromString(f.read())
+        proto.trainer_spec.ClearField("model_prefix")
+        proto.trainer_spec.ClearField("input")
+        _write_atomic(out_path_prefix + ".model", proto.SerializeToString(deterministic=True))
+        with open(prefix + ".vocab", "rb") as f:
+            _write_atomic(out_path_prefix + ".vocab", f.read())
     return out_path_prefix + ".model"
+
+
+def _write_atomic(path: str, data: bytes) -> None:
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "wb") as f:
+        f.write(data)
+    os.replace(tmp, path)
 
 
 def train_for_dataset(shards_dir: str, vocab_size: int, file_name: str = DEFAULT_FILE) -> str:

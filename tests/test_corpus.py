@@ -136,11 +136,12 @@ def test_audio_folder_captions_from_csv_and_file_names(tmp_path):
     )
     entries, problems = audio_folder.scan_folder(str(tmp_path))
     by_id = {e.id: e for e in entries}
-    assert sorted(by_id) == ["b", "c", "d", "jazz/slow_piano-trio"]
-    assert by_id["b"].caption == "a calm flute" and by_id["b"].labels == {"tempo": 72, "genre": "ambient"}
-    assert by_id["c"].caption == "first caption"
-    assert by_id["d"].caption == "d"
-    assert by_id["jazz/slow_piano-trio"].caption == "jazz, slow piano trio"
+    assert sorted(by_id) == ["b.flac", "c.ogg", "d.wav", "jazz/slow_piano-trio.wav"]  # ids keep the extension
+    b = by_id["b.flac"]
+    assert b.caption == "a calm flute" and b.labels == {"tempo": 72, "genre": "ambient"}
+    assert by_id["c.ogg"].caption == "first caption"
+    assert by_id["d.wav"].caption == "d"
+    assert by_id["jazz/slow_piano-trio.wav"].caption == "jazz, slow piano trio"
     reasons = {(os.path.basename(p.path), p.severity): p.reason for p in problems}
     assert "not found" in reasons[("gone.wav", "skipped")]
     assert "2 different caption rows" in reasons[("c.ogg", "warning")]

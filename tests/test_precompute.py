@@ -98,7 +98,7 @@ def test_bad_files_are_reported_and_good_ones_kept(tmp_path):
     sf.write(folder / "good1.wav", _tone(1.0, 16000), 16000)
     sf.write(folder / "good2.flac", _tone(1.0, 44100, channels=2), 44100)
     sf.write(folder / "dup.wav", _tone(0.5, 16000), 16000)
-    sf.write(folder / "dup.flac", _tone(0.5, 16000), 16000)  # same id "dup" as dup.wav
+    sf.write(folder / "dup.flac", _tone(0.5, 16000), 16000)  # same name as dup.wav: both are kept
     sf.write(folder / "surround.wav", _tone(0.5, 16000, channels=6), 16000)
     sf.write(folder / "odd_rate.wav", _tone(0.5, 12345), 12345)
     sf.write(folder / "nan.wav", np.full((800, 1), np.nan, np.float32), 16000, subtype="FLOAT")
@@ -116,7 +116,6 @@ def test_bad_files_are_reported_and_good_ones_kept(tmp_path):
     )
     skipped = {os.path.basename(p["path"]): p["reason"] for p in summary["skipped"]}
     assert set(skipped) == {
-        "dup.wav",
         "nan.wav",
         "junk.mp3",
         "empty.ogg",
@@ -124,7 +123,6 @@ def test_bad_files_are_reported_and_good_ones_kept(tmp_path):
         "silent0.wav",
         "missing.wav",
     }
-    assert "duplicate id 'dup'" in skipped["dup.wav"]
     assert "NaN" in skipped["nan.wav"]
     assert "unreadable" in skipped["junk.mp3"]
     assert "zero-length" in skipped["empty.ogg"] and "zero-length" in skipped["silent0.wav"]
@@ -137,15 +135,15 @@ def test_bad_files_are_reported_and_good_ones_kept(tmp_path):
     assert any(n == "odd_rate.wav" and "no caption" in r for n, r in warnings)
     # The good files (and the converted ones) are all there, readable, and nothing else.
     records = load_records(out)
-    assert sorted(r["source_id"] for r in records) == ["dup", "good1", "good2", "odd_rate", "surround"]
-    assert summary["num_records"] == len(ShardSource(out)) == 5
+    ids = ["dup.flac", "dup.wav", "good1.wav", "good2.flac", "odd_rate.wav", "surround.wav"]
+    assert sorted(r["source_id"] for r in records) == ids
+    assert summary["num_records"] == len(ShardSource(out)) == 6
     by_id = {r["source_id"]: r for r in records}
-    assert by_id["good2"]["caption"] == "second good" and by_id["good2"]["seconds_total"] == pytest.approx(
-        1.0
-    )
-    assert by_id["odd_rate"]["latents"].shape[0] == 25  # 0.5 s at 50 frames/s, whatever the input rate
+    assert by_id["good2.flac"]["caption"] == "second good"
+    assert by_id["good2.flac"]["seconds_total"] == pytest.approx(1.0)
+    assert by_id["odd_rate.wav"]["latents"].shape[0] == 25  # 0.5 s at 50 frames/s, whatever the input rate
     text = precompute.format_summary(summary)
-    assert "junk.mp3" in text and "skipped 7, warnings" in text
+    assert "junk.mp3" in text and "skipped 6, warnings" in text
 
 
 def test_kill_and_resume_equals_a_clean_run(tone_folder, tmp_path):
@@ -201,7 +199,7 @@ def test_two_processes_split_the_work(tone_folder, tmp_path):
     for unit in summary["units"]:
         assert unit["process_index"] == unit["unit"] % 2
     ids = [i for unit in summary["units"] for i in unit["ids"]]
-    assert sorted(ids) == [f"song{i:02d}" for i in range(12)]
+    assert sorted(ids) == [f"song{i:02d}.wav" for i in range(12)]
     calls = [line.split() for line in open(log)]
     assert len(calls) == 12 and len({crc for _, crc in calls}) == 12
     assert len({pid for pid, _ in calls}) == 2
@@ -222,5 +220,67 @@ def test_tfds_audio_folder_precompute(tone_folder, tmp_path):
     )
     assert summary["num_records"] == 12
     records = {r["source_id"]: r for r in load_records(str(tmp_path / "out"))}
-    assert sorted(records) == [f"song{i:02d}" for i in range(12)]
-    assert records["song03"]["caption"] == "tone number 3" and records["song03"]["labels"]["pitch"] == 440
+    assert sorted(records) == [f"song{i:02d}.wav" for i in range(12)]
+    assert records["song03.wav"]["caption"] == "tone number 3"
+    assert records["song03.wav"]["labels"]["pitch"] == 440
+
+
+def _copy_folder(src, dst):
+    import shutil
+
+    shutil.copytree(src, dst)
+    return str(dst)
+
+
+def test_a_changed_corpus_is_updated_incrementally_and_equals_a_clean_run(tone_folder, tmp_path, monkeypatch):
+    folder = _copy_folder(tone_folder, tmp_path / "tones")
+    out = str(tmp_path / "latents")
+    run = lambda corpus_dir, out_dir: precompute.precompute(  # noqa: E731
+        precompute.FolderCorpus(corpus_dir), out_dir, PoolingCodec(), files_per_shard=3, progress=False
+    )
+    run(folder, out)
+    # A new file, a changed file (new audio), a changed caption, a removed file.
+    sf.write(os.path.join(folder, "song12.wav"), _tone(0.7, 16000, 990.0), 16000)
+    sf.write(os.path.join(folder, "song03.wav"), _tone(0.9, 16000, 123.0), 16000)
+    rows = [json.loads(line) for line in open(os.path.join(folder, "captions.jsonl"))]
+    rows = [r for r in rows if r["file"] != "song05.wav"]
+    rows[6]["caption"] = "a new caption for song 7"
+    rows.append({"file": "song12.wav", "caption": "tone number 12", "pitch": 990})
+    with open(os.path.join(folder, "captions.jsonl"), "w") as f:
+        f.write("".join(json.dumps(r) + "\n" for r in rows))
+    os.remove(os.path.join(folder, "song05.wav"))
+    log = str(tmp_path / "codec.log")
+    monkeypatch.setenv("AUDIODIFF_TEST_CODEC_LOG", log)
+    summary = run(folder, out)
+    assert not summary.get("already_complete")
+    inc = summary["incremental"]
+    assert inc["new"] == ["song12.wav"] and inc["changed"] == ["song03.wav", "song07.wav"]
+    assert inc["removed"] == ["song05.wav"] and inc["reused"] == 9 and inc["previous_records"] == 12
+    assert len(open(log).readlines()) == 3  # only what is new or changed went through the codec
+    text = precompute.format_summary(summary)
+    assert "1 new, 2 changed, 1 removed files; 9 records of unchanged files reused" in text
+    assert "  removed  song05.wav" in text
+    records = {r["source_id"]: r for r in load_records(out)}
+    assert sorted(records) == sorted([f"song{i:02d}.wav" for i in range(13) if i != 5])
+    assert records["song07.wav"]["caption"] == "a new caption for song 7"
+    assert records["song03.wav"]["latents"].shape[0] == 45  # the new 0.9 s audio
+    # The same bytes as a run from scratch over the changed folder.
+    clean = str(tmp_path / "clean")
+    run(folder, clean)
+    assert _dataset_bytes(out) == _dataset_bytes(clean)
+    again = run(folder, out)
+    assert again["already_complete"] and _dataset_bytes(out) == _dataset_bytes(clean)
+
+
+def test_a_dataset_of_another_codec_is_not_updated(tone_folder, tmp_path):
+    out = str(tmp_path / "latents")
+    corpus = precompute.FolderCorpus(tone_folder)
+    precompute.precompute(corpus, out, PoolingCodec(), files_per_shard=6, progress=False)
+    before = _dataset_bytes(out)
+    with pytest.raises(precompute.PrecomputeError, match="holds a dataset made with codec 'test-pooling'"):
+        precompute.precompute(corpus, out, PoolingCodec(hop=80), files_per_shard=6, progress=False)
+    assert _dataset_bytes(out) == before
+    # Another files_per_shard is no reason to re-encode: the records are reused, the shards recut.
+    summary = precompute.precompute(corpus, out, PoolingCodec(), files_per_shard=4, progress=False)
+    assert summary["num_shards"] == 3 and summary["incremental"]["reused"] == 12
+    assert summary["incremental"]["settings"] == {"files_per_shard": [6, 4]}

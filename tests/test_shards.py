@@ -328,6 +328,14 @@ def test_tokenizer_pickles(tok):
     )
 
 
+def test_identical_captions_give_identical_model_bytes(tok, tmp_path):
+    # Another folder and another name: the model must not record where it was written.
+    path = tokenizer.train_tokenizer(CAPTIONS, str(tmp_path / "elsewhere" / "other"), vocab_size=64)
+    with open(path, "rb") as f, open(tok.path, "rb") as g:
+        assert f.read() == g.read()
+    assert sorted(os.listdir(tmp_path / "elsewhere")) == ["other.model", "other.vocab"]  # no temporary left
+
+
 def test_train_for_dataset_records_tokenizer_in_card(tmp_path):
     write(tmp_path, make_records(12))
     path = tokenizer.train_for_dataset(str(tmp_path), vocab_size=64)
