@@ -81,6 +81,23 @@ def init_distributed() -> None:
         PeerMonitor(_PEER_TIMEOUT.value).start()
 
 
+def process_from_environment() -> tuple[int, int] | None:
+    """``(index, count)`` that a launcher or scheduler gave this process, without joining
+    jax.distributed: ``launch/local.py``'s ``AUDIODIFF_*`` variables, SLURM's task
+    variables, or a TPU VM's worker id and host list. None when there are none."""
+    env = os.environ
+    for index_var, count_var in (
+        ("AUDIODIFF_PROCESS_ID", "AUDIODIFF_NUM_PROCESSES"),
+        ("SLURM_PROCID", "SLURM_NTASKS"),
+    ):
+        if env.get(index_var, "").isdigit() and env.get(count_var, "").isdigit() and int(env[count_var]) > 0:
+            return int(env[index_var]), int(env[count_var])
+    hosts = [h for h in env.get("TPU_WORKER_HOSTNAMES", "").split(",") if h]
+    if env.get("TPU_WORKER_ID", "").isdigit() and hosts:
+        return int(env["TPU_WORKER_ID"]), len(hosts)
+    return None
+
+
 def _on_cluster() -> bool:
     # Environments where jax.distributed.initialize() finds the coordinator by itself.
     return bool(

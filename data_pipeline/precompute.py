@@ -3,7 +3,11 @@ r"""Latent precompute: a corpus of audio -> codec latents in ArrayRecord shards 
 The same command on every host (or process)::
 
     audiodiff-precompute --corpus=/data/scores --out_dir=/data/latents/scores \
-        --process_index=$I --process_count=$N [--codec=default] [--files_per_shard=64]
+        [--codec=default] [--files_per_shard=64]
+
+Each process takes its index and count from its launcher (``launch.local``, SLURM, a
+TPU VM's worker id; ``--distributed=on`` asks jax.distributed) unless
+``--process_index``/``--process_count`` are given.
 
 The corpus is an audio folder (``data_pipeline/audio_folder.py``: a corpus
 builder's ``manifest.jsonl``, caption JSONL/CSV, or captions from file names) or a
@@ -60,9 +64,10 @@ import time
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+import jax
 import numpy as np
 
-from audiodiff_jax import cli
+from audiodiff_jax import cli, distributed
 from audiodiff_jax import codec as codec_lib
 from audiodiff_jax.data.cards import CARD_FILE, CodecCard, DatasetCard, ShardError, ShardInfo
 from audiodiff_jax.data.records import SHARD_PREFIX, SHARD_SUFFIX, ShardSource, shard_file_name
@@ -954,9 +959,10 @@ def run() -> None:
         "codec", "default", "codec name for audiodiff_jax.codec.load_codec, or module:factory"
     )
     flags.DEFINE_integer("files_per_shard", 64, "files per work unit and shard")
-    flags.DEFINE_integer("process_index", 0, "this process (0 merges)")
-    flags.DEFINE_integer("process_count", 1, "processes sharing the work")
-    flags.DEFINE_bool("distributed", False, "take process index/count from jax.distributed.initialize()")
+    flags.DEFINE_integer(
+        "process_index", -1, "this process (0 merges); -1: from launch.local, SLURM or the TPU VM, else 0"
+    )
+    flags.DEFINE_integer("process_count", 0, "processes sharing the work; 0: as --process_index")
     flags.DEFINE_integer(
         "batch_size", 0, "files per codec call; 0 = jax.local_device_count() if the codec batches"
     )
@@ -975,18 +981,17 @@ def run() -> None:
         if (f.corpus is None) == (f.tfds is None):
             raise app.UsageError("give exactly one of --corpus and --tfds")
         index, count = f.process_index, f.process_count
-        if f.distributed:
-            import jax
-
-            jax.distributed.initialize()
-            index, count = jax.process_index(), jax.process_count()
+        if index < 0 or count < 1:  # the same command on every host: ask the launcher
+            found = distributed.process_from_environment()
+            if found is None and f.distributed == "on":  # a cluster only jax.distributed can read
+                distributed.init_distributed()
+                found = jax.process_index(), jax.process_count()
+            index, count = found or (0, 1)
         codec = load_codec(f.codec)
         batch = f.batch_size
         if batch <= 0:
             batch = 1
             if hasattr(codec, "encode_batch"):
-                import jax
-
                 batch = jax.local_device_count()
         if f.corpus is not None:
             corpus = FolderCorpus(f.corpus, f.captions)
@@ -1009,7 +1014,7 @@ def run() -> None:
         )
         print(format_summary(summary))
 
-    cli.run(main, module=__name__)
+    cli.run(main, module=(__name__, distributed.__name__))
 
 
 if __name__ == "__main__":

@@ -174,26 +174,17 @@ def test_kill_and_resume_equals_a_clean_run(tone_folder, tmp_path):
 
 
 def test_two_processes_split_the_work(tone_folder, tmp_path):
+    """The same command on every process, launched like training (``launch.local``): each
+    process takes its index and count from the launcher, none is typed per host."""
     single, double = str(tmp_path / "single"), str(tmp_path / "double")
     cmd, env = _cli(tone_folder, single)
     subprocess.run(cmd, env=env, check=True, timeout=120, capture_output=True)
     log = str(tmp_path / "codec.log")
-    procs = []
-    for i in (1, 0):
-        cmd, env = _cli(
-            tone_folder,
-            double,
-            f"--process_index={i}",
-            "--process_count=2",
-            "--wait_timeout_s=60",
-            env={"AUDIODIFF_TEST_CODEC_LOG": log},
-        )
-        procs.append(
-            subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        )
-    for p in procs:
-        out, err = p.communicate(timeout=120)
-        assert p.returncode == 0, err[-2000:]
+    cmd, env = _cli(tone_folder, double, "--wait_timeout_s=60", env={"AUDIODIFF_TEST_CODEC_LOG": log})
+    launcher = [sys.executable, "-m", "launch.local", "--num_processes=2", "--devices_per_process=1"]
+    launcher += [f"--logs_to={tmp_path / 'logs'}", "--timeout_s=120", "--"]
+    res = subprocess.run(launcher + cmd, env=env, cwd=REPO, timeout=180, capture_output=True, text=True)
+    assert res.returncode == 0, (tmp_path / "logs" / "process_0.log").read_text()[-3000:]
     summary = json.load(open(os.path.join(double, precompute.SUMMARY_FILE)))
     # Unit u ran in process u % 2, each file in exactly one unit, every file once.
     for unit in summary["units"]:
