@@ -35,13 +35,22 @@ from audiodiff_jax.metrics import read_loss_history
 from configs import demo as demo_config
 from data_pipeline import corpus_scores, precompute
 
-_OUT = flags.DEFINE_string("out", "demo_out", "Output folder.")
-_STEPS = flags.DEFINE_integer("steps", 0, "Override the demo config's train.num_steps (0 = keep).")
-_NUM_CLIPS = flags.DEFINE_integer("num_clips", 96, "Clips of rendered music in the demo corpus.")
-_CLIP_SECONDS = flags.DEFINE_float("clip_seconds", 8.0, "Length of each rendered clip.")
-_SONG_SECONDS = flags.DEFINE_float("song_seconds", 180.0, "Length of each sampled song.")
-_NUM_SONGS = flags.DEFINE_integer("num_songs", 3, "Songs to sample (prompts taken from the corpus captions).")
-_SAMPLE_STEPS = flags.DEFINE_integer("sample_steps", 50, "Sampler steps per window.")
+# Flag holders, set by define_flags() when the program runs (importing the module, as
+# the report tests do, must not add --out/--steps beside another program's).
+_OUT = _STEPS = _NUM_CLIPS = _CLIP_SECONDS = _SONG_SECONDS = _NUM_SONGS = _SAMPLE_STEPS = None
+
+
+def define_flags() -> None:
+    global _OUT, _STEPS, _NUM_CLIPS, _CLIP_SECONDS, _SONG_SECONDS, _NUM_SONGS, _SAMPLE_STEPS
+    _OUT = flags.DEFINE_string("out", "demo_out", "Output folder.")
+    _STEPS = flags.DEFINE_integer("steps", 0, "Override the demo config's train.num_steps (0 = keep).")
+    _NUM_CLIPS = flags.DEFINE_integer("num_clips", 96, "Clips of rendered music in the demo corpus.")
+    _CLIP_SECONDS = flags.DEFINE_float("clip_seconds", 8.0, "Length of each rendered clip.")
+    _SONG_SECONDS = flags.DEFINE_float("song_seconds", 180.0, "Length of each sampled song.")
+    _NUM_SONGS = flags.DEFINE_integer(
+        "num_songs", 3, "Songs to sample (prompts taken from the corpus captions)."
+    )
+    _SAMPLE_STEPS = flags.DEFINE_integer("sample_steps", 50, "Sampler steps per window.")
 
 
 LOSS_PNG = "loss.png"
@@ -186,6 +195,7 @@ def _demo_prompts(corpus_dir: str, n: int) -> list[str]:
 
 
 def run():
+    define_flags()
     cli.run(main, module=__name__)
 
 

@@ -31,13 +31,20 @@ from absl import app, flags, logging
 
 from audiodiff_jax import cli
 
-_NUM = flags.DEFINE_integer("num_processes", 2, "Processes to start.")
-_DEVICES = flags.DEFINE_integer(
-    "devices_per_process", 4, "Fake CPU devices per process (0 = leave XLA_FLAGS)."
-)
-_TIMEOUT = flags.DEFINE_integer("timeout_s", 0, "Kill everything after this many seconds (0 = no limit).")
-_GRACE = flags.DEFINE_integer("grace_s", 30, "Seconds the others get to exit after one child fails.")
-_LOG_DIR = flags.DEFINE_string("logs_to", "", "Write each child's output to DIR/process_K.log.")
+# Flag holders, set by define_flags() (this module's __main__ only: importing the launcher
+# as a library must not add flags that collide with a program's, e.g. --num_processes).
+_NUM = _DEVICES = _TIMEOUT = _GRACE = _LOG_DIR = None
+
+
+def define_flags() -> None:
+    global _NUM, _DEVICES, _TIMEOUT, _GRACE, _LOG_DIR
+    _NUM = flags.DEFINE_integer("num_processes", 2, "Processes to start.")
+    _DEVICES = flags.DEFINE_integer(
+        "devices_per_process", 4, "Fake CPU devices per process (0 = leave XLA_FLAGS)."
+    )
+    _TIMEOUT = flags.DEFINE_integer("timeout_s", 0, "Kill everything after this many seconds (0 = no limit).")
+    _GRACE = flags.DEFINE_integer("grace_s", 30, "Seconds the others get to exit after one child fails.")
+    _LOG_DIR = flags.DEFINE_string("logs_to", "", "Write each child's output to DIR/process_K.log.")
 
 
 def free_port() -> int:
@@ -199,4 +206,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+    define_flags()
     cli.run(main, module=__name__, usage="[flags] -- COMMAND [ARGS...]")
