@@ -327,6 +327,7 @@ def run_sweep(
                         "decode_s": round(decode_s, 4),
                         "batch_rows": len(batch),
                         "compiled": res.compiled,
+                        "compile_s": round(res.compile_s, 4),  # apart: not in the real-time factor
                         "realtime_factor": round(
                             it.params.seconds / max(res.denoise_s / len(batch), 1e-9), 2
                         ),

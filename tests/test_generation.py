@@ -141,6 +141,16 @@ def test_long_song_goes_window_by_window(gen):
     assert one_pass.generate_latents([P(seconds=3.0, seed=4)]).windows == 1
 
 
+def test_compilation_is_timed_apart_from_sampling(gen):
+    """A new program is compiled ahead of its first call and its time reported apart, so
+    the sampling time (and a sweep's real-time factor) never includes compilation."""
+    p = P(seconds=1.2, seed=3)  # a length no other test uses: a new program
+    cold, warm = gen.generate_latents([p]), gen.generate_latents([p])
+    assert cold.compiled and cold.compile_s > 0
+    assert not warm.compiled and warm.compile_s == 0
+    np.testing.assert_array_equal(cold.latents[0], warm.latents[0])
+
+
 def test_audiodiff_compile_compiles_the_program_the_generator_runs(gen):
     s = gen.cfg.sample  # the defaults audiodiff-compile takes: first sampler, steps, guidance
     gen.generate_latents(
