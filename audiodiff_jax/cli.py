@@ -205,7 +205,8 @@ def _skip_absent_tpu() -> None:
     vfio = os.listdir("/dev/vfio") if os.path.isdir("/dev/vfio") else []
     if glob.glob("/dev/accel*") or any(name.isdigit() for name in vfio):  # TPU chips (v4/v5e; v5p/v6e)
         return
-    platforms = "cuda,cpu" if os.path.exists("/dev/nvidiactl") else "cpu"
+    has_gpu = os.path.exists("/dev/nvidiactl") and importlib.util.find_spec("jax_cuda12_plugin") is not None
+    platforms = "cuda,cpu" if has_gpu else "cpu"
     if "jax" in sys.modules:  # imported already: its config read the environment then
         sys.modules["jax"].config.update("jax_platforms", platforms)
     else:
