@@ -13,11 +13,15 @@ rest through ``etils.epath``, which reads and writes GCS when ``gcsfs`` is insta
 
 from __future__ import annotations
 
+import os
 import shlex
 import types
 from collections.abc import Sequence
 
 from absl import app, flags
+
+from audiodiff_jax import cli
+from audiodiff_jax.errors import UserError
 
 FLAGS = None  # the shared flags' holders, once define_flags() ran
 
@@ -76,9 +80,37 @@ def train_args(
     return args
 
 
-def train_args_from_flags(distributed: str = "on") -> list[str]:
+class LaunchError(UserError, ValueError):
+    """A launch that cannot work as asked; the message says what to change."""
+
+
+def portable_config(config: str, *, shared_filesystem: bool) -> str:
+    """The ``--config`` value that means the same file on every host.
+
+    A config of the installed package (a path into it, ``configs/dit.py:1B`` or
+    ``dit:1B``) becomes its name (``dit:1B``), which every host resolves from its own
+    installed copy. Any other local file is made absolute when the hosts share this
+    machine's file system (SLURM clusters), and refused otherwise (TPU VMs, GKE), since
+    it would not exist there.
+    """
+    path, sep, arg = config.partition(":")
+    resolved = cli.resolve_config(config).partition(":")[0]
+    package = cli.configs_dir()
+    if package and os.path.isfile(resolved) and os.path.dirname(os.path.abspath(resolved)) == package:
+        return os.path.splitext(os.path.basename(resolved))[0] + sep + arg
+    if os.path.isfile(path):
+        if shared_filesystem:
+            return os.path.abspath(path) + sep + arg
+        raise LaunchError(
+            f"--config={config}: this file exists only on this machine, not on the hosts; "
+            "add it to configs/ (installed with the package) or give a name of an installed config"
+        )
+    return config
+
+
+def train_args_from_flags(distributed: str = "on", *, shared_filesystem: bool = False) -> list[str]:
     return train_args(
-        FLAGS.config.value,
+        portable_config(FLAGS.config.value, shared_filesystem=shared_filesystem),
         FLAGS.workdir.value,
         FLAGS.overrides.value,
         heartbeat_timeout_s=FLAGS.heartbeat.value,

@@ -127,7 +127,7 @@ def main(argv):
         gpus_per_node=_GPUS.value,
         cpus_per_task=_CPUS.value,
         time=_TIME.value,
-        train_args=common.train_args_from_flags(),
+        train_args=common.train_args_from_flags(shared_filesystem=True),
         partition=_PARTITION.value,
         account=_ACCOUNT.value,
         signal_s=_SIGNAL_S.value,

@@ -80,7 +80,8 @@ def test_tpu_vm_single_slice_dry_run():
         "gcloud compute tpus tpu-vm ssh dit1b --project=proj --zone=us-east5-a --worker=all"
     )
     for piece in (
-        "PATH=~/audiodiff-venv/bin:$PATH PYTHONUNBUFFERED=1 nohup audiodiff-train --config=configs/dit.py:1B",
+        # the installed config by name: the same file on every host whatever its directory
+        "PATH=~/audiodiff-venv/bin:$PATH PYTHONUNBUFFERED=1 nohup audiodiff-train --config=dit:1B",
         "--workdir=gs://bucket/runs/dit1b --distributed=on --heartbeat_timeout_s=100",
         "--config.data.shards_dir=gs://bucket/latents > ~/audiodiff-train.log 2>&1 &",
         "& echo $! > ~/audiodiff-train.pid",
@@ -248,6 +249,34 @@ def test_slurm_script(tmp_path):
     path = tmp_path / "job.sh"
     path.write_text(text)
     assert subprocess.run(["bash", "-n", str(path)]).returncode == 0
+
+
+def test_launchers_pass_a_config_every_host_has(tmp_path):
+    assert common.portable_config("configs/dit.py:1B", shared_filesystem=False) == "dit:1B"
+    assert common.portable_config("dit:1B", shared_filesystem=False) == "dit:1B"
+    own = tmp_path / "mine.py"
+    own.write_text("")
+    with pytest.raises(common.LaunchError, match="exists only on this machine"):
+        common.portable_config(f"{own}:x", shared_filesystem=False)
+    assert common.portable_config(f"{own}:x", shared_filesystem=True) == f"{own}:x"  # SLURM: shared disk
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "launch.gke",
+            "--dry_run",
+            "--name=n",
+            "--image=i",
+            f"--config={own}",
+            "--workdir=w",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+    )
+    assert (
+        out.returncode == 2 and "exists only on this machine" in out.stderr and "Traceback" not in out.stderr
+    )
 
 
 def test_slurm_dry_run_flags():
