@@ -385,11 +385,7 @@ def compile_sample_step(
     """
     model = make_model(cfg.model)
     param_shardings = sharding.named_shardings(model.logical_axes(), mesh)
-    params = jax.tree.map(
-        lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
-        model.abstract_params(),
-        param_shardings,
-    )
+    params = sharding.with_shardings(model.abstract_params(), param_shardings)
     program = sample_program(cfg, mesh, songs=songs, frames=frames)
     args = program.abstract_args(cfg, params, mesh)
     with jax.set_mesh(mesh):

@@ -378,11 +378,7 @@ class Generator:
 
     def _restore_params(self, use_ema: bool):
         shardings = sharding.named_shardings(self.model.logical_axes(), self.mesh)
-        abstract = jax.tree.map(
-            lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
-            self.model.abstract_params(),
-            shardings,
-        )
+        abstract = sharding.with_shardings(self.model.abstract_params(), shardings)
         try:
             params, _ = checkpointing.restore_params(str(self.step_dir), abstract, use_ema=use_ema)
         except Exception as e:  # noqa: BLE001 - Orbax raises many types for damaged files

@@ -185,6 +185,12 @@ def named_shardings(logical_axes_tree: Any, mesh: Mesh) -> Any:
     )
 
 
+def with_shardings(shapes: Any, shardings: Any) -> Any:
+    """Pytree of ShapeDtypeStructs (or arrays) + matching pytree of shardings -> sharded
+    ``ShapeDtypeStruct``s: the stand-ins for restores and ahead-of-time compiles."""
+    return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes, shardings)
+
+
 def constrain(x: jax.Array, logical_axes: Sequence[str | None]) -> jax.Array:
     """Pins the sharding of an activation, if a mesh is set (``jax.set_mesh``).
 

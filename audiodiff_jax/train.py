@@ -154,16 +154,10 @@ class Trainer:
     def abstract_state(self) -> TrainState:
         """ShapeDtypeStructs with shardings: the restore target of a checkpoint."""
         shapes = jax.eval_shape(self._init_fn, jax.random.key_data(jax.random.key(0)))
-        return jax.tree.map(
-            lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes, self.state_shardings
-        )
+        return sharding.with_shardings(shapes, self.state_shardings)
 
     def abstract_params(self):
-        return jax.tree.map(
-            lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
-            self.model.abstract_params(),
-            self.param_shardings,
-        )
+        return sharding.with_shardings(self.model.abstract_params(), self.param_shardings)
 
     def step(self, state: TrainState, batch: Batch):
         with jax.set_mesh(self.mesh):

@@ -182,9 +182,7 @@ class CodecTrainer:
 
     def abstract_state(self) -> dict:
         shapes = jax.eval_shape(self._init_fn, jax.random.key_data(jax.random.key(0)))
-        return jax.tree.map(
-            lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes, self.state_shardings
-        )
+        return sharding.with_shardings(shapes, self.state_shardings)
 
     def step(self, state: dict, audio_btc: jax.Array):
         with jax.set_mesh(self.mesh):
@@ -196,11 +194,7 @@ class CodecTrainer:
         """``train.init_from`` weights (another codec run's raw params), or a fresh state."""
         cfg = self.cfg
         if cfg.train.init_from:
-            abstract = jax.tree.map(
-                lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
-                self.vae.abstract_params(),
-                self.param_shardings,
-            )
+            abstract = sharding.with_shardings(self.vae.abstract_params(), self.param_shardings)
             try:
                 params, src = checkpointing.restore_params(
                     cfg.train.init_from, abstract, required_items=("state", "config")

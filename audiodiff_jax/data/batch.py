@@ -100,9 +100,7 @@ def abstract_batch(cfg, mesh: Mesh | None = None, **overrides) -> Batch:
     shapes, axes = config_batch_spec(cfg, **overrides)
     if mesh is None:
         return shapes
-    return jax.tree.map(
-        lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes, batch_shardings(mesh, axes)
-    )
+    return sharding.with_shardings(shapes, batch_shardings(mesh, axes))
 
 
 def make_global_batch(local: Batch, mesh: Mesh) -> Batch:
