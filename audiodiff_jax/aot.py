@@ -361,13 +361,13 @@ def sample_program(cfg: Config, mesh, *, songs: int, frames: int) -> generation.
     """The program ``audiodiff-sample`` runs for ``songs`` rows of one ``frames``-frame window,
     with the config's first sampler and step count, guidance unless it is 1 and the
     known-frames input of windowed songs (every window after the first has one)."""
-    shards, seq = sharding.batch_shards(mesh), sharding.length_shards(mesh)
     s = cfg.sample
+    batch, frames_pad = generation.padded_shape(mesh, songs, frames)
     return generation.SampleProgram(
         method=s.samplers[0],
         steps=s.steps[0],
-        batch=-(-songs // shards) * shards,
-        frames=-(-frames // seq) * seq,
+        batch=batch,
+        frames=frames_pad,
         valid=frames,
         cfg=s.guidance[0] != 1.0,
         known=True,

@@ -18,6 +18,8 @@ import time
 import jax
 from absl import flags, logging
 
+from audiodiff_jax.errors import EXIT_PEER_LOST
+
 _DISTRIBUTED = flags.DEFINE_enum(
     "distributed",
     "auto",
@@ -115,9 +117,6 @@ def exit_peer_lost(program: str, e: BaseException, code: int) -> None:
     print(f"{program}: {e}", file=sys.stderr, flush=True)
     logging.flush()
     os._exit(code)
-
-
-EXIT_PEER_LOST = 5
 
 
 class PeerMonitor:

@@ -8,6 +8,8 @@ keeps its traceback.
 """
 
 EXIT_USER_ERROR = 2
+# Another process of a multi-process job died or was cut off (loop.PeerLost, distributed.PeerMonitor).
+EXIT_PEER_LOST = 5
 
 
 class UserError(Exception):

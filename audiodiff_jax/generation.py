@@ -161,6 +161,13 @@ def _plan_windows(frames: int, window: int, overlap: int) -> list[int]:
     return starts
 
 
+def padded_shape(mesh: jax.sharding.Mesh, rows: int, frames: int) -> tuple[int, int]:
+    """``(batch, frames)`` of a sampling program on ``mesh``: rows rounded up to split over
+    the batch axes, frames rounded up to split over the sequence axis."""
+    shards, seq = sharding.batch_shards(mesh), sharding.length_shards(mesh)
+    return -(-rows // shards) * shards, -(-frames // seq) * seq
+
+
 class SampleInputs(NamedTuple):
     """Per-row inputs of the sampling program besides the params and the conditioning."""
 
@@ -510,15 +517,11 @@ class Generator:
         if len(keys) != 1:
             raise GenerationError(f"one batch needs one group key (frames, sampler, steps, cfg); got {keys}")
         _, method, steps, use_cfg = keys.pop()
-        shards = self.batch_shards
-        batch = max(len(requests), batch_size or 0)
-        batch = -(-batch // shards) * shards
-        rows = list(requests) + [requests[-1]] * (batch - len(requests))  # padding rows repeat the last
-        c = self.channels
-        seq = sharding.length_shards(self.mesh)
         starts = _plan_windows(frames, self.window, self.overlap)
         win = frames if len(starts) == 1 else self.window
-        win_pad = -(-win // seq) * seq  # frames padded to split evenly over the sequence axis
+        batch, win_pad = padded_shape(self.mesh, max(len(requests), batch_size or 0), win)
+        rows = list(requests) + [requests[-1]] * (batch - len(requests))  # padding rows repeat the last
+        c = self.channels
 
         # Song-level inputs.
         song_known = np.zeros((frames, c), np.float32)

@@ -55,7 +55,8 @@ from etils import epath
 from jax.experimental import multihost_utils
 
 from audiodiff_jax import checkpointing, goodput, names
-from audiodiff_jax.errors import UserError
+from audiodiff_jax.config import ConfigError
+from audiodiff_jax.errors import EXIT_PEER_LOST, UserError
 from audiodiff_jax.metrics import MetricWriter, log_line
 
 
@@ -125,6 +126,31 @@ def check_finite(step: int, values: dict[str, float], last_ckpt: int | None, wor
             + f". Stopped without saving this state; the last good checkpoint is {where} "
             f"in {checkpointing.checkpoint_dir(workdir)}. Lower optim.learning_rate or check the data."
         )
+
+
+def start_state(
+    init_state: Callable[..., Any],
+    abstract_params: Callable[[], Any],
+    train_cfg,
+    *,
+    required_items: tuple[str, ...] = ("state",),
+) -> Any:
+    """Resume order 2, for any trainer: the raw params of the run ``train_cfg.init_from``
+    names (restored onto ``abstract_params()``), or a fresh state from ``train_cfg.seed``.
+
+    ``init_state(seed, params=None)`` builds the trainer's state (params copied into the EMA).
+    """
+    if train_cfg.init_from:
+        try:
+            params, src_step = checkpointing.restore_params(
+                train_cfg.init_from, abstract_params(), required_items=required_items
+            )
+        except checkpointing.CheckpointNotFound as e:
+            raise ConfigError(f"train.init_from: {e}") from e
+        logging.info("starting from the weights of %s (step %d)", train_cfg.init_from, src_step)
+        return init_state(train_cfg.seed, params=params)
+    logging.info("starting fresh from seed %d", train_cfg.seed)
+    return init_state(train_cfg.seed)
 
 
 def opt_state_shardings(opt_shapes, abstract_params, param_shardings, replicated):
@@ -300,7 +326,7 @@ def restore_for_mesh(ckpt: checkpointing.RunCheckpointer, step: int, trainer: Tr
 class PeerLost(RuntimeError):
     """Another process of the job failed or went away (multi-process runs)."""
 
-    EXIT_CODE = 5
+    EXIT_CODE = EXIT_PEER_LOST
 
 
 class WorkdirError(UserError):

@@ -167,16 +167,7 @@ class Trainer:
 
     def initial_state(self) -> TrainState:
         """``train.init_from`` weights, or a fresh state from ``train.seed``."""
-        cfg = self.cfg
-        if cfg.train.init_from:
-            try:
-                params, src_step = checkpointing.restore_params(cfg.train.init_from, self.abstract_params())
-            except checkpointing.CheckpointNotFound as e:
-                raise config_lib.ConfigError(f"train.init_from: {e}") from e
-            logging.info("starting from the weights of %s (step %d)", cfg.train.init_from, src_step)
-            return self.init_state(cfg.train.seed, params=params)
-        logging.info("starting fresh from seed %d", cfg.train.seed)
-        return self.init_state(cfg.train.seed)
+        return loop.start_state(self.init_state, self.abstract_params, self.cfg.train)
 
     @staticmethod
     def state_step(state: TrainState) -> int:

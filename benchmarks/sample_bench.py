@@ -51,11 +51,8 @@ def main(argv):
     model = make_model(cfg.model)
     shardings = sharding.named_shardings(model.logical_axes(), mesh)
     params = jax.jit(model.init, out_shardings=shardings)(jax.random.key(0))
-    shards = sharding.batch_shards(mesh)
-    batch = -(-_BATCH.value // shards) * shards
     frames = int(round(_SECONDS.value * _LATENT_RATE.value))
-    seq = sharding.length_shards(mesh)
-    frames_pad = -(-frames // seq) * seq
+    batch, frames_pad = generation.padded_shape(mesh, _BATCH.value, frames)
     c, max_len = cfg.model.latent_channels, cfg.model.text.max_len
     use_cfg = _GUIDANCE.value != 1.0
     grid = sampling.time_grid(_STEPS.value, shift=cfg.diffusion.schedule_shift)

@@ -22,12 +22,11 @@ import jax.numpy as jnp
 import optax
 from absl import logging
 
-from audiodiff_jax import checkpointing, loop, names, optim, sharding
+from audiodiff_jax import loop, names, optim, sharding
 from audiodiff_jax.codec import losses
 from audiodiff_jax.codec import model as model_lib
 from audiodiff_jax.codec.config import CodecConfig, card_dict, validate
 from audiodiff_jax.codec.data import CropSource
-from audiodiff_jax.config import ConfigError
 
 # Metric names of the codec run (the DiT's are in audiodiff_jax/names.py).
 LOSS = names.TRAIN_LOSS
@@ -190,21 +189,14 @@ class CodecTrainer:
 
     # -- the loop's Trainer protocol (audiodiff_jax/loop.py) -------------------------
 
+    def abstract_params(self) -> dict:
+        return sharding.with_shardings(self.vae.abstract_params(), self.param_shardings)
+
     def initial_state(self) -> dict:
         """``train.init_from`` weights (another codec run's raw params), or a fresh state."""
-        cfg = self.cfg
-        if cfg.train.init_from:
-            abstract = sharding.with_shardings(self.vae.abstract_params(), self.param_shardings)
-            try:
-                params, src = checkpointing.restore_params(
-                    cfg.train.init_from, abstract, required_items=("state", "config")
-                )
-            except checkpointing.CheckpointNotFound as e:
-                raise ConfigError(f"train.init_from: {e}") from e
-            logging.info("starting from the weights of %s (step %d)", cfg.train.init_from, src)
-            return self.init_state(cfg.train.seed, params=params)
-        logging.info("starting fresh from seed %d", cfg.train.seed)
-        return self.init_state(cfg.train.seed)
+        return loop.start_state(
+            self.init_state, self.abstract_params, self.cfg.train, required_items=("state", "config")
+        )
 
     @staticmethod
     def state_step(state: dict) -> int:
