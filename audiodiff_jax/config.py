@@ -172,6 +172,30 @@ class SampleConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class EvalConfig:
+    """Evaluation during training (``audiodiff_jax/train_eval.py``), every ``every_steps``.
+
+    The validation loss is measured on fixed held-out examples with fixed noise and
+    fixed times, stratified into ``buckets`` equal time ranges, so its numbers compare
+    across steps and across runs. Demo samples are generated for fixed prompts and
+    seeds at each guidance scale and written to TensorBoard and a page.
+    """
+
+    every_steps: int = 0  # 0 = off; the last step is evaluated too
+    shards_dir: str = ""  # held-out shards (same codec as data.shards_dir); "" = no validation loss
+    num_examples: int = 16  # held-out windows (the first records, cropped from their start)
+    buckets: int = 5  # equal time ranges of [0, 1]; each example is scored once per bucket
+    seed: int = 0  # fixed noise and times
+    prompts: tuple[str, ...] = ()  # demo-sample captions; () = no demo samples
+    guidance: tuple[float, ...] = (1.0, 4.0)  # demo samples at each scale
+    seconds: float = 10.0  # demo-sample length (one window at most)
+    steps: int = 25  # demo-sample sampler steps
+    sampler: str = "dpmpp_2m"
+    sample_seed: int = 0
+    codec: str = ""  # decodes demo samples: "" = the codec the dataset card names; a name or "module:factory"
+
+
+@dataclasses.dataclass(frozen=True)
 class Config:
     model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
     diffusion: DiffusionConfig = dataclasses.field(default_factory=DiffusionConfig)
@@ -181,12 +205,13 @@ class Config:
     train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
     checkpoint: CheckpointConfig = dataclasses.field(default_factory=CheckpointConfig)
     sample: SampleConfig = dataclasses.field(default_factory=SampleConfig)
+    eval: EvalConfig = dataclasses.field(default_factory=EvalConfig)
 
 
 # Sections added after checkpoints were already being written: reading a config that
 # lacks one (the config saved in an older checkpoint, which sampling reads) fills the
 # section's defaults instead of refusing it as a missing key.
-SECTIONS_ADDED_LATER = {"sample": SampleConfig}
+SECTIONS_ADDED_LATER = {"sample": SampleConfig, "eval": EvalConfig}
 
 
 # ---------------------------------------------------------------------------
@@ -381,6 +406,23 @@ def validate_train(t: TrainConfig) -> None:
 def validate_checkpoint(c: CheckpointConfig) -> None:
     _check(c.every_steps > 0, f"checkpoint.every_steps={c.every_steps} must be > 0")
     _check(c.keep_last >= 1, f"checkpoint.keep_last={c.keep_last} must be >= 1")
+
+
+def validate_eval(e: EvalConfig) -> None:
+    _check(e.every_steps >= 0, f"eval.every_steps={e.every_steps} must be >= 0 (0 = off)")
+    _check(e.num_examples >= 1, f"eval.num_examples={e.num_examples} must be >= 1")
+    _check(e.buckets >= 1, f"eval.buckets={e.buckets} must be >= 1")
+    _check(e.steps >= 1, f"eval.steps={e.steps} must be >= 1")
+    _check(e.seconds > 0, f"eval.seconds={e.seconds} must be > 0")
+    _check(
+        e.sampler in ("ddim", "dpmpp_2m", "euler", "heun"),
+        f"eval.sampler={e.sampler!r}; one of ddim, dpmpp_2m, euler, heun",
+    )
+    _check(all(g >= 0 for g in e.guidance), f"eval.guidance={e.guidance} must be >= 0")
+    _check(
+        0 <= e.seed < 2**31 and 0 <= e.sample_seed < 2**31,
+        "eval.seed and eval.sample_seed must be in [0, 2^31)",
+    )
 
 
 # -- the sample section ---------------------------------------------------------------
@@ -601,6 +643,7 @@ def validate(cfg: Config, num_devices: int | None = None) -> None:
     validate_train(cfg.train)
     validate_checkpoint(cfg.checkpoint)
     validate_sample(cfg.sample)
+    validate_eval(cfg.eval)
     if num_devices is None:
         return
     sizes = resolve_mesh_shape(cfg.mesh, num_devices)

@@ -27,7 +27,7 @@ import time
 from etils import epath
 
 FILENAME = "goodput.json"
-CATEGORIES = ("startup", "restore", "compile", "checkpoint", "restart")
+CATEGORIES = ("startup", "restore", "compile", "checkpoint", "eval", "restart")
 
 # Metric names (TensorBoard / metrics.jsonl).
 GOODPUT_FRACTION = "goodput/productive_fraction"
@@ -49,6 +49,7 @@ class Incarnation:
     restore_s: float = 0.0
     compile_s: float = 0.0
     checkpoint_s: float = 0.0
+    eval_s: float = 0.0  # evaluation during training (audiodiff_jax/train_eval.py)
     productive_s: float = 0.0
     finished: bool = False  # reached its end (num_steps or a preemption save)
 
@@ -105,6 +106,7 @@ def summarize(incarnations: list[Incarnation]) -> Summary:
         lost["restore"] += inc.restore_s
         lost["compile"] += inc.compile_s
         lost["checkpoint"] += inc.checkpoint_s
+        lost["eval"] += inc.eval_s
         productive += inc.productive_s
         if i + 1 < len(incarnations):
             nxt = incarnations[i + 1]
@@ -157,7 +159,7 @@ class GoodputRecorder:
 
     def add(self, category: str, seconds: float) -> None:
         """Counts ``seconds`` lost to ``category`` (one of ``CATEGORIES`` except restart)."""
-        if category not in ("restore", "compile", "checkpoint"):
+        if category not in ("restore", "compile", "checkpoint", "eval"):
             raise ValueError(f"unknown goodput category {category!r}")
         setattr(self.current, f"{category}_s", getattr(self.current, f"{category}_s") + seconds)
         if self._loop_start is not None:

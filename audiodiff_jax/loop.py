@@ -85,6 +85,16 @@ class Trainer(Protocol):
         """Throughput figures logged with every log step (e.g. frames/s, MFU)."""
 
 
+class Evaluator(Protocol):
+    """Evaluation during training (``audiodiff_jax/train_eval.py`` for the DiT)."""
+
+    def due(self, step: int, num_steps: int) -> bool:
+        """Whether to evaluate after ``step``."""
+
+    def __call__(self, state: Any, step: int, writer: MetricWriter) -> dict[str, float]:
+        """Evaluates ``state`` (read only), writes what it measured; returns the scalars."""
+
+
 @dataclasses.dataclass(frozen=True)
 class LoopConfig:
     num_steps: int
@@ -411,6 +421,7 @@ def run(
     json_items: dict[str, dict],
     data_iter: grain.DatasetIterator | None = None,
     process_start: float | None = None,
+    evaluator: Evaluator | None = None,
 ) -> TrainResult:
     """Trains until ``loop.num_steps``, resuming as the module docstring says.
 
@@ -424,6 +435,9 @@ def run(
       data_iter: the Grain iterator ``next_batch`` reads from, if any: saved with every
         checkpoint and restored before the first step.
       process_start: unix time the process started, for goodput (default: now).
+      evaluator: evaluation during training (validation loss, samples), run after the
+        steps it says are due; its time counts as ``eval`` in goodput. It only reads
+        the state, so a run with and without it trains the same weights.
     """
     process_start = time.time() if process_start is None else process_start
     if epath.Path(workdir).exists() and not epath.Path(workdir).is_dir():
@@ -509,6 +523,12 @@ def run(
                     writer.write_scalars(step, scalars)
                     log_line(step, num_steps, scalars, 1.0 / dt)
                     logging.info("%s", summary.line())
+            if evaluator is not None and evaluator.due(step, num_steps) and not stop:
+                watchdog.pause(True)
+                t0 = time.perf_counter()
+                evaluator(state, step, writer)
+                gp.add("eval", time.perf_counter() - t0)
+                watchdog.pause(False)
             if is_save or stop:
                 watchdog.pause(True)
                 t0 = time.perf_counter()

@@ -12,6 +12,7 @@ import os
 from typing import Any
 
 import jax
+import numpy as np
 from absl import logging
 
 
@@ -42,6 +43,16 @@ class MetricWriter:
             json.dumps({"step": step, "scalars": {k: float(v) for k, v in scalars.items()}}) + "\n"
         )
         self.flush()
+
+    def write_audio(self, tag: str, audio, step: int, sample_rate: int) -> None:
+        """``audio [channels, samples]`` (1 or 2 channels) in [-1, 1]."""
+        if self.enabled:
+            self._tb.add_audio(tag, np.clip(np.asarray(audio, np.float32).T, -1.0, 1.0), step, sample_rate)
+
+    def write_figure(self, tag: str, figure, step: int) -> None:
+        """A matplotlib figure as an image."""
+        if self.enabled:
+            self._tb.add_figure(tag, figure, step, close=False)
 
     def write_text(self, tag: str, text: str, step: int = 0) -> None:
         if self.enabled:

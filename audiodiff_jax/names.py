@@ -37,3 +37,5 @@ PERF_STEP_TIME = "perf/step_time_s"
 PERF_FRAMES_PER_SEC = "perf/latent_frames_per_s"
 PERF_TFLOPS = "perf/model_tflops_per_s_per_device"
 PERF_MFU = "perf/mfu"
+EVAL_LOSS = "eval/loss"  # validation v-loss of the sampling weights, mean over time buckets
+EVAL_TIME = "eval/seconds"

@@ -24,7 +24,7 @@ import jax.numpy as jnp
 import optax
 from absl import logging
 
-from audiodiff_jax import checkpointing, diffusion, flops, loop, names, optim, sharding
+from audiodiff_jax import checkpointing, diffusion, flops, loop, names, optim, sharding, train_eval
 from audiodiff_jax import config as config_lib
 from audiodiff_jax.config import Config
 from audiodiff_jax.data import batch as batch_lib
@@ -251,4 +251,21 @@ def train(
         json_items=json_items,
         data_iter=data_iter,
         process_start=process_start,
+        evaluator=_evaluator(cfg, trainer, card, workdir),
+    )
+
+
+def _evaluator(cfg: Config, trainer: Trainer, card: DatasetCard, workdir: str) -> train_eval.Evaluator | None:
+    """The ``eval`` section's evaluation during training (None when ``eval.every_steps`` is 0)."""
+    if not cfg.eval.every_steps:
+        return None
+    return train_eval.Evaluator(
+        cfg,
+        trainer.mesh,
+        trainer.model.apply,
+        lambda state: {"raw": state.params, "ema": state.ema_params},
+        card,
+        Tokenizer(loader_lib.resolve_tokenizer_path(cfg.data, card)),
+        workdir,
+        sample_weights="ema",
     )
