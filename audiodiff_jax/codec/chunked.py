@@ -61,12 +61,12 @@ def chunk_starts(num_frames: int, chunk_frames: int, overlap_frames: int) -> lis
     return starts + [num_frames - chunk_frames]
 
 
-def _ramp(total: int, start: int, weights: np.ndarray) -> np.ndarray:
-    """A global crossfade ``[total]``: 0 before ``start``, ``weights`` from there, then 1."""
-    g = np.ones((total,), np.float32)
-    g[:start] = 0.0
-    g[start : start + len(weights)] = weights
-    return g
+def _ramp_window(r0: int, lo: int, length: int, fade: np.ndarray) -> np.ndarray:
+    """Samples ``[lo, lo + length)`` of the boundary ramp that starts at ``r0``: 0 before it,
+    ``fade`` from there, 1 after (computed for the window only: memory is per chunk)."""
+    g = np.arange(lo, lo + length) - r0
+    inside = fade[np.clip(g, 0, len(fade) - 1)]
+    return np.where(g < 0, 0.0, np.where(g >= len(fade), 1.0, inside)).astype(np.float32)
 
 
 def chunked_apply(
@@ -111,12 +111,12 @@ def chunked_apply(
     fade = crossfade_weights(ov_out)
     # One ramp per boundary, centred in the region the two chunks share (the last
     # region is longer than overlap_frames); chunk k's weight is ramp[k-1] * (1 - ramp[k]),
-    # so the weights of all chunks sum to one at every sample.
-    ramps = []
-    for a, b in zip(starts[1:], starts[:-1], strict=True):
-        shared_lo, shared_hi = a, b + chunk_frames
-        r0 = (shared_lo + shared_hi) * out_per_frame // 2 - ov_out // 2
-        ramps.append(_ramp(total, r0, fade))
+    # so the weights of all chunks sum to one at every sample. Only each ramp's start is
+    # kept; its values are made per chunk, so memory is the output plus the chunks in flight.
+    ramp_starts = [
+        (a + b + chunk_frames) * out_per_frame // 2 - ov_out // 2
+        for a, b in zip(starts[1:], starts[:-1], strict=True)
+    ]
     L_in, L_out = chunk_frames * in_per_frame, chunk_frames * out_per_frame
     x = np.asarray(x_tc, np.float32)
     out = None
@@ -133,8 +133,8 @@ def chunked_apply(
             o = s * out_per_frame
             w = np.ones((L_out,), np.float32)
             if k > 0:
-                w *= ramps[k - 1][o : o + L_out]
+                w *= _ramp_window(ramp_starts[k - 1], o, L_out, fade)
             if k < len(starts) - 1:
-                w *= 1.0 - ramps[k][o : o + L_out]
+                w *= 1.0 - _ramp_window(ramp_starts[k], o, L_out, fade)
             out[o : o + L_out] += y[i] * w[:, None]
     return out
