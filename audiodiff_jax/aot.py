@@ -371,6 +371,7 @@ def sample_program(cfg: Config, mesh, *, songs: int, frames: int) -> generation.
         valid=frames,
         cfg=s.guidance[0] != 1.0,
         known=True,
+        context=cfg.model.masked_context,
     )
 
 

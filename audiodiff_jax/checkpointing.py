@@ -4,7 +4,11 @@ A run's checkpoints live in ``WORKDIR/checkpoints``, one Orbax step directory pe
 saved step, each holding these items:
 
 - ``state``: the train state (params, optimizer state, EMA params, step, RNG), saved
-  sharded from every process;
+  sharded from every process. Its weight sets are restorable by name, without the
+  optimizer state (:func:`restore_weight_sets`): ``raw`` (``params``), ``ema`` and
+  ``ema<optim.ema_decay>`` (``ema_params``), and ``ema<decay>`` for each of
+  ``optim.extra_ema_decays`` (``extra_ema/<name>``; absent in checkpoints written
+  before there were several EMAs, which restore as before);
 - ``data_iter``: the Grain iterator state of every process (one JSON file each);
 - ``config``: the resolved config as JSON;
 - ``dataset_card``: the dataset card of the latents the run trained on;
@@ -25,10 +29,12 @@ from typing import Any
 
 import grain
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
 from etils import epath
 
+from audiodiff_jax import export, optim
 from audiodiff_jax.errors import UserError
 
 ITEMS = ("state", "data_iter", "config", "dataset_card", "tokenizer")
@@ -108,6 +114,12 @@ class CheckpointNotFound(UserError, FileNotFoundError):
     """A checkpoint path that is missing, empty, lacks the step, or is incomplete."""
 
 
+class WeightsUnusable(CheckpointNotFound):
+    """Weights that are there but cannot be used: an export whose names or shapes differ
+    from the model's. A :class:`CheckpointNotFound`, so that a caller that names the
+    field it came from (``train.init_from``) reports it the same way."""
+
+
 def find_step(
     path: str, step: int | None = None, *, required_items: tuple[str, ...] = ("state",)
 ) -> tuple[epath.Path, int]:
@@ -146,36 +158,157 @@ def find_step(
     return step_dir, chosen
 
 
-def restore_params(
-    path: str, abstract_params: Any, *, use_ema: bool = False, required_items: tuple[str, ...] = ("state",)
-) -> tuple[Any, int]:
-    """Restores only the weights of a run's checkpoint (no optimizer state); any trainer's
-    state with ``params`` and ``ema_params`` (the DiT's, the codec's).
+class WeightsNotFound(UserError, KeyError):
+    """A weight set the checkpoint does not hold; the message lists those it does."""
+
+    def __str__(self) -> str:  # KeyError would quote the message
+        return str(self.args[0])
+
+
+def _state_tree(step_dir: epath.Path) -> dict:
+    """The tree of the ``state`` item's metadata (no array is read)."""
+    with ocp.PyTreeCheckpointer() as ckptr:
+        meta = ckptr.metadata(step_dir / "state")
+    tree = meta.item_metadata.tree if hasattr(meta, "item_metadata") else meta.tree
+    return dict(tree)
+
+
+def saved_state_fields(directory: epath.Path, step: int) -> set[str]:
+    """Top-level fields of the ``state`` item saved at ``step`` in a checkpoints folder."""
+    return set(_state_tree(epath.Path(directory) / str(step)))
+
+
+def weight_paths(step_dir: epath.Path) -> dict[str, tuple[str, ...]]:
+    """Every weight set a checkpoint step holds: name -> path in its ``state`` tree.
+
+    ``raw`` -> ``params``; ``ema`` and ``ema<optim.ema_decay>`` (from the config saved
+    with the step, when it has one) -> ``ema_params``; each extra EMA's name ->
+    ``extra_ema/<name>``.
+    """
+    tree = _state_tree(step_dir)
+    out: dict[str, tuple[str, ...]] = {}
+    if "params" in tree:
+        out[optim.RAW] = ("params",)
+    if "ema_params" in tree:
+        out[optim.EMA] = ("ema_params",)
+        decay = None
+        if (step_dir / "config").is_dir():
+            try:
+                decay = read_json_item(step_dir / "config").get("optim", {}).get("ema_decay")
+            except CheckpointNotFound:
+                decay = None
+        if isinstance(decay, int | float):
+            out[optim.ema_name(decay)] = ("ema_params",)
+    for name in tree.get("extra_ema") or {}:
+        out[name] = ("extra_ema", name)
+    return out
+
+
+def restore_weight_sets(
+    step_dir: epath.Path, names: list[str] | tuple[str, ...], abstract_params: Any | None
+) -> dict[str, Any]:
+    """Restores weight sets of one checkpoint step by name in one read, and nothing else
+    (no optimizer state, no step, no RNG), onto the shardings of ``abstract_params``.
 
     Args:
-      path: a run workdir, its checkpoints folder, or a step folder.
+      step_dir: a complete step folder (:func:`find_step`).
+      names: weight set names (``raw``, ``ema``, ``ema0.9999``...; see :func:`weight_paths`).
+      abstract_params: params pytree of jax.ShapeDtypeStruct (with shardings: any mesh;
+        without: single-device arrays); None: host numpy arrays in the saved shapes.
+
+    Returns:
+      name -> params (names of one set, e.g. ``ema`` and ``ema0.999``, share the arrays).
+
+    Raises:
+      WeightsNotFound: a name the step does not hold, listing those it does.
+    """
+    paths = weight_paths(step_dir)
+    wanted = {}
+    for name in names:
+        key = optim.canonical_weights(name)
+        if key not in paths:
+            raise WeightsNotFound(
+                f"checkpoint {step_dir} holds no weights {name!r}; it holds {', '.join(paths)}"
+            )
+        wanted[name] = paths[key]
+    item: dict[str, Any] = {}
+    args: dict[str, Any] = {}
+    if abstract_params is None:
+        tree = _state_tree(step_dir)
+    for path in dict.fromkeys(wanted.values()):
+        if abstract_params is None:
+            sub = tree
+            for k in path:
+                sub = sub[k]
+            target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype), sub)
+            rargs = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), sub)
+        else:
+            target, rargs = abstract_params, ocp.checkpoint_utils.construct_restore_args(abstract_params)
+        _put(item, path, target)
+        _put(args, path, rargs)
+    with ocp.PyTreeCheckpointer() as ckptr:
+        restored = ckptr.restore(
+            step_dir / "state",
+            args=ocp.args.PyTreeRestore(item=item, restore_args=args, partial_restore=True),
+        )
+    out = {}
+    for name, path in wanted.items():
+        sub = restored
+        for k in path:
+            sub = sub[k]
+        out[name] = sub
+    logging.info("restored weights %s of %s (no optimizer state)", ", ".join(wanted), step_dir)
+    return out
+
+
+def _put(tree: dict, path: tuple[str, ...], value: Any) -> None:
+    for k in path[:-1]:
+        tree = tree.setdefault(k, {})
+    tree[path[-1]] = value
+
+
+def restore_params(
+    path: str,
+    abstract_params: Any,
+    *,
+    use_ema: bool = False,
+    weights: str | None = None,
+    required_items: tuple[str, ...] = ("state",),
+) -> tuple[Any, int]:
+    """Restores one set of weights (no optimizer state) of a run's checkpoint or of an
+    export folder (``audiodiff_jax/export.py``); any trainer's state with ``params`` and
+    ``ema_params`` (the DiT's, the codec's).
+
+    Args:
+      path: a run workdir, its checkpoints folder, a step folder, or an export folder.
       abstract_params: params pytree of jax.ShapeDtypeStruct (with or without shardings).
-      use_ema: restore the EMA weights instead of the raw ones.
+      use_ema: restore the EMA weights (``ema``) instead of the raw ones.
+      weights: the weight set by name (overrides ``use_ema``); an export holds one set
+        and gives it whatever is asked.
       required_items: items the step must have (see :func:`find_step`).
 
     Returns:
       (params, step of the checkpoint they came from).
+
+    Raises:
+      CheckpointNotFound: no checkpoint at ``path``, or it lacks the weights.
+      export.ExportError: the export's names or shapes differ from ``abstract_params``.
     """
+    if export.is_export(path):
+        try:
+            meta = export.read_meta(path)
+            params = export.load_params(path, abstract_params)
+        except export.ExportError as e:
+            raise WeightsUnusable(str(e)) from e
+        logging.info("restored weights %s of step %d from the export %s", meta["weights"], meta["step"], path)
+        return params, int(meta["step"])
     step_dir, step = find_step(path, required_items=required_items)
-    key = "ema_params" if use_ema else "params"
-    item_dir = step_dir / "state"
-    restore_args = ocp.checkpoint_utils.construct_restore_args(abstract_params)
-    with ocp.PyTreeCheckpointer() as ckptr:
-        restored = ckptr.restore(
-            item_dir,
-            args=ocp.args.PyTreeRestore(
-                item={key: abstract_params},
-                restore_args={key: restore_args},
-                partial_restore=True,
-            ),
-        )
-    logging.info("init_from: restored %s of step %d from %s", key, step, item_dir)
-    return restored[key], step
+    name = weights or (optim.EMA if use_ema else optim.RAW)
+    try:
+        params = restore_weight_sets(step_dir, [name], abstract_params)[name]
+    except WeightsNotFound as e:
+        raise CheckpointNotFound(str(e)) from e
+    return params, step
 
 
 def read_json_item(item_dir: epath.Path) -> dict:

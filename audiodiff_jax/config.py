@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import re
 import typing
 from typing import Any
 
@@ -58,6 +59,9 @@ class ModelConfig:
     # instead of `depth` copies (AOT compile time of DiT-1B/3B for 256 chips drops by
     # about the depth). Parameters and checkpoints are the same either way.
     scan_layers: bool = False
+    # Masked context: the model also takes known clean latents and their mask (trained on
+    # random prefixes, suffixes and spans; diffusion.context_none_prob of rows get none).
+    masked_context: bool = False
     dtype: str = "float32"  # compute dtype: float32 | bfloat16
     param_dtype: str = "float32"
     text: TextEncoderConfig = dataclasses.field(default_factory=TextEncoderConfig)
@@ -71,6 +75,7 @@ class DiffusionConfig:
     timestep_sampling: str = "uniform"  # uniform | logit_normal
     logit_normal_mean: float = 0.0
     logit_normal_std: float = 1.0
+    context_none_prob: float = 0.25  # with model.masked_context: share of rows trained with no context
 
 
 @dataclasses.dataclass(frozen=True)
@@ -118,7 +123,11 @@ class OptimConfig:
     eps: float = 1e-8
     weight_decay: float = 0.01
     grad_clip_norm: float = 1.0
+    # The EMA sampling uses by default (weights "ema", also "ema<decay>", e.g. "ema0.999").
     ema_decay: float = 0.999
+    # More EMAs kept beside it, each restorable by its name "ema<decay>" (optim.ema_name):
+    # the best decay is only known after training.
+    extra_ema_decays: tuple[float, ...] = ()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -147,10 +156,11 @@ def _help(default, text: str):
 class SampleConfig:
     """Sampling defaults: ``audiodiff-sample``'s flags, sweep grids, ``generate_songs``.
 
-    The first five fields are the axes of a sweep: every prompt is crossed with all
-    of their values (a prompt row may fix any of them). The rest apply to every
-    output. The section is saved with the checkpoint, so a run samples with its own
-    defaults; a flag of ``audiodiff-sample`` overrides one field.
+    The tuple fields are the axes of a sweep: every prompt is crossed with all of
+    their values (a prompt row may fix any of them but ``weights``, which with the
+    checkpoint step is an axis of the whole sweep). The rest apply to every output.
+    The section is saved with the checkpoint, so a run samples with its own defaults;
+    a flag of ``audiodiff-sample`` overrides one field.
     """
 
     seconds: tuple[float, ...] = _help((180.0,), "Durations in seconds.")
@@ -158,8 +168,15 @@ class SampleConfig:
     guidance: tuple[float, ...] = _help((5.0,), "Classifier-free guidance scales (1 = off).")
     steps: tuple[int, ...] = _help((50,), "Sampler steps.")
     samplers: tuple[str, ...] = _help(("dpmpp_2m",), "Samplers: ddim, dpmpp_2m, euler, heun.")
-    guidance_rescale: float = _help(0.0, "Guidance rescale phi in [0, 1] (0 = off).")
-    schedule: str = _help("uniform", "Step schedule: uniform, logsnr, karras.")
+    guidance_rescale: tuple[float, ...] = _help((0.0,), "Guidance rescale phi in [0, 1] (0 = off).")
+    # logsnr by measurement: DPM++2M is second order on it, first order on uniform
+    # (BENCHMARKS.md, "Samplers and time grids").
+    schedule: tuple[str, ...] = _help(("logsnr",), "Step schedules: uniform, logsnr, karras.")
+    weights: tuple[str, ...] = _help(
+        ("ema",),
+        "Weight sets: raw, ema (the EMA of optim.ema_decay) or ema<decay> for any decay the run "
+        "keeps (optim.ema_decay, optim.extra_ema_decays), e.g. ema0.9999.",
+    )
     eta: float = _help(0.0, "DDIM eta in [0, 1] (0 = deterministic).")
     negative_prompt: str = _help("", "Negative prompt for guidance (default: empty caption).")
     strength: float = _help(1.0, "Variation strength in (0, 1]: how far toward noise.")
@@ -168,7 +185,6 @@ class SampleConfig:
     min_seconds: float = _help(10.0, "Shortest accepted duration.")
     max_seconds: float = _help(300.0, "Longest accepted duration.")
     batch_size: int = _help(0, "Rows per batch (0 = the mesh's data x fsdp size).")
-    use_ema: bool = _help(True, "Sample with the EMA weights (False: the raw ones).")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -191,6 +207,7 @@ class EvalConfig:
     seconds: float = 10.0  # demo-sample length (one window at most)
     steps: int = 25  # demo-sample sampler steps
     sampler: str = "dpmpp_2m"
+    schedule: str = "logsnr"
     sample_seed: int = 0
     codec: str = ""  # decodes demo samples: "" = the codec the dataset card names; a name or "module:factory"
 
@@ -212,6 +229,31 @@ class Config:
 # lacks one (the config saved in an older checkpoint, which sampling reads) fills the
 # section's defaults instead of refusing it as a missing key.
 SECTIONS_ADDED_LATER = {"sample": SampleConfig, "eval": EvalConfig}
+
+
+def _upgrade_old_fields(data: dict) -> None:
+    """Reads configs written before fields changed (older checkpoints' saved configs,
+    older config files), in place: ``optim.extra_ema_decays`` is filled in;
+    ``sample.use_ema`` becomes ``sample.weights``; a single ``sample.schedule`` or
+    ``sample.guidance_rescale`` value becomes a one-value axis."""
+    optim = data.get("optim")
+    if isinstance(optim, dict):
+        optim.setdefault("extra_ema_decays", ())
+    sample = data.get("sample")
+    if isinstance(sample, dict):
+        if "use_ema" in sample and isinstance(sample["use_ema"], bool):
+            # use_ema=False asked for the raw weights; a weights value set too wins.
+            use_ema = sample.pop("use_ema")
+            if tuple(sample.get("weights", ("ema",))) == ("ema",):
+                sample["weights"] = ("ema",) if use_ema else ("raw",)
+        for field in ("schedule", "guidance_rescale"):
+            if field in sample and isinstance(sample[field], str | int | float):
+                sample[field] = (sample[field],)
+
+
+# Fields added after checkpoints were already being written, with the value that gives
+# the behaviour of the checkpoints that lack them (their default).
+FIELDS_ADDED_LATER = {"model.masked_context", "diffusion.context_none_prob", "eval.schedule"}
 
 
 # ---------------------------------------------------------------------------
@@ -292,6 +334,13 @@ def from_configdict(cd: ml_collections.ConfigDict | dict) -> Config:
     data = cd.to_dict() if isinstance(cd, ml_collections.ConfigDict) else dict(cd)
     for name, cls in SECTIONS_ADDED_LATER.items():
         data.setdefault(name, _to_dict(cls()))
+    data = {k: dict(v) if isinstance(v, dict) else v for k, v in data.items()}
+    _upgrade_old_fields(data)
+    defaults = _to_dict(Config())
+    for path in FIELDS_ADDED_LATER:
+        section, field = path.split(".")
+        if isinstance(data.get(section), dict) and field not in data[section]:
+            data[section] = {**data[section], field: defaults[section][field]}
     return _build(Config, data, "")
 
 
@@ -330,6 +379,9 @@ TIMESTEP_SAMPLING = ("uniform", "logit_normal")
 SAMPLERS = ("ddim", "dpmpp_2m", "euler", "heun")
 SCHEDULES = ("uniform", "logsnr", "karras")
 MAX_SAMPLE_STEPS = 10_000
+# Names of weight sets (optim.ema_name makes the EMA ones): whether a run keeps one is
+# checked against its checkpoint.
+WEIGHTS_PATTERN = r"raw|ema|ema[0-9][0-9.e-]*"
 
 
 def _check(cond: bool, msg: str):
@@ -368,6 +420,10 @@ def validate_diffusion(df: DiffusionConfig) -> None:
     )
     _check(df.schedule_shift > 0, f"diffusion.schedule_shift={df.schedule_shift} must be > 0")
     _check(df.logit_normal_std > 0, f"diffusion.logit_normal_std={df.logit_normal_std} must be > 0")
+    _check(
+        0.0 <= df.context_none_prob <= 1.0,
+        f"diffusion.context_none_prob={df.context_none_prob} must be in [0, 1]",
+    )
 
 
 def validate_data(d: DataConfig) -> None:
@@ -395,6 +451,17 @@ def validate_mesh(mesh: MeshConfig) -> None:
 def validate_optim(o: OptimConfig) -> None:
     _check(o.learning_rate > 0, f"optim.learning_rate={o.learning_rate} must be > 0")
     _check(0.0 <= o.ema_decay < 1.0, f"optim.ema_decay={o.ema_decay} must be in [0, 1)")
+    for d in o.extra_ema_decays:
+        _check(
+            0.0 <= d < 1.0,
+            f"optim.extra_ema_decays={_shown(o.extra_ema_decays)}: {d!r} must be in [0, 1)",
+        )
+    decays = (o.ema_decay, *o.extra_ema_decays)
+    _check(
+        len(set(decays)) == len(decays),
+        f"optim.extra_ema_decays={_shown(o.extra_ema_decays)} repeats a decay "
+        f"(optim.ema_decay={o.ema_decay!r} is kept already)",
+    )
     _check(o.warmup_steps >= 0, f"optim.warmup_steps={o.warmup_steps} must be >= 0")
 
 
@@ -419,6 +486,7 @@ def validate_eval(e: EvalConfig) -> None:
         f"eval.sampler={e.sampler!r}; one of ddim, dpmpp_2m, euler, heun",
     )
     _check(all(g >= 0 for g in e.guidance), f"eval.guidance={e.guidance} must be >= 0")
+    _check(e.schedule in SCHEDULES, f"eval.schedule={e.schedule!r}; one of {SCHEDULES}")
     _check(
         0 <= e.seed < 2**31 and 0 <= e.sample_seed < 2**31,
         "eval.seed and eval.sample_seed must be in [0, 2^31)",
@@ -483,7 +551,10 @@ _SAMPLE_VALUE_CHECKS: dict[str, tuple[typing.Callable[[Any], bool], str]] = {
     "min_seconds": (lambda v: _number(v) and v > 0, "must be a number > 0"),
     "max_seconds": (lambda v: _number(v) and v > 0, "must be a number > 0"),
     "batch_size": (lambda v: _integer(v) and v >= 0, "must be an integer >= 0 (0 = the mesh's batch shards)"),
-    "use_ema": (lambda v: isinstance(v, bool), "must be a bool"),
+    "weights": (
+        lambda v: isinstance(v, str) and re.fullmatch(WEIGHTS_PATTERN, v) is not None,
+        "is not a weight set; raw, ema or ema<decay> (e.g. ema0.9999)",
+    ),
 }
 
 

@@ -106,3 +106,35 @@ def masked_mse(pred: jax.Array, target: jax.Array, mask_bt: jax.Array) -> jax.Ar
     err = jnp.sum(err, axis=-1) * mask_bt
     denom = jnp.maximum(jnp.sum(mask_bt) * pred.shape[-1], 1.0)
     return jnp.sum(err) / denom
+
+
+CONTEXT_MODES = ("none", "prefix", "suffix", "span")
+
+
+def context_mask(rng: jax.Array, num_frames: jax.Array, frames: int, *, none_prob: float) -> jax.Array:
+    """Random known-frame masks ``[B, frames]`` (float32, 1 = known) for masked-context training.
+
+    Each row draws a mode: with probability ``none_prob`` nothing is known (plain
+    generation); otherwise, with equal odds, a known prefix (window overlaps,
+    continuation), a known suffix, or everything known but one unknown span (inpainting).
+    The known part covers a uniform 5-90% of the row's ``num_frames`` real frames, so
+    some frames are always left to generate; padding frames are never known.
+    """
+    batch = num_frames.shape[0]
+    k_mode, k_len, k_pos = jax.random.split(rng, 3)
+    u = jax.random.uniform(k_mode, (batch,))
+    rest = (u - none_prob) / max(1.0 - none_prob, 1e-9)
+    mode = jnp.where(u < none_prob, 0, 1 + jnp.minimum(jnp.floor(rest * 3), 2)).astype(jnp.int32)
+    n = num_frames.astype(jnp.float32)
+    frac = jax.random.uniform(k_len, (batch,), minval=0.05, maxval=0.9)
+    known = jnp.maximum(jnp.round(frac * n), 1.0)
+    unknown = n - known
+    start = jnp.floor(jax.random.uniform(k_pos, (batch,)) * (known + 1.0))  # span start in [0, known]
+    i = jnp.arange(frames, dtype=jnp.float32)[None, :]
+    real = i < n[:, None]
+    prefix = i < known[:, None]
+    suffix = i >= (n - known)[:, None]
+    span = (i < start[:, None]) | (i >= (start + unknown)[:, None])
+    m = mode[:, None]
+    out = jnp.where(m == 1, prefix, jnp.where(m == 2, suffix, jnp.where(m == 3, span, False)))
+    return (out & real).astype(jnp.float32)

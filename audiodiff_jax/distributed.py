@@ -1,10 +1,14 @@
 """Joining the other processes of a job (``jax.distributed``), for every program.
 
-The flags here are shared by ``audiodiff-train``, ``audiodiff-codec-train`` and
-``audiodiff-sample``: on TPU VMs and SLURM the coordinator is found automatically
-(``--distributed=auto``); on one machine pass ``--coordinator_address``,
-``--num_processes`` and ``--process_id`` (``launch/local.py`` does, through the
-``AUDIODIFF_*`` environment variables).
+The flags here are shared by ``audiodiff-train`` and ``audiodiff-codec-train``: on
+TPU VMs and SLURM the coordinator is found automatically (``--distributed=auto``); on
+one machine pass ``--coordinator_address``, ``--num_processes`` and ``--process_id``
+(``launch/local.py`` does, through the ``AUDIODIFF_*`` environment variables).
+
+Jobs whose processes split the work with no collective between them
+(``audiodiff-precompute``, ``audiodiff-sample`` sweeps) take only their index and count,
+from the same launcher or scheduler variables (:func:`work_share`): the same command
+runs on every host either way.
 """
 
 from __future__ import annotations
@@ -86,7 +90,8 @@ def init_distributed() -> None:
 def process_from_environment() -> tuple[int, int] | None:
     """``(index, count)`` that a launcher or scheduler gave this process, without joining
     jax.distributed: ``launch/local.py``'s ``AUDIODIFF_*`` variables, SLURM's task
-    variables, or a TPU VM's worker id and host list. None when there are none."""
+    variables, or a TPU VM's worker id and host list (numbered across slices when
+    libtpu's ``MEGASCALE_*`` variables say there are several). None when there are none."""
     env = os.environ
     for index_var, count_var in (
         ("AUDIODIFF_PROCESS_ID", "AUDIODIFF_NUM_PROCESSES"),
@@ -96,8 +101,28 @@ def process_from_environment() -> tuple[int, int] | None:
             return int(env[index_var]), int(env[count_var])
     hosts = [h for h in env.get("TPU_WORKER_HOSTNAMES", "").split(",") if h]
     if env.get("TPU_WORKER_ID", "").isdigit() and hosts:
-        return int(env["TPU_WORKER_ID"]), len(hosts)
+        slices, slice_id = int(env.get("MEGASCALE_NUM_SLICES") or 1), int(env.get("MEGASCALE_SLICE_ID") or 0)
+        return slice_id * len(hosts) + int(env["TPU_WORKER_ID"]), slices * len(hosts)
     return None
+
+
+def work_share(*, join: bool = True) -> tuple[int, int]:
+    """``(index, count)`` of this process in a job whose processes work apart.
+
+    From the launcher's or scheduler's variables (:func:`process_from_environment`);
+    failing those, with ``--distributed=on`` and ``join``, from jax.distributed (joined
+    here: a cluster only it can describe); else ``(0, 1)``, a job of one process.
+    """
+    found = process_from_environment()
+    if found is None and join and _DISTRIBUTED.value == "on":
+        init_distributed()
+        found = jax.process_index(), jax.process_count()
+    env = os.environ
+    if found and env.get("SLURM_LOCALID", "").isdigit() and int(env.get("SLURM_NTASKS_PER_NODE") or 1) > 1:
+        # SLURM with one task per GPU (launch/slurm.py): each task keeps to its own GPU, as
+        # jax.distributed would arrange; set before any JAX backend starts.
+        jax.config.update("jax_cuda_visible_devices", env["SLURM_LOCALID"])
+    return found or (0, 1)
 
 
 def _on_cluster() -> bool:

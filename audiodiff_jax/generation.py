@@ -2,9 +2,13 @@
 
 Follow one song from the checkpoint to the WAV:
 
-1. :func:`find_checkpoint` picks a complete step folder; :class:`Generator` reads the
-   config and the dataset card saved in it, builds the model and restores only the
-   EMA (or raw) weights onto its own mesh, any device count.
+1. :func:`find_checkpoint` picks a complete step folder (or an export folder,
+   ``export.py``); :class:`Generator` reads the config and the dataset card saved in it,
+   builds the model and restores only the weight set it is asked for by name (``raw``,
+   ``ema``, ``ema0.9999``...; never the optimizer state) onto its own mesh, any device
+   count. A sweep switches between checkpoint steps and weight sets on the same
+   Generator (:meth:`Generator.restore_weights`, :meth:`Generator.use_weights`): the
+   compiled programs are kept.
 2. :meth:`Generator.generate_latents` tokenizes the prompts (and the negative prompts
    for classifier-free guidance), draws each row's noise from its own seed, and runs
    the jitted sampler of ``sampling.py`` once per window: one window for a song that
@@ -33,8 +37,9 @@ from absl import logging
 from etils import epath
 from jax.sharding import NamedSharding
 
-from audiodiff_jax import checkpointing, names, sampling, sharding
+from audiodiff_jax import checkpointing, export, names, optim, sampling, sharding
 from audiodiff_jax import config as config_lib
+from audiodiff_jax.codec import limiter
 from audiodiff_jax.config import MeshConfig
 from audiodiff_jax.data import loader
 from audiodiff_jax.data.batch import Conditioning
@@ -60,20 +65,36 @@ class GenerationError(UserError, ValueError):
 
 
 def find_checkpoint(path: str, step: int | None = None) -> tuple[epath.Path, int]:
-    """Resolves ``path`` (a run workdir, its ``checkpoints`` folder or one step folder).
+    """Resolves ``path`` (a run workdir, its ``checkpoints`` folder, one step folder, or
+    an export folder).
 
     Returns:
-      (step folder, step). The latest complete step unless ``step`` is given.
+      (step folder, step). The latest complete step unless ``step`` is given. For an
+      export: (the export folder, the step its weights came from).
 
     Raises:
       GenerationError: the path is missing, holds no complete checkpoint, lacks the
         step, or the step folder lacks an item the sampler needs.
     """
+    if export.is_export(path):
+        meta = _export_meta(path)
+        if step is not None and step != meta["step"]:
+            raise GenerationError(
+                f"{path} is an export of step {meta['step']}, not step {step}; give no step for an export"
+            )
+        return epath.Path(path), int(meta["step"])
     try:
         return checkpointing.find_step(path, step, required_items=("state", "config", "dataset_card"))
     except checkpointing.CheckpointNotFound as e:
         hint = "; train a few steps first" if "no complete checkpoint" in str(e) else ""
         raise GenerationError(f"{e}{hint}") from e
+
+
+def _export_meta(path) -> dict:
+    try:
+        return export.read_meta(str(path))
+    except export.ExportError as e:
+        raise GenerationError(str(e)) from e
 
 
 def _read_json_item(item_dir: epath.Path) -> dict:
@@ -83,17 +104,49 @@ def _read_json_item(item_dir: epath.Path) -> dict:
         raise GenerationError(str(e)) from e
 
 
+def _item(step_dir: epath.Path, name: str) -> dict:
+    """JSON item ``name`` of a checkpoint step, or ``name.json`` of an export."""
+    if export.is_export(step_dir):
+        try:
+            return export.read_json_item(str(step_dir), name)
+        except export.ExportError as e:
+            raise GenerationError(str(e)) from e
+    return _read_json_item(step_dir / name)
+
+
+def _has_item(step_dir: epath.Path, name: str) -> bool:
+    return (step_dir / (f"{name}.json" if export.is_export(step_dir) else name)).exists()
+
+
 def read_checkpoint_meta(step_dir: epath.Path):
-    """The resolved config and the dataset card saved with a checkpoint step."""
+    """The resolved config and the dataset card saved with a checkpoint step (or an export)."""
     try:
-        cfg = config_lib.from_configdict(_read_json_item(step_dir / "config"))
+        cfg = config_lib.from_configdict(_item(step_dir, "config"))
     except config_lib.ConfigError as e:
         raise GenerationError(f"config saved in {step_dir / 'config'}: {e}") from e
     try:
-        card = DatasetCard.from_dict(_read_json_item(step_dir / "dataset_card"), where=str(step_dir))
+        card = DatasetCard.from_dict(_item(step_dir, "dataset_card"), where=str(step_dir))
     except ShardError as e:
         raise GenerationError(f"dataset card saved in {step_dir / 'dataset_card'}: {e}") from e
     return cfg, card
+
+
+LATEST = "latest"
+
+
+def resolve_steps(path: str, wanted: Sequence[int | str | None]) -> list[int]:
+    """Checkpoint steps by number or ``latest`` (None too), in order, without repeats.
+
+    Raises:
+      GenerationError: a step that is not a complete checkpoint of ``path``, listing those that are.
+    """
+    steps = []
+    for w in wanted or [None]:
+        step = None if w in (None, LATEST) else int(w)
+        _, s = find_checkpoint(path, step)
+        if s not in steps:
+            steps.append(s)
+    return steps
 
 
 # ---------------------------------------------------------------------------
@@ -118,10 +171,10 @@ class SampleParams:
     seed: int = _SAMPLE.seeds[0]
     negative_prompt: str = _SAMPLE.negative_prompt
     guidance: float = _SAMPLE.guidance[0]  # classifier-free guidance scale (1 = off)
-    guidance_rescale: float = _SAMPLE.guidance_rescale  # phi of guidance rescale (0 = off)
+    guidance_rescale: float = _SAMPLE.guidance_rescale[0]  # phi of guidance rescale (0 = off)
     steps: int = _SAMPLE.steps[0]
     sampler: str = _SAMPLE.samplers[0]
-    schedule: str = _SAMPLE.schedule
+    schedule: str = _SAMPLE.schedule[0]
     eta: float = _SAMPLE.eta  # DDIM noise (0 = deterministic)
     strength: float = _SAMPLE.strength  # audio-to-audio variation: start time (1 = from pure noise)
 
@@ -161,6 +214,13 @@ def _plan_windows(frames: int, window: int, overlap: int) -> list[int]:
     return starts
 
 
+def window_seams(frames: int, window: int, overlap: int) -> list[int]:
+    """Frames where a window's new frames start (after the overlap it shares with what
+    came before): the jump from frame ``s - 1`` to ``s`` is a seam (``audiodiff_jax/seams.py``)."""
+    starts = _plan_windows(frames, window, overlap)
+    return [starts[w - 1] + window for w in range(1, len(starts))]
+
+
 def padded_shape(mesh: jax.sharding.Mesh, rows: int, frames: int) -> tuple[int, int]:
     """``(batch, frames)`` of a sampling program on ``mesh``: rows rounded up to split over
     the batch axes, frames rounded up to split over the sequence axis."""
@@ -198,9 +258,14 @@ class SampleProgram(NamedTuple):
     valid: int
     cfg: bool
     known: bool
+    # The model takes the known frames as input (model.masked_context): they condition
+    # every step through the model, besides being kept. Models without it only keep them.
+    context: bool = False
 
     def fn(self, apply_fn: Callable[..., jax.Array]):
         def run(params, cond: Conditioning, inputs: SampleInputs) -> jax.Array:
+            if self.context and self.known:
+                cond = cond._replace(known=inputs.known, known_mask=inputs.known_mask)
             denoise = sampling.guided_denoiser(
                 apply_fn,
                 params,
@@ -258,7 +323,10 @@ class Generator:
       codec: an object with the ``audiodiff_jax.codec.interface.Codec`` protocol, or
         None (latents only; :meth:`decode` then fails).
       step: checkpoint step (default: the latest complete one).
-      use_ema: restore the EMA weights (default) or the raw ones.
+      weights: the weight set to restore: ``raw``, ``ema`` (the EMA of the run's
+        ``optim.ema_decay``) or ``ema<decay>`` (default: the first of the checkpoint
+        config's ``sample.weights``; an export's own set).
+      use_ema: the older way to choose: True = ``ema``, False = ``raw``.
       mesh: the sampling mesh (default: ``sharding.make_mesh(MeshConfig())``, all
         devices on ``data``). Batches are split over ``data x fsdp``, frames over
         ``sequence``, heads over ``tensor``.
@@ -270,9 +338,13 @@ class Generator:
       overlap_frames: frames each window shares with the previous one (-1: a
         quarter of the window).
       min_seconds, max_seconds: accepted durations.
+      restore: restore the weights now (False: a sweep restores them later with
+        :meth:`restore_weights` and :meth:`use_weights`).
 
-    ``use_ema``, ``window_frames``, ``overlap_frames``, ``min_seconds`` and
+    ``weights``, ``window_frames``, ``overlap_frames``, ``min_seconds`` and
     ``max_seconds`` default (None) to the ``sample`` section of the checkpoint's config.
+    The weights' name is kept as :meth:`canonical_weights` gives it (``ema`` ->
+    ``ema0.999``), so manifests name them the same whichever way they were asked for.
     """
 
     def __init__(
@@ -281,6 +353,7 @@ class Generator:
         codec: Any = None,
         *,
         step: int | None = None,
+        weights: str | None = None,
         use_ema: bool | None = None,
         mesh: jax.sharding.Mesh | None = None,
         tokenizer_path: str | None = None,
@@ -288,14 +361,17 @@ class Generator:
         overlap_frames: int | None = None,
         min_seconds: float | None = None,
         max_seconds: float | None = None,
+        restore: bool = True,
     ):
         self.step_dir, self.step = find_checkpoint(checkpoint, step)
         self.checkpoint = str(checkpoint)
+        self.export_meta = _export_meta(checkpoint) if export.is_export(checkpoint) else None
         self.cfg, self.card = read_checkpoint_meta(self.step_dir)
         cfg = self.cfg
         # The arguments not given come from the checkpoint's sample section.
+        if weights is None and use_ema is not None:
+            weights = optim.EMA if use_ema else optim.RAW
         given = {
-            "use_ema": use_ema,
             "window_frames": window_frames,
             "overlap_frames": overlap_frames,
             "min_seconds": min_seconds,
@@ -307,8 +383,9 @@ class Generator:
         except config_lib.ConfigError as e:
             raise GenerationError(str(e)) from e
         self.sample = config_lib.replace(cfg.sample, **given)
-        use_ema = self.sample.use_ema
-        self.weights = "ema" if use_ema else "raw"
+        if weights is None:
+            weights = self.export_meta["weights"] if self.export_meta else self.sample.weights[0]
+        self.weights = self.canonical_weights(weights)
         self.min_seconds, self.max_seconds = float(self.sample.min_seconds), float(self.sample.max_seconds)
         if self.card.codec.latent_channels != cfg.model.latent_channels:
             raise GenerationError(
@@ -332,11 +409,11 @@ class Generator:
         self._check_mesh()
         if tokenizer_path is not None:
             self.tokenizer = Tokenizer(tokenizer_path)
-        elif (self.step_dir / "tokenizer").exists():
+        elif _has_item(self.step_dir, "tokenizer"):
             # The copy saved with the checkpoint: no need for the training shards.
             try:
                 self.tokenizer = Tokenizer.from_json(
-                    _read_json_item(self.step_dir / "tokenizer"), where=str(self.step_dir / "tokenizer")
+                    _item(self.step_dir, "tokenizer"), where=str(self.step_dir / "tokenizer")
                 )
             except ValueError as e:
                 raise GenerationError(str(e)) from e
@@ -353,7 +430,10 @@ class Generator:
                 f"model's model.text.vocab_size={cfg.model.text.vocab_size}: not the run's tokenizer"
             )
         self.model = make_model(cfg.model)
-        self.params = self._restore_params(use_ema)
+        self.params = None
+        if restore:
+            self.check_weights(self.step, [self.weights])
+            self.params = self.restore_weights(self.step, [self.weights])[self.weights]
         self._fns: dict[tuple, Callable] = {}
 
     # -- set-up checks ---------------------------------------------------------------
@@ -383,17 +463,75 @@ class Generator:
         except config_lib.ConfigError as e:
             raise GenerationError(f"checkpoint {self.step_dir} on this sampling mesh: {e}") from e
 
-    def _restore_params(self, use_ema: bool):
-        shardings = sharding.named_shardings(self.model.logical_axes(), self.mesh)
-        abstract = sharding.with_shardings(self.model.abstract_params(), shardings)
+    # -- weights: checkpoint steps and weight sets ----------------------------------
+
+    def canonical_weights(self, name: str) -> str:
+        """``ema`` -> ``ema<optim.ema_decay>`` of the checkpoint's config; ``ema0.99990`` ->
+        ``ema0.9999``; ``raw`` stays."""
+        if name == optim.EMA:
+            return optim.ema_name(self.cfg.optim.ema_decay)
+        return optim.canonical_weights(name)
+
+    def _step_dir(self, step: int) -> epath.Path:
+        if step == self.step:
+            return self.step_dir
+        step_dir, _ = find_checkpoint(self.checkpoint, step)
+        cfg, card = read_checkpoint_meta(step_dir)
+        if cfg.model != self.cfg.model or card.codec != self.card.codec:
+            raise GenerationError(
+                f"checkpoint {step_dir} has another model or codec than {self.step_dir}: "
+                "one sweep samples the checkpoints of one run"
+            )
+        return step_dir
+
+    def available_weights(self, step: int) -> list[str]:
+        """The weight sets checkpoint ``step`` holds, by canonical name."""
+        if self.export_meta is not None:
+            return [self.canonical_weights(n) for n in export.answers_to(self.export_meta)]
         try:
-            params, _ = checkpointing.restore_params(str(self.step_dir), abstract, use_ema=use_ema)
+            paths = checkpointing.weight_paths(self._step_dir(step))
         except Exception as e:  # noqa: BLE001 - Orbax raises many types for damaged files
             raise GenerationError(
-                f"could not restore the {'EMA' if use_ema else 'raw'} weights of {self.step_dir} "
+                f"could not read the weights of {self._step_dir(step)} "
                 f"(half-written or damaged checkpoint?): {type(e).__name__}: {e}"
             ) from e
-        return params
+        return list(dict.fromkeys(self.canonical_weights(n) for n in paths))
+
+    def check_weights(self, step: int, names: Sequence[str], what: str = "weights") -> None:
+        """Raises GenerationError when checkpoint ``step`` lacks one of ``names`` (before
+        anything is restored), naming it and the sets the step holds."""
+        have = self.available_weights(step)
+        for name in names:
+            if self.canonical_weights(name) not in have:
+                where = f"export {self.checkpoint}" if self.export_meta else f"checkpoint step {step}"
+                raise GenerationError(
+                    f"{what}={name}: {where} holds no such weights; it holds {', '.join(have)}"
+                )
+
+    def restore_weights(self, step: int, names: Sequence[str]) -> dict[str, Any]:
+        """Restores weight sets of checkpoint ``step`` onto this mesh in one read (no
+        optimizer state); returns canonical name -> params."""
+        shardings = sharding.named_shardings(self.model.logical_axes(), self.mesh)
+        abstract = sharding.with_shardings(self.model.abstract_params(), shardings)
+        wanted = list(dict.fromkeys(self.canonical_weights(n) for n in names))
+        step_dir = self._step_dir(step)
+        try:
+            if self.export_meta is not None:
+                params = export.load_params(self.checkpoint, abstract)
+                return dict.fromkeys(wanted, params)
+            return checkpointing.restore_weight_sets(step_dir, wanted, abstract)
+        except checkpointing.WeightsNotFound as e:
+            raise GenerationError(str(e)) from e
+        except Exception as e:  # noqa: BLE001 - Orbax raises many types for damaged files
+            raise GenerationError(
+                f"could not restore the weights {', '.join(wanted)} of {step_dir} "
+                f"(half-written or damaged checkpoint?): {type(e).__name__}: {e}"
+            ) from e
+
+    def use_weights(self, step: int, name: str, params: Any) -> None:
+        """Samples from now on with ``params``, the weight set ``name`` of checkpoint ``step``."""
+        self.step_dir = self._step_dir(step)
+        self.step, self.weights, self.params = step, self.canonical_weights(name), params
 
     # -- requests --------------------------------------------------------------------
 
@@ -510,6 +648,10 @@ class Generator:
         """
         if not requests:
             return Generated([], 0.0, 0, False)
+        if self.params is None:
+            raise GenerationError(
+                "no weights restored yet (Generator(restore=False)): call use_weights first"
+            )
         for p in requests:
             self.check(p)
         frames = self.frames_for(requests[0].seconds)
@@ -573,7 +715,16 @@ class Generator:
                     mask[:, : prev_end - a] = 1.0
                 init = np.broadcast_to(song_init[a:b], (batch, win, c))
                 pad = ((0, 0), (0, win_pad - win), (0, 0))
-                program = SampleProgram(method, steps, batch, win_pad, win, use_cfg, bool(mask.any()))
+                program = SampleProgram(
+                    method,
+                    steps,
+                    batch,
+                    win_pad,
+                    win,
+                    use_cfg,
+                    bool(mask.any()),
+                    self.cfg.model.masked_context,
+                )
                 key_data = np.stack(
                     [np.asarray(jax.random.key_data(jax.random.fold_in(k, w))) for k in base_keys]
                 )
@@ -603,10 +754,15 @@ class Generator:
 
     def decode(self, raw_latents: np.ndarray, seconds: float | None = None) -> np.ndarray:
         """Raw latents ``[frames, channels]`` -> audio ``[audio_channels, samples]``, cut to
-        exactly ``seconds`` (to the sample) when given: whole latent frames overshoot."""
+        exactly ``seconds`` (to the sample) when given: whole latent frames overshoot.
+        Peaks above full scale are turned down by a look-ahead limiter
+        (``audiodiff_jax/codec/limiter.py``), never clipped; quieter audio is untouched."""
         if self.codec is None:
             raise GenerationError("no codec given: cannot decode latents to audio")
         audio = np.asarray(self.codec.decode(raw_latents), np.float32)
         if seconds is not None:
             audio = audio[:, : int(round(seconds * self.codec.card.sample_rate))]
+        audio, reduction_db = limiter.limit(audio, self.codec.card.sample_rate)
+        if reduction_db > 0:
+            logging.info("decode: peaks above full scale limited by up to %.1f dB", reduction_db)
         return audio

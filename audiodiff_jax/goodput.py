@@ -193,7 +193,10 @@ class GoodputRecorder:
 
     def _write(self) -> None:
         data = {"incarnations": [dataclasses.asdict(i) for i in (*self.previous, self.current)]}
-        tmp = self.path.parent / (self.path.name + ".tmp")
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        if "://" in str(self.path):  # a bucket replaces an object whole; a rename there is a copy
+            self.path.write_text(json.dumps(data, indent=1))
+            return
+        tmp = self.path.parent / (self.path.name + ".tmp")
         tmp.write_text(json.dumps(data, indent=1))
         tmp.replace(self.path)  # atomic on POSIX (os.replace): a reader never sees half a file

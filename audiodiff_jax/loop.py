@@ -292,16 +292,31 @@ def _warn_incomplete_checkpoints(ckpt: checkpointing.RunCheckpointer) -> None:
             )
 
 
+def _restore_target(ckpt: checkpointing.RunCheckpointer, step: int, trainer: Trainer):
+    """``(restore target, finish)``: the trainer's abstract state, or, for a checkpoint
+    written before the state gained fields (e.g. the DiT's extra EMAs), the fields it has
+    and the trainer's ``upgrade_state(restored fields, missing names) -> state``."""
+    abstract = trainer.abstract_state()
+    upgrade = getattr(trainer, "upgrade_state", None)
+    if upgrade is None or not dataclasses.is_dataclass(abstract):
+        return abstract, lambda state: state
+    fields = {f.name for f in dataclasses.fields(abstract)}
+    missing = fields - checkpointing.saved_state_fields(ckpt.directory, step)
+    if not missing:
+        return abstract, lambda state: state
+    target = {f: getattr(abstract, f) for f in fields - missing}
+    return target, lambda restored: upgrade(dict(restored), missing)
+
+
 def restore_for_mesh(ckpt: checkpointing.RunCheckpointer, step: int, trainer: Trainer, data_iter) -> Any:
     """Restores ``step`` onto ``trainer``'s mesh, and positions ``data_iter`` (see module docstring)."""
     saved = _saved_iterator_states(ckpt, step)
     count = jax.process_count()
+    target, finish = _restore_target(ckpt, step, trainer)
     if saved["count"] == count:
-        return ckpt.restore(step, trainer.abstract_state(), data_iter)
-    restored = ckpt.manager.restore(
-        step, args=ocp.args.Composite(state=ocp.args.StandardRestore(trainer.abstract_state()))
-    )
-    state = restored.state
+        return finish(ckpt.restore(step, target, data_iter))
+    restored = ckpt.manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target)))
+    state = finish(restored.state)
     step_now = trainer.state_step(state)
     positions = {s.get("next_index") for s in saved["states"].values() if isinstance(s, dict)}
     # Every process consumed one local batch per step: the saved positions agree with

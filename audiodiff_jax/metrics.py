@@ -2,7 +2,8 @@
 
 Only process 0 writes. The JSONL file ``WORKDIR/metrics.jsonl`` holds one row per
 step with the per-step loss (so runs can be compared step by step) and one row per
-log step with every metric.
+log step with every metric. A ``gs://`` workdir works too (etils.epath; TensorBoard
+writes there through google-cloud-storage).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from typing import Any
 import jax
 import numpy as np
 from absl import logging
+from etils import epath
 
 
 class MetricWriter:
@@ -24,9 +26,10 @@ class MetricWriter:
         if self.enabled:
             from tensorboardX import SummaryWriter
 
-            os.makedirs(workdir, exist_ok=True)
+            epath.Path(workdir).mkdir(parents=True, exist_ok=True)
             self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
-            self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a")
+            path = epath.Path(workdir) / "metrics.jsonl"
+            self._jsonl = _Rewritten(path) if "://" in str(workdir) else open(path, "a")
 
     def write_step_losses(self, steps_losses: list[tuple[int, float]]) -> None:
         if not self.enabled:
@@ -72,12 +75,34 @@ class MetricWriter:
 def read_loss_history(workdir: str) -> dict[int, float]:
     """Per-step losses of a run, the last row winning where a restart repeated steps."""
     out: dict[int, float] = {}
-    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    with (epath.Path(workdir) / "metrics.jsonl").open() as f:
         for line in f:
             row = json.loads(line)
             if "loss" in row:
                 out[row["step"]] = row["loss"]
     return out
+
+
+class _Rewritten:
+    """An append-only text file in a bucket, whose objects cannot be appended to: holds
+    the whole text and replaces the object at each flush (once per log step; a reader
+    sees the old object or the new one, never half of one)."""
+
+    def __init__(self, path: epath.Path):
+        self.path = path
+        self.text = path.read_text() if path.exists() else ""
+        self.written = self.text
+
+    def write(self, text: str) -> None:
+        self.text += text
+
+    def flush(self) -> None:
+        if self.text != self.written:
+            self.path.write_text(self.text)
+            self.written = self.text
+
+    def close(self) -> None:
+        self.flush()
 
 
 def log_line(step: int, num_steps: int, scalars: dict[str, float], steps_per_s: float) -> None:

@@ -1,4 +1,5 @@
-"""The optimizer: AdamW with linear warmup and cosine decay, and global-norm clipping."""
+"""The optimizer: AdamW with linear warmup and cosine decay, global-norm clipping, and
+the weight EMAs (their decays and names)."""
 
 from __future__ import annotations
 
@@ -51,3 +52,34 @@ def ema_decay_at(step: jax.Array, decay: float) -> jax.Array:
     """
     step = step.astype("float32")
     return jax.numpy.minimum(decay, (1.0 + step) / (10.0 + step))
+
+
+# Names of the weight sets a run keeps: the raw weights, and one EMA per decay.
+RAW = "raw"
+EMA = "ema"  # the EMA of optim.ema_decay: what sampling uses unless told otherwise
+
+
+def ema_name(decay: float) -> str:
+    """The name of the EMA of ``decay``: ``ema0.9999`` (the shortest repr of the float)."""
+    return f"{EMA}{float(decay)!r}"
+
+
+def ema_decays(cfg: OptimConfig) -> dict[str, float]:
+    """Every EMA a run keeps, by name, ``optim.ema_decay``'s first."""
+    return {ema_name(d): float(d) for d in (cfg.ema_decay, *cfg.extra_ema_decays)}
+
+
+def canonical_weights(name: str) -> str:
+    """``ema0.99990`` -> ``ema0.9999``; other names unchanged."""
+    if name.startswith(EMA) and name != EMA:
+        try:
+            return ema_name(float(name[len(EMA) :]))
+        except ValueError:
+            return name
+    return name
+
+
+def update_ema(ema, params, step: jax.Array, decay: float):
+    """One EMA step toward ``params`` with the warmed-up decay (:func:`ema_decay_at`)."""
+    d = ema_decay_at(step, decay)
+    return jax.tree.map(lambda e, p: e * d + (1.0 - d) * p, ema, params)

@@ -6,6 +6,10 @@ copied anywhere and opened from disk), rendered from the Jinja2 template
 matplotlib (Agg, no pyplot) from a ``scipy.signal.ShortTimeFFT`` magnitude: time in
 seconds, frequency in kHz, a dB colour bar.
 
+When the rows come from more than one checkpoint step, the page also plots numeric
+manifest columns (any of them: timings, evaluation metrics merged into the rows)
+against the step, one line per weight set (:func:`step_figure`).
+
 When the page has loaded, a small script writes into ``<body>`` how many images
 decoded and how many audio players read their WAV header (``data-images-ok``,
 ``data-audio-ok``): the headless-browser test reads those back.
@@ -15,11 +19,14 @@ from __future__ import annotations
 
 import functools
 import io
+import math
 import os
+import re
 from collections.abc import Sequence
 
 import jinja2
 import numpy as np
+from etils import epath
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from scipy.signal import ShortTimeFFT
@@ -61,6 +68,9 @@ def save_figure_png(fig: Figure, path: str) -> None:
 
 
 def _atomic_write(path: str, data: bytes) -> None:
+    if "://" in path:  # gs://: one upload replaces the object whole (a rename there is a copy)
+        epath.Path(path).write_bytes(data)
+        return
     tmp = f"{path}.tmp-{os.getpid()}"
     with open(tmp, "wb") as f:
         f.write(data)
@@ -154,6 +164,65 @@ def _card(row: dict) -> dict:
     }
 
 
+# Manifest columns plotted against the checkpoint step by default (dotted: nested keys).
+STEP_PLOT_COLUMNS = ("timings.realtime_factor", "timings.denoise_s_per_output")
+
+
+def column_value(row: dict, column: str) -> float | None:
+    """The number at ``column`` of a manifest row (``a.b`` looks into nested dicts), or
+    None when it is missing or not a finite number."""
+    value = row
+    for key in column.split("."):
+        if not isinstance(value, dict) or key not in value:
+            return None
+        value = value[key]
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        return None
+    return float(value)
+
+
+def step_series(rows: Sequence[dict], column: str) -> dict[str, list[tuple[int, float]]]:
+    """Weight set -> ``[(checkpoint step, mean of column over its rows)]``, by step."""
+    sums: dict[str, dict[int, list[float]]] = {}
+    for row in rows:
+        v = column_value(row, column)
+        if v is None or not isinstance(row.get("checkpoint_step"), int):
+            continue
+        sums.setdefault(str(row.get("weights", "")), {}).setdefault(row["checkpoint_step"], []).append(v)
+    return {w: [(s, sum(v) / len(v)) for s, v in sorted(by.items())] for w, by in sums.items()}
+
+
+def step_figure(rows: Sequence[dict], column: str) -> Figure | None:
+    """Any numeric manifest column against the checkpoint step, one line per weight set
+    (the mean over the rows of each step); None when no row has the column."""
+    series = step_series(rows, column)
+    if not series:
+        return None
+    fig = Figure(figsize=(7, 3.2), dpi=100, layout="constrained")
+    ax = fig.add_subplot()
+    for weights, points in sorted(series.items()):
+        xs, ys = zip(*points, strict=True)
+        ax.plot(xs, ys, marker="o", label=weights or "?")
+    ax.set_xlabel("checkpoint step")
+    ax.set_ylabel(column)
+    ax.grid(alpha=0.3)
+    ax.legend(title="weights")
+    return fig
+
+
+def write_step_plots(out_dir: str, rows: Sequence[dict], columns: Sequence[str]) -> list[dict]:
+    """Writes ``step-<column>.png`` for each column some row has; returns ``[{column, file}]``."""
+    plots = []
+    for column in columns:
+        fig = step_figure(rows, column)
+        if fig is None:
+            continue
+        name = "step-" + re.sub(r"[^A-Za-z0-9_.-]+", "_", column) + ".png"
+        save_figure_png(fig, os.path.join(out_dir, name))
+        plots.append({"column": column, "file": name})
+    return plots
+
+
 def write_report(
     out_dir: str,
     rows: Sequence[dict],
@@ -161,6 +230,7 @@ def write_report(
     *,
     title: str,
     facts: dict | None = None,
+    step_columns: Sequence[str] = STEP_PLOT_COLUMNS,
 ) -> str:
     """Writes ``out_dir/report.html``; returns its path.
 
@@ -169,7 +239,11 @@ def write_report(
       issues: objects with ``where`` and ``message`` (bad rows, failed batches).
       title: page heading.
       facts: key -> value shown at the top (checkpoint, model, devices...).
+      step_columns: numeric manifest columns plotted against the checkpoint step when
+        the rows come from more than one step.
     """
+    steps = {r.get("checkpoint_step") for r in rows if isinstance(r.get("checkpoint_step"), int)}
+    plots = write_step_plots(out_dir, rows, step_columns) if len(steps) > 1 else []
     return render_page(
         "report.html",
         os.path.join(out_dir, "report.html"),
@@ -178,4 +252,5 @@ def write_report(
         cards=[_card(r) for r in rows],
         ids=[r["id"] for r in rows],
         issues=list(issues),
+        step_plots=plots,
     )

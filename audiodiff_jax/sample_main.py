@@ -6,9 +6,17 @@ r"""``audiodiff-sample``: songs and sweeps from a checkpoint (the sampling progr
 
     audiodiff-sample --checkpoint=runs/dit1b --out=samples/evals --prompts_file=prompts.jsonl
 
-Restores the EMA weights (``--raw`` for the raw ones) of the latest (or ``--step``)
-checkpoint, with the config saved in it, onto a mesh of this machine's devices
+    audiodiff-sample --checkpoint=runs/dit1b --out=samples/ckpts --prompt="solo cello" \
+        --step=2000,4000,latest --weights=ema0.999,ema0.9999,raw --schedule=uniform,karras
+
+Restores the weight sets ``--weights`` (``raw``, ``ema`` = the EMA of the run's
+``optim.ema_decay``, ``ema<decay>`` for each EMA the run keeps; default: the
+checkpoint config's ``sample.weights``) of the latest checkpoint, or of each of
+``--step``, with the config saved in it, onto a mesh of this machine's devices
 (``--mesh_data=-1`` by default; ``--mesh_sequence=N`` splits long songs over N devices).
+Each checkpoint step is restored once, all its weight sets in one read (never the
+optimizer state). ``--checkpoint`` may also be an export folder (``audiodiff-export``).
+The older ``--raw`` is ``--weights=raw``.
 Every combination of the grid flags is generated for every prompt; a prompts file
 (JSONL) row may fix any of them (``{"prompt": "...", "seconds": 240, "seed": 7}``).
 Writes WAVs, spectrograms, ``manifest.jsonl``, ``sweep_issues.jsonl`` and
@@ -29,14 +37,19 @@ import sys
 
 from absl import app, flags, logging
 
-from audiodiff_jax import cli, distributed, generation, names, sharding, sweep
+from audiodiff_jax import cli, distributed, export, generation, names, sharding, sweep, sweep_share
 from audiodiff_jax import config as config_lib
 
 _CHECKPOINT = flags.DEFINE_string(
     "checkpoint", None, "Run workdir, its checkpoints folder, or a step folder."
 )
 _OUT = flags.DEFINE_string("out", None, "Output folder (WAVs, manifest, report).")
-_STEP = flags.DEFINE_integer("step", None, "Checkpoint step (default: latest complete).")
+_STEP = flags.DEFINE_list(
+    "step",
+    [generation.LATEST],
+    "Checkpoint steps, numbers or 'latest' (the latest complete one), e.g. --step=2000,4000,latest.",
+)
+_RAW = flags.DEFINE_bool("raw", False, "Older flag, kept for scripts: the same as --weights=raw.")
 _PROMPT = flags.DEFINE_multi_string("prompt", [], "A caption (repeatable).")
 _PROMPTS_FILE = flags.DEFINE_string("prompts_file", "", "JSONL file of prompt rows.")
 _CODEC = flags.DEFINE_string("codec", "", "Codec for load_codec (default: the checkpoint dataset card's).")
@@ -58,17 +71,13 @@ _INPAINT_RANGE = flags.DEFINE_list("inpaint_range", [], "start,end seconds to re
 # help text and built-in default. A flag that is not given leaves the field to the
 # config saved in the checkpoint. Flags keep their historical names where they
 # differ from the field's.
-_FLAG_NAMES = {"samplers": "sampler", "use_ema": "raw"}
+_FLAG_NAMES = {"samplers": "sampler"}
 
 
 def _define_sample_flag(field: dataclasses.Field):
     name = _FLAG_NAMES.get(field.name, field.name)
     default = getattr(config_lib.SampleConfig(), field.name)
     help_text = f"{field.metadata['help']} Not given: sample.{field.name} of the checkpoint's config."
-    if field.name == "use_ema":
-        return flags.DEFINE_bool(
-            name, not default, "Use the raw weights instead of the EMA weights. " + help_text
-        )
     # Values are parsed and checked by this program (not absl), so that a bad one
     # exits 2 naming the flag, before the checkpoint is read.
     if config_lib.is_sample_axis(field.name):
@@ -108,14 +117,36 @@ def sample_overrides() -> dict:
         if not holder.present:
             continue
         flag = _flag_name(field)
-        if field == "use_ema":
-            out[field] = not holder.value
-        elif config_lib.is_sample_axis(field):
+        if config_lib.is_sample_axis(field):
             tp, shown = config_lib.sample_field_type(field), ",".join(holder.value)
             out[field] = tuple(_parse_value(v, tp, flag, shown) for v in holder.value)
         else:
             out[field] = _parse_value(holder.value, config_lib.sample_field_type(field), flag, holder.value)
+    if _RAW.present:
+        if "weights" in out:
+            raise ValueError("give --weights or the older --raw, not both (--raw is --weights=raw)")
+        out["weights"] = ("raw",) if _RAW.value else ("ema",)
+        logging.warning("--raw%s is read as --weights=%s", "" if _RAW.value else "=false", out["weights"][0])
     config_lib.check_sample_values(out, _flag_name)
+    return out
+
+
+def checkpoint_steps() -> list[int | str]:
+    """``--step``: numbers and ``latest``, checked on their own (ValueError names the flag)."""
+    out = []
+    for v in _STEP.value or [generation.LATEST]:
+        if v == generation.LATEST:
+            out.append(v)
+            continue
+        try:
+            step = int(v)
+        except ValueError:
+            raise ValueError(
+                f"--step={','.join(_STEP.value)}: {v!r} is not a step number or 'latest'"
+            ) from None
+        if step < 0:
+            raise ValueError(f"--step={','.join(_STEP.value)}: {v!r} must be >= 0")
+        out.append(step)
     return out
 
 
@@ -156,9 +187,12 @@ def main(argv):
     # The flags alone first: a bad value stops here, before the checkpoint is read.
     try:
         overrides = sample_overrides()
+        wanted_steps = checkpoint_steps()
     except ValueError as e:  # ConfigError is a ValueError
         _bad_input(e)
-    distributed.init_distributed()
+    # The same command on every process: the launcher's variables give this process its
+    # share of the grid (sweep_share.py); no jax.distributed, no collective between them.
+    index, count = distributed.work_share(join=False)
     try:
         rows, issues = [], []
         for n, prompt in enumerate(_PROMPT.value):
@@ -177,17 +211,22 @@ def main(argv):
                 + "".join(f"\n  {i.where}: {i.message}" for i in issues)
             )
         mesh = sharding.make_mesh(config_lib.MeshConfig(**{a: f.value for a, f in _MESH.items()}))
-        step_dir, _ = generation.find_checkpoint(_CHECKPOINT.value, _STEP.value)
+        steps = generation.resolve_steps(_CHECKPOINT.value, wanted_steps)
+        step_dir, _ = generation.find_checkpoint(_CHECKPOINT.value, steps[0])
         cfg, card = generation.read_checkpoint_meta(step_dir)
         # The flags over the sample section saved with the checkpoint, checked
         # together before the weights are restored.
         sample = sweep.resolve_sample(cfg.sample, overrides, _flag_name)
+        if "weights" not in overrides and export.is_export(_CHECKPOINT.value):
+            # An export holds one weight set: that one, whatever its config's sample section says.
+            sample = dataclasses.replace(sample, weights=(export.read_meta(_CHECKPOINT.value)["weights"],))
         codec = sweep.load_named_codec(_CODEC.value or card.codec.name)
         gen = generation.Generator(
             _CHECKPOINT.value,
             codec,
-            step=_STEP.value,
-            use_ema=sample.use_ema,
+            step=steps[0],
+            weights=sample.weights[0],
+            restore=False,  # the sweep restores each step once, all its weight sets together
             mesh=mesh,
             tokenizer_path=_TOKENIZER.value or None,
             window_frames=sample.window_frames,
@@ -195,14 +234,20 @@ def main(argv):
             min_seconds=sample.min_seconds,
             max_seconds=sample.max_seconds,
         )
+        for step in steps:  # every step holds every weight set, before anything is restored
+            gen.check_weights(step, sample.weights, what=_flag_name("weights"))
         edit, edit_tag = _edit(gen)
     except ValueError as e:  # GenerationError and ConfigError are ValueErrors
         _bad_input(e)
     items = sweep.expand_grid(rows, sweep.Grid.from_config(sample))
-    result = sweep.run_sweep(
+    result = sweep_share.run_share(
         gen,
         items,
         _OUT.value,
+        index=index,
+        count=count,
+        checkpoint_steps=steps,
+        weights=sample.weights,
         issues=issues,
         batch_size=sample.batch_size or None,
         edit=edit,

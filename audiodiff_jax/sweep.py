@@ -1,7 +1,9 @@
 """Sampling sweeps: the grid, prompt files, the manifest, WAVs and the report page.
 
-A sweep (prompts x guidance x steps x sampler x seeds x durations) runs in batches of
-equal shapes on one :class:`~audiodiff_jax.generation.Generator`; each finished
+A sweep (checkpoint steps x weight sets x prompts x durations x samplers x steps x
+schedules x guidance x guidance rescale x seeds) runs in batches of equal shapes on
+one :class:`~audiodiff_jax.generation.Generator`, each checkpoint step restored once
+(all its weight sets in one read); each finished
 output is appended to ``manifest.jsonl`` so a rerun skips it, and at the end the
 manifest is rewritten in grid order. Bad rows and failed batches are reported
 (``sweep_issues.jsonl`` and the page, ``report.py``) and the sweep goes on. Every
@@ -31,7 +33,7 @@ from absl import logging
 from etils import epath
 
 from audiodiff_jax import config as config_lib
-from audiodiff_jax import report
+from audiodiff_jax import export, report, seams
 from audiodiff_jax.codec import load_codec
 from audiodiff_jax.generation import (
     ISSUES,
@@ -42,6 +44,8 @@ from audiodiff_jax.generation import (
     SampleParams,
     find_checkpoint,
     read_checkpoint_meta,
+    resolve_steps,
+    window_seams,
 )
 
 _SAMPLE = config_lib.SampleConfig()
@@ -60,8 +64,8 @@ class Grid:
     samplers: tuple[str, ...] = _SAMPLE.samplers
     seeds: tuple[int, ...] = _SAMPLE.seeds
     seconds: tuple[float, ...] = _SAMPLE.seconds
-    guidance_rescale: float = _SAMPLE.guidance_rescale
-    schedule: str = _SAMPLE.schedule
+    guidance_rescale: tuple[float, ...] = _SAMPLE.guidance_rescale
+    schedule: tuple[str, ...] = _SAMPLE.schedule
     eta: float = _SAMPLE.eta
     negative_prompt: str = _SAMPLE.negative_prompt
     strength: float = _SAMPLE.strength
@@ -148,7 +152,7 @@ def read_prompts_file(path: str) -> tuple[list[tuple[str, dict]], list[SweepIssu
 
 
 # Nesting of the grid axes, outermost first: the order of a sweep's items.
-GRID_ORDER = ("seconds", "sampler", "steps", "guidance", "seed")
+GRID_ORDER = ("seconds", "sampler", "steps", "schedule", "guidance", "guidance_rescale", "seed")
 
 
 def expand_grid(rows: Iterable[tuple[str, dict]], grid: Grid) -> list[SweepItem]:
@@ -181,9 +185,9 @@ def _slug(text: str, n: int = 32) -> str:
 def read_manifest(path: str) -> tuple[dict[str, dict], int]:
     """Rows by id; a torn last line (an interrupted write) is skipped. Returns (rows, skipped)."""
     rows, bad = {}, 0
-    if not os.path.exists(path):
+    if not epath.Path(path).exists():  # local or gs://
         return rows, 0
-    with open(path, encoding="utf-8") as f:
+    with epath.Path(path).open(encoding="utf-8") as f:
         for line in f:
             if not line.strip():
                 continue
@@ -196,10 +200,24 @@ def read_manifest(path: str) -> tuple[dict[str, dict], int]:
 
 
 def _atomic_write_bytes(path: str, data: bytes) -> None:
+    if "://" in path:  # gs://: one upload replaces the object whole (a rename there is a copy)
+        epath.Path(path).write_bytes(data)
+        return
     tmp = f"{path}.tmp-{os.getpid()}"
     with open(tmp, "wb") as f:
         f.write(data)
     os.replace(tmp, path)
+
+
+def _append_text(path: str, text: str) -> None:
+    """Appends to a file. A bucket's objects cannot be appended to: there the object is
+    read and replaced whole (readers see the old or the new one)."""
+    if "://" in path:
+        p = epath.Path(path)
+        p.write_text((p.read_text() if p.exists() else "") + text, encoding="utf-8")
+        return
+    with open(path, "a", encoding="utf-8") as f:
+        f.write(text)
 
 
 def write_wav(path: str, audio: np.ndarray, sample_rate: int) -> None:
@@ -221,6 +239,8 @@ def run_sweep(
     items: Sequence[SweepItem],
     out_dir: str,
     *,
+    checkpoint_steps: Sequence[int] | None = None,
+    weights: Sequence[str] | None = None,
     issues: Sequence[SweepIssue] = (),
     batch_size: int | None = None,
     edit: AudioEdit | None = None,
@@ -229,12 +249,17 @@ def run_sweep(
     on_batch_done: Callable[[int], None] | None = None,
     write_report: bool = True,
 ) -> SweepResult:
-    """Generates every item not already in ``out_dir/manifest.jsonl``.
+    """Generates every item not already in ``out_dir/manifest.jsonl``, for every
+    checkpoint step and weight set.
 
-    Items are checked first (bad ones become issues); good ones are grouped by
-    :meth:`Generator.group_key`, in grid order, and run ``batch_size`` at a time (every
-    batch padded to that size, so all batches of a group share one program). After
-    each batch its WAVs and spectrograms are written, then its manifest rows
+    The checkpoint steps and the weight sets are the outermost axes of the sweep: for
+    each step that has work left, every weight set it needs is restored in one read
+    (once per sweep, not once per row; a step whose outputs are all done is never
+    read), then the items are sampled with each set in turn on the same compiled
+    programs. Items are checked first (bad ones become issues); good ones are grouped
+    by :meth:`Generator.group_key`, in grid order, and run ``batch_size`` at a time
+    (every batch padded to that size, so all batches of a group share one program).
+    After each batch its WAVs and spectrograms are written, then its manifest rows
     appended: an interrupted sweep loses at most the batch in flight. A batch that
     fails is reported and the sweep goes on.
 
@@ -242,6 +267,8 @@ def run_sweep(
       gen: the generator (with a codec).
       items: from :func:`expand_grid`.
       out_dir: output folder (WAVs, PNGs, manifest, issues, report.html).
+      checkpoint_steps: checkpoint steps to sample (default: the generator's step).
+      weights: weight set names (default: the generator's).
       issues: problems found before (bad prompt rows), reported with the rest.
       batch_size: rows per batch (default: the mesh's data x fsdp size).
       edit, edit_tag: audio edit shared by every item, and a name for it that goes
@@ -250,7 +277,7 @@ def run_sweep(
       on_batch_done: called with the number of batches done so far (progress, tests).
       write_report: write ``report.html`` at the end.
     """
-    os.makedirs(out_dir, exist_ok=True)
+    epath.Path(out_dir).mkdir(parents=True, exist_ok=True)  # local or gs://
     manifest_path = os.path.join(out_dir, MANIFEST)
     done, torn = read_manifest(manifest_path)
     if torn:
@@ -260,10 +287,10 @@ def run_sweep(
     issues = list(issues)
     batch_size = batch_size or gen.batch_shards
     primary = jax.process_index() == 0
+    steps = list(dict.fromkeys(checkpoint_steps or [gen.step]))
+    names = list(dict.fromkeys(gen.canonical_weights(w) for w in (weights or [gen.weights])))
 
-    ids = {it.index: item_id(it.params, gen.step, gen.weights, edit_tag) for it in items}
-    pending: dict[tuple, list[SweepItem]] = {}
-    already = 0
+    good = []
     for it in items:
         try:
             gen.check(it.params)
@@ -272,92 +299,77 @@ def run_sweep(
             if issue not in issues:  # a bad row expands to many items: say it once
                 issues.append(issue)
             continue
-        row = done.get(ids[it.index])
-        if row is not None and os.path.exists(os.path.join(out_dir, row["file"])):
-            already += 1
-            continue
-        pending.setdefault(gen.group_key(it.params, gen.frames_for(it.params.seconds)), []).append(it)
-    batches = [
-        group[i : i + batch_size] for group in pending.values() for i in range(0, len(group), batch_size)
-    ]
-    total_items = sum(len(b) for b in batches)
+        good.append(it)
+    # One "cell" per (step, weights): its items, their ids and their place in the manifest.
+    cells = [(s, w) for s in steps for w in names]
+    ids = {(c, it.index): item_id(it.params, c[0], c[1], edit_tag) for c in cells for it in items}
+    order = {ids[c, it.index]: n * len(items) + it.index for n, c in enumerate(cells) for it in items}
+    todo: dict[tuple[int, str], list[SweepItem]] = {}
+    already = 0
+    for c in cells:
+        for it in good:
+            row = done.get(ids[c, it.index])
+            if row is not None and epath.Path(out_dir, row["file"]).exists():
+                already += 1
+            else:
+                todo.setdefault(c, []).append(it)
+    plan = {c: _batches(gen, todo[c], batch_size) for c in cells if c in todo}
+    num_batches = sum(len(b) for b in plan.values())
     logging.info(
-        "sweep: %d outputs, %d already done, %d to make in %d batches of <= %d; %d issue(s)",
+        "sweep: %d outputs (%d checkpoint(s) x %d weight set(s) x %d items), %d already done, "
+        "%d to make in %d batches of <= %d; %d issue(s)",
+        len(cells) * len(items),
+        len(steps),
+        len(names),
         len(items),
         already,
-        total_items,
-        len(batches),
+        sum(len(v) for v in todo.values()),
+        num_batches,
         batch_size,
         len(issues),
     )
     made = 0
-    card = gen.codec.card if gen.codec is not None else None
-    for b, batch in enumerate(batches):
-        params = [it.params for it in batch]
-        try:
-            res = gen.generate_latents(params, edit=edit, batch_size=batch_size)
-            for it, lat in zip(batch, res.latents, strict=True):
-                t0 = time.perf_counter()
-                audio = gen.decode(lat, seconds=it.params.seconds)
-                decode_s = time.perf_counter() - t0
-                iid = ids[it.index]
-                stem = f"{_slug(it.params.prompt)}-s{it.params.seed}-{iid[:10]}"
-                row = {
-                    "id": iid,
-                    "index": it.index,
-                    "file": stem + ".wav",
-                    "spectrogram": stem + ".png",
-                    **it.params.to_dict(),
-                    "frames": int(lat.shape[0]),
-                    "latent_rate": gen.latent_rate,
-                    "windows": res.windows,
-                    "audio_seconds": audio.shape[-1] / card.sample_rate,
-                    "sample_rate": card.sample_rate,
-                    "codec": card.name,
-                    "checkpoint": gen.checkpoint,
-                    "checkpoint_step": gen.step,
-                    "weights": gen.weights,
-                    "model_preset": gen.cfg.model.preset,
-                    "edit": edit_tag,
-                    "source": it.where,
-                    # Everything that differs between two runs of the same output lives here.
-                    "timings": {
-                        "batch_denoise_s": round(res.denoise_s, 4),
-                        "denoise_s_per_output": round(res.denoise_s / len(batch), 4),
-                        "decode_s": round(decode_s, 4),
-                        "batch_rows": len(batch),
-                        "compiled": res.compiled,
-                        "compile_s": round(res.compile_s, 4),  # apart: not in the real-time factor
-                        "realtime_factor": round(
-                            it.params.seconds / max(res.denoise_s / len(batch), 1e-9), 2
-                        ),
-                    },
-                }
-                if primary:
-                    write_wav(os.path.join(out_dir, row["file"]), audio, card.sample_rate)
-                    report.write_spectrogram_png(
-                        os.path.join(out_dir, row["spectrogram"]), audio, card.sample_rate
-                    )
-                    with open(manifest_path, "a", encoding="utf-8") as f:
-                        f.write(json.dumps(row, sort_keys=True) + "\n")
-                done[iid] = row
-                made += 1
+    batches_done = 0
+    for step in steps:
+        needed = [w for w in names if (step, w) in plan]
+        if not needed:
+            continue
+        if step == gen.step and needed == [gen.weights] and gen.params is not None:
+            restored = {gen.weights: gen.params}  # the generator holds them already
+        else:
+            t0 = time.perf_counter()
+            restored = gen.restore_weights(step, needed)
             logging.info(
-                "sweep: batch %d/%d done (%d rows, %.2fs denoising, %d window(s))",
-                b + 1,
-                len(batches),
-                len(batch),
-                res.denoise_s,
-                res.windows,
+                "sweep: restored weights %s of checkpoint step %d in %.2fs",
+                ", ".join(needed),
+                step,
+                time.perf_counter() - t0,
             )
-        except Exception as e:  # noqa: BLE001 - one failed batch must not stop the sweep
-            logging.exception("sweep: batch %d failed", b + 1)
-            for it in batch:
-                issues.append(SweepIssue(it.where, f"generation failed: {type(e).__name__}: {e}"))
-        if on_batch_done is not None:
-            on_batch_done(b + 1)
+        for w in needed:
+            gen.use_weights(step, w, restored.pop(w))
+            for batch in plan[step, w]:
+                made += _run_batch(
+                    gen,
+                    batch,
+                    out_dir,
+                    manifest_path,
+                    done,
+                    issues,
+                    primary,
+                    ids,
+                    order,
+                    (step, w),
+                    batch_size,
+                    edit,
+                    edit_tag,
+                )
+                batches_done += 1
+                logging.info("sweep: %d/%d batches done", batches_done, num_batches)
+                if on_batch_done is not None:
+                    on_batch_done(batches_done)
+        del restored
 
-    rows = sorted((done[ids[it.index]] for it in items if ids[it.index] in done), key=lambda r: r["index"])
+    rows = sorted((done[i] for i in order if i in done), key=lambda r: r["index"])
     # Rows of other grids sweeping into the same folder stay, after this grid's rows.
     mine = {r["id"] for r in rows}
     others = [r for r in done.values() if r["id"] not in mine]
@@ -370,10 +382,11 @@ def run_sweep(
         )
         if write_report:
             m = gen.cfg.model
+            card = gen.codec.card
             facts = {
                 "checkpoint": gen.checkpoint,
-                "checkpoint step": gen.step,
-                "weights": gen.weights,
+                "checkpoint steps": ", ".join(str(s) for s in steps),
+                "weights": ", ".join(names),
                 "model": f"{m.preset or 'custom'}: width {m.width}, depth {m.depth}",
                 "codec": f"{card.name} ({card.sample_rate} Hz, {gen.latent_rate:.2f} latent frames/s)",
                 "devices": f"{jax.device_count()} x {jax.devices()[0].device_kind}, "
@@ -383,6 +396,106 @@ def run_sweep(
     for i in issues:
         logging.warning("sweep issue: %s: %s", i.where, i.message)
     return SweepResult(rows, issues, made, report_path)
+
+
+def _batches(gen: Generator, items: Sequence[SweepItem], batch_size: int) -> list[list[SweepItem]]:
+    """Items grouped by :meth:`Generator.group_key` (grid order kept), ``batch_size`` at a time."""
+    groups: dict[tuple, list[SweepItem]] = {}
+    for it in items:
+        groups.setdefault(gen.group_key(it.params, gen.frames_for(it.params.seconds)), []).append(it)
+    return [g[i : i + batch_size] for g in groups.values() for i in range(0, len(g), batch_size)]
+
+
+def seam_ratios(gen: Generator, latents: np.ndarray, audio: np.ndarray) -> dict[str, float]:
+    """The seam ratios of a windowed song (``audiodiff_jax/seams.py``): latents (normalized
+    as the model sees them) and decoded audio; {} for a one-pass song."""
+    cuts = window_seams(latents.shape[0], gen.window, gen.overlap)
+    if not cuts:
+        return {}
+    out = {"seam_ratio": round(seams.latent_seam_ratio(gen.card.normalize(latents), cuts), 4)}
+    if len(cuts) and audio.shape[-1] // gen.codec.card.hop > cuts[0] + 2:
+        out["audio_seam_ratio"] = round(seams.audio_seam_ratio(audio, gen.codec.card.hop, cuts), 4)
+    return out
+
+
+def _run_batch(
+    gen: Generator,
+    batch: list[SweepItem],
+    out_dir: str,
+    manifest_path: str,
+    done: dict[str, dict],
+    issues: list[SweepIssue],
+    primary: bool,
+    ids: dict,
+    order: dict[str, int],
+    cell: tuple[int, str],
+    batch_size: int,
+    edit: AudioEdit | None,
+    edit_tag: str,
+) -> int:
+    """Samples one batch with the generator's current weights, writes its outputs and
+    manifest rows; returns how many it made (0 when it failed: reported in ``issues``)."""
+    card = gen.codec.card
+    made = 0
+    try:
+        res = gen.generate_latents([it.params for it in batch], edit=edit, batch_size=batch_size)
+        for it, lat in zip(batch, res.latents, strict=True):
+            t0 = time.perf_counter()
+            audio = gen.decode(lat, seconds=it.params.seconds)
+            decode_s = time.perf_counter() - t0
+            iid = ids[cell, it.index]
+            stem = f"{_slug(it.params.prompt)}-s{it.params.seed}-{iid[:10]}"
+            row = {
+                "id": iid,
+                "index": order[iid],
+                "file": stem + ".wav",
+                "spectrogram": stem + ".png",
+                **it.params.to_dict(),
+                "frames": int(lat.shape[0]),
+                "latent_rate": gen.latent_rate,
+                "windows": res.windows,
+                **seam_ratios(gen, lat, audio),
+                "audio_seconds": audio.shape[-1] / card.sample_rate,
+                "sample_rate": card.sample_rate,
+                "codec": card.name,
+                "checkpoint": gen.checkpoint,
+                "checkpoint_step": gen.step,
+                "weights": gen.weights,
+                "model_preset": gen.cfg.model.preset,
+                "edit": edit_tag,
+                "source": it.where,
+                # Everything that differs between two runs of the same output lives here.
+                "timings": {
+                    "batch_denoise_s": round(res.denoise_s, 4),
+                    "denoise_s_per_output": round(res.denoise_s / len(batch), 4),
+                    "decode_s": round(decode_s, 4),
+                    "batch_rows": len(batch),
+                    "compiled": res.compiled,
+                    "compile_s": round(res.compile_s, 4),  # apart: not in the real-time factor
+                    "realtime_factor": round(it.params.seconds / max(res.denoise_s / len(batch), 1e-9), 2),
+                },
+            }
+            if primary:
+                write_wav(os.path.join(out_dir, row["file"]), audio, card.sample_rate)
+                report.write_spectrogram_png(
+                    os.path.join(out_dir, row["spectrogram"]), audio, card.sample_rate
+                )
+                _append_text(manifest_path, json.dumps(row, sort_keys=True) + "\n")
+            done[iid] = row
+            made += 1
+        logging.info(
+            "sweep: step %d, weights %s: batch of %d rows, %.2fs denoising, %d window(s)",
+            gen.step,
+            gen.weights,
+            len(batch),
+            res.denoise_s,
+            res.windows,
+        )
+    except Exception as e:  # noqa: BLE001 - one failed batch must not stop the sweep
+        logging.exception("sweep: a batch failed (step %d, weights %s)", gen.step, gen.weights)
+        for it in batch:
+            issues.append(SweepIssue(it.where, f"generation failed: {type(e).__name__}: {e}"))
+    return made
 
 
 # ---------------------------------------------------------------------------
@@ -403,6 +516,8 @@ def generate_songs(
     codec_name: str = "",
     mesh: jax.sharding.Mesh | None = None,
     use_ema: bool | None = None,
+    weights: Sequence[str] | None = None,
+    checkpoint_steps: Sequence[int | str] | None = None,
     batch_size: int | None = None,
     title: str = "audiodiff-jax songs",
     **generator_kwargs,
@@ -419,7 +534,10 @@ def generate_songs(
       seconds, seeds, guidance, steps, sampler: the song parameters.
       codec: a codec object; None loads one with ``audiodiff_jax.codec.load_codec``
         (``codec_name``, or the name in the checkpoint's dataset card).
-      mesh, use_ema, batch_size: see :class:`Generator` and :func:`run_sweep`.
+      mesh, batch_size: see :class:`Generator` and :func:`run_sweep`.
+      weights: weight sets (``raw``, ``ema``, ``ema0.9999``...); ``use_ema`` is the
+        older way to choose one (True: ``ema``, False: ``raw``).
+      checkpoint_steps: checkpoint steps (numbers or ``latest``; default: the latest).
       generator_kwargs: more :class:`Generator` arguments (window_frames, ...).
 
     Arguments left at None take the ``sample`` section of the checkpoint's config
@@ -434,18 +552,25 @@ def generate_songs(
         "guidance": None if guidance is None else (guidance,),
         "steps": None if steps is None else (steps,),
         "samplers": None if sampler is None else (sampler,),
-        "use_ema": use_ema,
+        "weights": tuple(weights) if weights is not None else None,
         "batch_size": batch_size,
     }
     given |= {k: generator_kwargs.pop(k) for k in list(generator_kwargs) if k in _SAMPLE_FIELDS}
+    if use_ema is not None and weights is None:
+        given["weights"] = ("ema",) if use_ema else ("raw",)
     sample = resolve_sample(cfg.sample, {k: v for k, v in given.items() if v is not None})
+    if given["weights"] is None and export.is_export(checkpoint):  # an export holds one set: that one
+        sample = dataclasses.replace(sample, weights=(export.read_meta(checkpoint)["weights"],))
+    steps = resolve_steps(checkpoint, checkpoint_steps or [None])
     if codec is None:
         codec = load_named_codec(codec_name or card.codec.name)
     gen = Generator(
         checkpoint,
         codec,
+        step=steps[0],
+        weights=sample.weights[0],
+        restore=False,
         mesh=mesh,
-        use_ema=sample.use_ema,
         window_frames=sample.window_frames,
         overlap_frames=sample.overlap_frames,
         min_seconds=sample.min_seconds,
@@ -459,10 +584,14 @@ def generate_songs(
             rows.append((where, parse_prompt_row(prompt, where)))
         except GenerationError as e:
             issues.append(SweepIssue(where, str(e)))
+    for step in steps:  # before anything is restored
+        gen.check_weights(step, sample.weights)
     return run_sweep(
         gen,
         expand_grid(rows, Grid.from_config(sample)),
         out_dir,
+        checkpoint_steps=steps,
+        weights=sample.weights,
         issues=issues,
         batch_size=sample.batch_size or None,
         title=title,

@@ -40,14 +40,25 @@ class TrainState:
     step: jax.Array  # int32 scalar: number of optimizer steps taken
     params: Any
     opt_state: Any
-    ema_params: Any
+    ema_params: Any  # the EMA of optim.ema_decay (weights "ema")
     rng: jax.Array  # uint32 key data; per-step randomness is fold_in(rng, step)
+    # The EMAs of optim.extra_ema_decays, by name (optim.ema_name: "ema0.9999"); {} when none.
+    extra_ema: dict[str, Any] = flax.struct.field(default_factory=dict)
+
+
+def weight_sets(state: TrainState) -> dict[str, Any]:
+    """Every set of weights a state holds, by name: ``raw``, ``ema`` and the extra EMAs."""
+    return {optim.RAW: state.params, optim.EMA: state.ema_params, **state.extra_ema}
+
+
+CONTEXT_STREAM = 7  # fold_in index of the masked-context draws within a step's key
 
 
 def make_train_step(cfg: Config, model_fns, tx: optax.GradientTransformation, schedule):
     """Builds the pure ``train_step(state, batch) -> (state, metrics)``."""
     dcfg = cfg.diffusion
     ema_decay = cfg.optim.ema_decay
+    extra_decays = dict(list(optim.ema_decays(cfg.optim).items())[1:])
 
     def train_step(state: TrainState, batch: Batch):
         rng = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
@@ -65,18 +76,37 @@ def make_train_step(cfg: Config, model_fns, tx: optax.GradientTransformation, sc
         noise = jax.random.normal(noise_rng, x0.shape, dtype=jnp.float32)
         noise = sharding.constrain(noise, (names.BATCH, names.LENGTH, None))
         z, v_target = diffusion.add_noise(x0, noise, t)
+        cond, loss_mask = batch.cond, batch.loss_mask
+        if cfg.model.masked_context:
+            # Its own stream (fold_in), so the time and noise draws stay those of a run without.
+            known_mask = diffusion.context_mask(
+                jax.random.fold_in(rng, CONTEXT_STREAM),
+                batch.cond.num_frames,
+                x0.shape[1],
+                none_prob=dcfg.context_none_prob,
+            )
+            known_mask = sharding.constrain(known_mask, (names.BATCH, names.LENGTH))
+            cond = cond._replace(known=x0, known_mask=known_mask)
+            loss_mask = loss_mask * (1.0 - known_mask)  # the known frames are given, not learned
 
         def loss_fn(params):
-            v_pred = model_fns.apply(params, z, t, batch.cond)
-            return diffusion.masked_mse(v_pred, v_target, batch.loss_mask)
+            v_pred = model_fns.apply(params, z, t, cond)
+            return diffusion.masked_mse(v_pred, v_target, loss_mask)
 
         loss, grads = jax.value_and_grad(loss_fn)(state.params)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
-        decay = optim.ema_decay_at(state.step, ema_decay)
-        ema_params = jax.tree.map(lambda e, p: e * decay + (1.0 - decay) * p, state.ema_params, params)
+        ema_params = optim.update_ema(state.ema_params, params, state.step, ema_decay)
+        extra_ema = {
+            name: optim.update_ema(state.extra_ema[name], params, state.step, decay)
+            for name, decay in extra_decays.items()
+        }
         new_state = state.replace(
-            step=state.step + 1, params=params, opt_state=opt_state, ema_params=ema_params
+            step=state.step + 1,
+            params=params,
+            opt_state=opt_state,
+            ema_params=ema_params,
+            extra_ema=extra_ema,
         )
         metrics = {
             names.TRAIN_LOSS: loss,
@@ -104,6 +134,7 @@ class Trainer:
             mesh.devices.flat[0]
         )
         self.tx, self.schedule = optim.make_optimizer(cfg.optim, cfg.train.num_steps)
+        self.extra_ema_names = list(optim.ema_decays(cfg.optim))[1:]
         replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
         self.param_shardings = sharding.named_shardings(self.model.logical_axes(), mesh)
         abstract_params = self.model.abstract_params()
@@ -118,6 +149,7 @@ class Trainer:
             opt_state=opt_shardings,
             ema_params=self.param_shardings,
             rng=replicated,
+            extra_ema={name: self.param_shardings for name in self.extra_ema_names},
         )
         self.batch_shardings = batch_lib.batch_shardings(mesh)
         with jax.set_mesh(mesh):
@@ -140,6 +172,7 @@ class Trainer:
             opt_state=self.tx.init(params),
             ema_params=jax.tree.map(jnp.copy, params),
             rng=jax.random.key_data(state_key),
+            extra_ema={name: jax.tree.map(jnp.copy, params) for name in self.extra_ema_names},
         )
 
     def init_state(self, seed: int, params=None) -> TrainState:
@@ -168,6 +201,20 @@ class Trainer:
     def initial_state(self) -> TrainState:
         """``train.init_from`` weights, or a fresh state from ``train.seed``."""
         return loop.start_state(self.init_state, self.abstract_params, self.cfg.train)
+
+    def upgrade_state(self, restored: dict[str, Any], missing: set[str]) -> TrainState:
+        """A state from a checkpoint written before ``extra_ema`` existed: each extra EMA
+        starts from the main EMA (the loop calls this; see ``loop._restore_target``)."""
+        if missing != {"extra_ema"}:
+            raise ValueError(f"the checkpoint's train state lacks {sorted(missing)}")
+        if self.extra_ema_names:
+            logging.warning(
+                "checkpoint has no extra EMAs (written before optim.extra_ema_decays); %s start from "
+                "the main EMA",
+                ", ".join(self.extra_ema_names),
+            )
+        extra = {name: jax.tree.map(jnp.copy, restored["ema_params"]) for name in self.extra_ema_names}
+        return TrainState(**restored, extra_ema=extra)
 
     @staticmethod
     def state_step(state: TrainState) -> int:
@@ -263,7 +310,7 @@ def _evaluator(cfg: Config, trainer: Trainer, card: DatasetCard, workdir: str) -
         cfg,
         trainer.mesh,
         trainer.model.apply,
-        lambda state: {"raw": state.params, "ema": state.ema_params},
+        weight_sets,
         card,
         Tokenizer(loader_lib.resolve_tokenizer_path(cfg.data, card)),
         workdir,

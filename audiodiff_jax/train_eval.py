@@ -35,9 +35,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from absl import logging
+from etils import epath
 from jax.sharding import NamedSharding, PartitionSpec
 
 from audiodiff_jax import diffusion, names, report, sampling, sharding, sweep
+from audiodiff_jax.codec import limiter
 from audiodiff_jax.config import Config, ConfigError
 from audiodiff_jax.data import batch as batch_lib
 from audiodiff_jax.data.batch import Batch, Conditioning
@@ -301,7 +303,7 @@ class Evaluator:
             seconds_total=np.full((rows,), seconds, np.float32),
             num_frames=np.full((rows,), frames, np.int32),
         )
-        ts = sampling.time_grid(e.steps, shift=self.cfg.diffusion.schedule_shift)
+        ts = sampling.time_grid(e.steps, schedule=e.schedule, shift=self.cfg.diffusion.schedule_shift)
         keys = jax.random.key_data(jax.random.split(jax.random.key(e.sample_seed), rows))
         ts_bn = np.tile(ts[None], (rows, 1))
         channels = self.card.codec.latent_channels
@@ -347,6 +349,7 @@ class Evaluator:
             if codec is not None:
                 audio = np.asarray(codec.decode(raw), np.float32)
                 audio = audio[:, : int(round(e.seconds * codec.card.sample_rate))]
+                audio, _ = limiter.limit(audio, codec.card.sample_rate)
             samples.append(DemoSample(j, p, g, audio, raw))
         return samples
 
@@ -372,15 +375,14 @@ class Evaluator:
 
     def _load_history(self) -> None:
         path = os.path.join(self.page_dir, "history.json")
-        if os.path.exists(path):
-            with open(path) as f:
-                self.history = json.load(f)
+        if epath.Path(path).exists():  # local or gs://
+            self.history = json.loads(epath.Path(path).read_text())
 
     def _write(
         self, step: int, scalars: dict[str, float], samples: list[DemoSample], writer: MetricWriter
     ) -> None:
         step_dir = os.path.join(self.page_dir, f"step_{step:08d}")
-        os.makedirs(step_dir, exist_ok=True)
+        epath.Path(step_dir).mkdir(parents=True, exist_ok=True)
         entries = []
         for s in samples:
             name = f"{s.prompt_index:02d}_g{s.guidance:g}"
@@ -452,10 +454,14 @@ def _first_line(e: BaseException) -> str:
 def _write_wav(path: str, audio: np.ndarray, rate: int) -> None:
     import soundfile  # noqa: PLC0415 (only where audio is written)
 
-    soundfile.write(path, np.clip(audio, -1.0, 1.0).T, rate, subtype="FLOAT")
+    with epath.Path(path).open("wb") as f:  # local or gs://
+        soundfile.write(f, np.clip(audio, -1.0, 1.0).T, rate, subtype="FLOAT", format="WAV")
 
 
 def _atomic_text(path: str, text: str) -> None:
+    if "://" in path:  # gs://: one upload replaces the object whole
+        epath.Path(path).write_text(text)
+        return
     tmp = path + ".tmp"
     with open(tmp, "w") as f:
         f.write(text)

@@ -14,7 +14,11 @@ pitch metric):
   in x whose pitch in y is voiced and within 50 cents.
 
 Speed: seconds of audio encoded / decoded per wall second on a long signal (chunked,
-after one warm-up call), on the default JAX device.
+after one warm-up call), on the default JAX device. ``--codec=random:PRESET`` times a
+``configs/codec.py`` preset at random weights (speed only: e.g. ``random:stable``, the
+64-channel 44.1 kHz stereo layout, on an accelerator).
+
+    python benchmarks/codec_bench.py --codec=random:stable --speed_seconds=300
 """
 
 from __future__ import annotations
@@ -27,11 +31,33 @@ import time
 import numpy as np
 from absl import app, flags
 
-_CODEC = flags.DEFINE_string("codec", "default", "load_codec argument: default, a folder, or a run workdir.")
-_HELDOUT = flags.DEFINE_string("heldout_dir", "", "Held-out renders (WAV + clips.jsonl).")
-_SPEED_SECONDS = flags.DEFINE_float("speed_seconds", 60.0, "Length of the speed-test signal.")
-_MAX_CLIPS = flags.DEFINE_integer("max_clips", 0, "Use at most this many clips (0 = all).")
-_OUT = flags.DEFINE_string("out_json", "", "Also write the figures here.")
+
+def random_codec(preset: str, latent_channels: int | None = None, **codec_kwargs):
+    """A ``JaxCodec`` of the ``configs/codec.py`` preset ``preset`` at random weights
+    (``latent_channels`` overrides the preset's); its card is named ``random-PRESET``."""
+    import jax
+
+    from audiodiff_jax.codec import codec as codec_lib
+    from audiodiff_jax.codec import config as codec_config
+    from audiodiff_jax.codec import model as model_lib
+    from configs import codec as codec_presets
+
+    cd = codec_presets.get_config(preset)
+    cd.model.name = f"random-{preset}"
+    if latent_channels:
+        cd.model.latent_channels = latent_channels
+    m = codec_config.from_configdict(cd).model
+    params = jax.jit(model_lib.make_vae(m).init)(jax.random.key(0))
+    return codec_lib.JaxCodec(m, params, **codec_kwargs)
+
+
+def open_codec(name: str):
+    """``random:PRESET`` (random weights) or a ``load_codec`` argument."""
+    if name.startswith("random:"):
+        return random_codec(name.split(":", 1)[1])
+    from audiodiff_jax.codec import load_codec
+
+    return load_codec(name)
 
 
 def mel_l1(x: np.ndarray, y: np.ndarray, sr: int) -> float:
@@ -102,31 +128,42 @@ def quality(codec, heldout_dir: str, max_clips: int = 0) -> dict:
 
 
 def speed(codec, seconds: float) -> dict:
+    import jax
+
     sr = codec.model.sample_rate
     rng = np.random.default_rng(0)
     x = (0.3 * rng.standard_normal((codec.model.audio_channels, int(seconds * sr)))).clip(-1, 1)
     x = x.astype(np.float32)
-    codec.decode(codec.encode(x[:, : sr * 30], sr))  # warm-up: compiles the chunk shapes
+    t0 = time.perf_counter()
+    # Warm-up: compiles the chunk shapes (a whole batch of chunks and the remainder).
+    codec.decode(codec.encode(x[:, : int(sr * min(seconds, 30))], sr))
+    warmup_s = time.perf_counter() - t0
     t0 = time.perf_counter()
     z = codec.encode(x, sr)
     t1 = time.perf_counter()
     codec.decode(z)
     t2 = time.perf_counter()
-    import jax
-
     return {
         "device": jax.devices()[0].device_kind,
+        "codec": codec.card.name,
+        "sample_rate": sr,
+        "audio_channels": codec.model.audio_channels,
+        "latent_channels": codec.card.latent_channels,
+        "hop": codec.hop,
+        "params_M": round(sum(x.size for x in jax.tree.leaves(codec.params)) / 1e6, 3),
         "signal_seconds": seconds,
+        "warmup_incl_compile_s": round(warmup_s, 3),
+        "encode_s": round(t1 - t0, 4),
+        "decode_s": round(t2 - t1, 4),
         "encode_audio_s_per_s": seconds / (t1 - t0),
         "decode_audio_s_per_s": seconds / (t2 - t1),
+        "encode_latent_frames_per_s": z.shape[0] / (t1 - t0),
     }
 
 
 def main(argv):
     del argv
-    from audiodiff_jax.codec import load_codec
-
-    codec = load_codec(_CODEC.value)
+    codec = open_codec(_CODEC.value)
     out = {"codec": _CODEC.value, "card": codec.card.to_dict()}
     if _HELDOUT.value:
         out["quality"] = quality(codec, _HELDOUT.value, _MAX_CLIPS.value)
@@ -139,4 +176,12 @@ def main(argv):
 
 
 if __name__ == "__main__":
+    # Flags are defined here, not at import, so benchmarks/suite.py can import every bench.
+    _CODEC = flags.DEFINE_string(
+        "codec", "default", "load_codec argument (default, a folder, a run workdir) or random:PRESET."
+    )
+    _HELDOUT = flags.DEFINE_string("heldout_dir", "", "Held-out renders (WAV + clips.jsonl).")
+    _SPEED_SECONDS = flags.DEFINE_float("speed_seconds", 60.0, "Length of the speed-test signal.")
+    _MAX_CLIPS = flags.DEFINE_integer("max_clips", 0, "Use at most this many clips (0 = all).")
+    _OUT = flags.DEFINE_string("out_json", "", "Also write the figures here.")
     app.run(main)

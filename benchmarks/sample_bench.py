@@ -1,125 +1,269 @@
-"""Benchmark of sampling: real-time factor of the denoising loop and of decoding.
+"""Benchmark of sampling through ``generation.Generator`` (the path ``audiodiff-sample`` runs).
 
     python benchmarks/sample_bench.py --config=configs/dit.py:1B --seconds=300 --steps=50 \
-        --guidance=5 --sampler=dpmpp_2m --batch=1
+        --guidance=5 --codec=random:stable --paths=one_pass
+    # Cost curves: seconds per song-second against song length, one pass and windowed.
+    python benchmarks/sample_bench.py --config=configs/tiny.py --seconds=30,60,120,180,300 \
+        --steps=10 --paths=one_pass,windowed --window_frames=1024 --codec=default \
+        --plot=benchmarks/results/sampling_curves.png
 
-Builds the model of ``--config`` with random weights (no checkpoint needed; the loop's
-cost does not depend on the weights), directly sharded on a mesh of all devices
-(``--config.mesh.*``), and times the sampling program ``audiodiff-sample`` runs
-(``generation.SampleProgram``: the whole sampler loop of ``audiodiff_jax/sampling.py``)
-for a song of ``--seconds`` at the config's latent rate (``--latent_rate``, 21.5 Hz by
-default), in one pass (the DESIGN.md target: 5-minute song, DiT-1B, 50 steps with
-guidance, <= 5 s on one H100). Compilation is excluded (one untimed run first).
-With ``--codec=NAME`` (``audiodiff_jax.codec.load_codec``) it also times decoding
-the latents to audio. Prints one JSON line; record it in BENCHMARKS.md with the
-command and the machine.
+Builds the model of ``--config`` with random weights (the loop's cost does not depend
+on them) directly sharded on a mesh of all devices (``--config.mesh.*``), writes a
+stand-in checkpoint folder holding only what a ``Generator`` reads (config, dataset
+card, tokenizer; the weights are handed over with ``Generator.use_weights``), and
+generates one batch of ``--batch`` songs per song length and path:
+
+- ``one_pass``: the whole song in one window (``window_frames=0``);
+- ``windowed``: windows of ``--window_frames`` sharing a quarter with the previous one.
+
+The first call of each shape compiles (``Generated.compile_s``, reported apart); the
+median of ``--repeats`` further calls is the sampling time. With ``--codec`` each
+song is also decoded (``Generator.decode``), giving the real-time factor with and
+without the decode. ``--codec``: ``default`` (the shipped codec), a codec folder or
+run, or ``random:PRESET`` (``configs/codec.py`` preset at random weights, e.g.
+``random:stable``, 64 channels at 21.5 Hz; fine for timing). Without a codec the
+latent rate is the demo codec's (21.53 Hz). The model's latent channels are set to
+the codec's. Prints one JSON line; ``--plot`` draws the curves (matplotlib).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import os
+import shutil
+import statistics
+import tempfile
 import time
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
 
+from audiodiff_jax import checkpointing, generation, sampling, sharding
 from audiodiff_jax import config as config_lib
-from audiodiff_jax import generation, sampling, sharding
-from audiodiff_jax.codec import load_codec
-from audiodiff_jax.data.batch import Conditioning
+from audiodiff_jax.config import Config
+from audiodiff_jax.data.cards import CodecCard
+from audiodiff_jax.data.tokenizer import Tokenizer
+from audiodiff_jax.generation import SampleParams
 from audiodiff_jax.model import count_params, make_model
+from benchmarks import codec_bench
+from data_pipeline import demo_shards
 
-_CONFIG = config_flags.DEFINE_config_file("config", "configs/tiny.py", "Config file.")
-_SECONDS = flags.DEFINE_float("seconds", 300.0, "Song length.")
-_LATENT_RATE = flags.DEFINE_float("latent_rate", 44100 / 2048, "Latent frames per second.")
-_STEPS = flags.DEFINE_integer("steps", 50, "Sampler steps.")
-_SAMPLER = flags.DEFINE_string("sampler", "dpmpp_2m", "Sampler.")
-_GUIDANCE = flags.DEFINE_float("guidance", 5.0, "CFG scale (1 = no guidance: half the model calls).")
-_BATCH = flags.DEFINE_integer("batch", 1, "Songs per batch (rounded up to the mesh's data x fsdp).")
-_REPEATS = flags.DEFINE_integer("repeats", 3, "Timed runs (the median is reported).")
-_CODEC = flags.DEFINE_string("codec", "", "Codec name for load_codec; empty = no decode timing.")
+PATHS = ("one_pass", "windowed")
+PROMPT = "an energetic rock song with electric guitar and drums"
 
 
-def main(argv):
-    del argv
-    cfg = config_lib.from_configdict(_CONFIG.value)
+def standin_checkpoint(cfg: Config, codec_card: CodecCard, workdir: str) -> str:
+    """A checkpoint step (step 0) with the items ``Generator`` reads and a placeholder
+    ``state``: the sampler gets its weights from :meth:`Generator.use_weights`."""
+    shards = os.path.join(workdir, "shards")
+    card = demo_shards.write_demo_shards(
+        shards, num_clips=4, latent_channels=cfg.model.latent_channels, num_shards=1, max_frames=64
+    )
+    card = dataclasses.replace(card, codec=codec_card)
+    cfg = config_lib.replace(cfg, **{"data.shards_dir": shards})
+    tokenizer = Tokenizer(os.path.join(shards, card.tokenizer))
+    ckpt = checkpointing.RunCheckpointer(
+        workdir,
+        keep_last=1,
+        keep_every=0,
+        async_save=False,
+        item_names=("state", "config", "dataset_card", "tokenizer"),
+    )
+    json_items = {
+        "config": dataclasses.asdict(cfg),
+        "dataset_card": card.to_dict(),
+        "tokenizer": tokenizer.to_json(),
+    }
+    ckpt.save(0, {"placeholder": np.zeros((1,), np.float32)}, json_items=json_items)
+    ckpt.close()
+    return workdir
+
+
+def open_codec(spec: str, latent_channels: int | None = None):
+    """``--codec``: empty (None), ``random:PRESET`` or a ``load_codec`` name or path."""
+    if not spec:
+        return None
+    if spec.startswith("random:"):
+        return codec_bench.random_codec(spec.split(":", 1)[1], latent_channels=latent_channels)
+    from audiodiff_jax.codec import load_codec  # heavy; only when decoding is asked for
+
+    return load_codec(spec)
+
+
+def run(
+    cfg: Config,
+    *,
+    seconds: list[float],
+    paths: list[str],
+    steps: int = 50,
+    sampler: str = "dpmpp_2m",
+    guidance: float = 5.0,
+    batch: int = 1,
+    window_frames: int = 1024,
+    repeats: int = 2,
+    codec=None,
+    deadline: float | None = None,
+) -> dict:
+    """Times generation for every (path, seconds); returns the figures.
+
+    ``deadline`` (a ``time.monotonic()`` value): lengths not started by then are
+    skipped (listed in ``skipped``), so a time-boxed suite still reports what it has.
+    """
+    bad = [p for p in paths if p not in PATHS]
+    if bad:
+        raise ValueError(f"--paths: unknown {bad}; choose from {PATHS}")
+    if codec is not None:
+        cfg = config_lib.replace(cfg, **{"model.latent_channels": codec.card.latent_channels})
+        codec_card = codec.card
+    else:
+        codec_card = CodecCard(**demo_shards.demo_codec_card(cfg.model.latent_channels))
     config_lib.validate(cfg)
     mesh = sharding.make_mesh(cfg.mesh)
     model = make_model(cfg.model)
     shardings = sharding.named_shardings(model.logical_axes(), mesh)
     params = jax.jit(model.init, out_shardings=shardings)(jax.random.key(0))
-    frames = int(round(_SECONDS.value * _LATENT_RATE.value))
-    batch, frames_pad = generation.padded_shape(mesh, _BATCH.value, frames)
-    c, max_len = cfg.model.latent_channels, cfg.model.text.max_len
-    use_cfg = _GUIDANCE.value != 1.0
-    grid = sampling.time_grid(_STEPS.value, shift=cfg.diffusion.schedule_shift)
-    # The program audiodiff-sample runs (generation.SampleProgram), for one window of the whole song.
-    program = generation.SampleProgram(
-        _SAMPLER.value, _STEPS.value, batch, frames_pad, frames, use_cfg, False
-    )
-    rows = lambda x: np.asarray(x)
-    cond = Conditioning(
-        tokens=np.full((batch, max_len), 5, np.int32),
-        seconds_start=np.zeros((batch,), np.float32),
-        seconds_total=np.full((batch,), _SECONDS.value, np.float32),
-        num_frames=np.full((batch,), frames, np.int32),
-    )
-    inputs = generation.SampleInputs(
-        uncond_tokens=np.zeros((batch, max_len), np.int32),
-        scale=np.full((batch,), _GUIDANCE.value, np.float32),
-        rescale=np.zeros((batch,), np.float32),
-        keys_data=rows(jax.random.key_data(jax.vmap(jax.random.key)(jnp.arange(batch)))),
-        times=np.tile(grid, (batch, 1)),
-        eta=np.zeros((batch,), np.float32),
-        init=np.zeros((batch, frames_pad, c), np.float32),
-        known=np.zeros((batch, frames_pad, c), np.float32),
-        known_mask=np.zeros((batch, frames_pad), np.float32),
-    )
-    _, abstract_cond, abstract_inputs = program.abstract_args(cfg, None, mesh)
-    to_device = lambda tree, like: jax.tree.map(lambda x, a: jax.device_put(x, a.sharding), tree, like)
-    cond, inputs = to_device(cond, abstract_cond), to_device(inputs, abstract_inputs)
-    with jax.set_mesh(mesh):
-        fn = jax.jit(program.fn(model.apply), out_shardings=program.out_shardings(mesh))
-        t0 = time.perf_counter()
-        out = fn(params, cond, inputs).block_until_ready()
-        compile_s = time.perf_counter() - t0
-        times = []
-        for _ in range(_REPEATS.value):
-            t0 = time.perf_counter()
-            out = fn(params, cond, inputs).block_until_ready()
-            times.append(time.perf_counter() - t0)
-    loop_s = float(np.median(times))
-    result = {
+    workdir = tempfile.mkdtemp(prefix="sample_bench_")
+    rows, skipped = [], []
+    try:
+        standin_checkpoint(cfg, codec_card, workdir)
+        longest = max(seconds)
+        gens = {}
+        for path in paths:
+            gen = generation.Generator(
+                workdir,
+                codec,
+                restore=False,
+                mesh=mesh,
+                window_frames=0 if path == "one_pass" else window_frames,
+                min_seconds=min(1.0, min(seconds)),
+                max_seconds=max(longest, 1.0),
+            )
+            gen.use_weights(0, "raw", params)
+            gens[path] = gen
+        p0 = SampleParams(PROMPT, seconds[0], steps=steps, sampler=sampler, guidance=guidance)
+        for sec in seconds:
+            for path in paths:
+                if deadline is not None and time.monotonic() > deadline:
+                    skipped.append({"path": path, "seconds": sec})
+                    continue
+                gen = gens[path]
+                requests = [dataclasses.replace(p0, seconds=sec, seed=i) for i in range(batch)]
+                first = gen.generate_latents(requests)
+                times = [gen.generate_latents(requests).denoise_s for _ in range(repeats)]
+                loop_s = statistics.median(times) if times else first.denoise_s
+                row = {
+                    "path": path,
+                    "seconds": sec,
+                    "frames": gen.frames_for(sec),
+                    "windows": first.windows,
+                    "window_frames": gen.window if path == "windowed" else 0,
+                    "compile_s": round(first.compile_s, 3),
+                    "first_call_s": round(first.denoise_s, 4),
+                    "loop_s": round(loop_s, 4),
+                    "s_per_song_s": round(loop_s / (sec * batch), 6),
+                    "loop_realtime_factor": round(sec * batch / loop_s, 3),
+                }
+                if codec is not None:
+                    gen.decode(first.latents[0], sec)  # warm-up: compiles the chunk shapes
+                    t0 = time.perf_counter()
+                    for lat in first.latents:
+                        gen.decode(lat, sec)
+                    decode_s = time.perf_counter() - t0
+                    row.update(
+                        decode_s=round(decode_s, 4),
+                        decode_realtime_factor=round(sec * batch / decode_s, 3),
+                        realtime_factor_with_decode=round(sec * batch / (loop_s + decode_s), 3),
+                    )
+                print(f"[sample_bench] {json.dumps(row)}", flush=True)
+                rows.append(row)
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+    device = jax.devices()[0]
+    return {
         "preset": cfg.model.preset,
         "params_M": round(count_params(params) / 1e6, 2),
-        "seconds": _SECONDS.value,
-        "frames": frames,
-        "steps": _STEPS.value,
-        "sampler": _SAMPLER.value,
-        "cfg": use_cfg,
-        "model_evals": _STEPS.value * sampling.EVALS_PER_STEP[_SAMPLER.value] * (2 if use_cfg else 1),
+        "steps": steps,
+        "sampler": sampler,
+        "cfg": guidance != 1.0,
+        "model_evals_per_window": steps * sampling.EVALS_PER_STEP[sampler] * (2 if guidance != 1.0 else 1),
         "batch": batch,
-        "devices": f"{jax.device_count()} x {jax.devices()[0].device_kind}",
+        "codec": codec.card.name if codec is not None else None,
+        "latent_rate": codec_card.latent_rate,
+        "devices": f"{jax.device_count()} x {device.device_kind}",
         "mesh": dict(mesh.shape),
         "dtype": cfg.model.dtype,
         "attention": cfg.model.attention,
-        "compile_s": round(compile_s, 2),
-        "loop_s": round(loop_s, 4),
-        "loop_realtime_factor": round(_SECONDS.value * batch / loop_s, 2),
+        "rows": rows,
+        "skipped": skipped,
     }
-    if _CODEC.value:
-        codec = load_codec(_CODEC.value)
-        latents = np.asarray(out[0, :frames])
-        codec.decode(latents)  # warm-up (compilation)
-        t0 = time.perf_counter()
-        codec.decode(latents)
-        decode_s = time.perf_counter() - t0
-        result.update(decode_s=round(decode_s, 4), decode_realtime_factor=round(_SECONDS.value / decode_s, 2))
+
+
+def plot_curves(result: dict, path: str) -> None:
+    """Seconds per song-second against song length, one line per path (PNG)."""
+    import matplotlib  # plotting only here; the bench runs without a display
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for name in PATHS:
+        rows = [r for r in result["rows"] if r["path"] == name]
+        if rows:
+            label = name if name == "one_pass" else f"{name} ({rows[0]['window_frames']} frames)"
+            ax.plot([r["seconds"] for r in rows], [r["s_per_song_s"] for r in rows], "o-", label=label)
+    ax.set_xlabel("song length (s)")
+    ax.set_ylabel("sampling seconds per song-second")
+    ax.set_title(
+        f"{result['preset']} DiT, {result['steps']} {result['sampler']} steps"
+        f"{', CFG' if result['cfg'] else ''}, {result['devices']}",
+        fontsize=9,
+    )
+    ax.grid(True, alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main(argv):
+    del argv
+    cfg = config_lib.from_configdict(_CONFIG.value)
+    codec = open_codec(_CODEC.value, cfg.model.latent_channels)
+    result = run(
+        cfg,
+        seconds=[float(s) for s in _SECONDS.value],
+        paths=list(_PATHS.value),
+        steps=_STEPS.value,
+        sampler=_SAMPLER.value,
+        guidance=_GUIDANCE.value,
+        batch=_BATCH.value,
+        window_frames=_WINDOW.value,
+        repeats=_REPEATS.value,
+        codec=codec,
+    )
     print(json.dumps(result))
+    if _OUT.value:
+        with open(_OUT.value, "w") as f:
+            json.dump(result, f, indent=2)
+    if _PLOT.value:
+        plot_curves(result, _PLOT.value)
 
 
 if __name__ == "__main__":
+    # Flags are defined here, not at import, so benchmarks/suite.py can import every bench.
+    _CONFIG = config_flags.DEFINE_config_file("config", "configs/tiny.py", "Config file.")
+    _SECONDS = flags.DEFINE_list("seconds", ["300"], "Song lengths (seconds).")
+    _PATHS = flags.DEFINE_list("paths", ["one_pass"], f"Which of {PATHS}.")
+    _WINDOW = flags.DEFINE_integer("window_frames", 1024, "Window of the windowed path (latent frames).")
+    _STEPS = flags.DEFINE_integer("steps", 50, "Sampler steps.")
+    _SAMPLER = flags.DEFINE_string("sampler", "dpmpp_2m", "Sampler.")
+    _GUIDANCE = flags.DEFINE_float("guidance", 5.0, "CFG scale (1 = no guidance: half the model calls).")
+    _BATCH = flags.DEFINE_integer("batch", 1, "Songs per batch (rounded up to the mesh's data x fsdp).")
+    _REPEATS = flags.DEFINE_integer("repeats", 2, "Timed calls after the compiling one (median).")
+    _CODEC = flags.DEFINE_string("codec", "", "default | PATH | random:PRESET; empty = no decode timing.")
+    _OUT = flags.DEFINE_string("out_json", "", "Also write the figures here.")
+    _PLOT = flags.DEFINE_string("plot", "", "Write the cost curves here (PNG).")
     app.run(main)

@@ -22,6 +22,9 @@ def get_config(arg=None):
     config.model.text.num_heads = 2
     config.model.text.max_len = 24
     config.data.window_frames = 128
+    # Songs longer than the window are made window by window: condition each window on
+    # the frames it inherits (the seam ratio in the songs' manifest measures the joins).
+    config.model.masked_context = True
     config.data.global_batch_size = 16
     config.optim.learning_rate = 5e-4
     config.optim.warmup_steps = 50

@@ -41,9 +41,12 @@ How the work is cut, so that it is resumable and splits across processes:
    A dataset made with another codec, ``latent_dtype`` or corpus is not updated:
    the run stops and names the difference (``--overwrite`` replaces it).
 
-The folder must be shared by all processes (a local disk, NFS or a FUSE-mounted
-bucket with atomic rename). Bad input never stops the run: each bad file is
-reported with its path and reason in the summary (see ``audio_folder.Problem``).
+The folder must be shared by all processes: a local disk, NFS, or a ``gs://`` path.
+In a bucket, where a rename is a copy, the JSON files are written in one upload each
+(an object appears whole or not at all), and a unit's shard is written on local disk
+(ArrayRecord writes local files) and uploaded before its report. Bad input never
+stops the run: each bad file is reported with its path and reason in the summary
+(see ``audio_folder.Problem``).
 
 A codec is anything with the ``audiodiff_jax.codec.interface.Codec`` methods; if it
 also has ``encode_batch(list_of_audio, sample_rate) -> list_of_latents``, files are
@@ -60,12 +63,14 @@ import json
 import os
 import shutil
 import sys
+import tempfile
 import time
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 import jax
 import numpy as np
+from etils import epath
 
 from audiodiff_jax import cli, distributed
 from audiodiff_jax import codec as codec_lib
@@ -314,23 +319,34 @@ def make_plan(
     return Plan(units, h.hexdigest())
 
 
+def _remote(path: str) -> bool:
+    return "://" in path
+
+
+def _exists(path: str) -> bool:
+    return epath.Path(path).exists()  # local or gs://
+
+
 def _write_json(path: str, data: Any) -> None:
+    text = json.dumps(data, indent=1, ensure_ascii=False, sort_keys=True) + "\n"
+    if _remote(path):  # one upload: readers see the whole object or none of it
+        epath.Path(path).write_text(text, encoding="utf-8")
+        return
     tmp = f"{path}.tmp-{os.getpid()}"
     with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(data, f, indent=1, ensure_ascii=False, sort_keys=True)
-        f.write("\n")
+        f.write(text)
     os.replace(tmp, path)  # readers see the whole file or none of it
 
 
 def _read_json(path: str) -> Any:
-    with open(path, encoding="utf-8") as f:
+    with epath.Path(path).open(encoding="utf-8") as f:
         return json.load(f)
 
 
 def _check_plan(work: str, plan: Plan, num_units: int, incremental: dict[str, Any] | None) -> None:
     """Records the plan (and what an incremental run found changed), or refuses another plan's work."""
     path = os.path.join(work, _PLAN_FILE)
-    if os.path.exists(path):
+    if _exists(path):
         old = _read_json(path)
         if old.get("fingerprint") != plan.fingerprint:
             raise PrecomputeError(
@@ -359,7 +375,7 @@ class Previous:
 def previous_dataset(out_dir: str) -> Previous | None:
     """The finished dataset in ``out_dir`` (card and summary both there), or None."""
     card_path, summary_path = os.path.join(out_dir, CARD_FILE), os.path.join(out_dir, SUMMARY_FILE)
-    if not (os.path.exists(card_path) and os.path.exists(summary_path)):
+    if not (_exists(card_path) and _exists(summary_path)):
         return None
     card = DatasetCard.load(out_dir)
     summary = _read_json(summary_path)
@@ -499,8 +515,10 @@ def encode_unit(
     reuse = reuse or {}
     unit_dir = _unit_dir(work, unit)
     # The unit belongs to this process alone; whatever a killed attempt left is stale.
-    shutil.rmtree(unit_dir, ignore_errors=True)
-    os.makedirs(unit_dir)
+    epath.Path(unit_dir).rmtree(missing_ok=True)
+    # ArrayRecord writes local files: a unit in a bucket is made here and uploaded.
+    local_dir = tempfile.mkdtemp(prefix="audiodiff-unit-") if _remote(unit_dir) else unit_dir
+    os.makedirs(local_dir, exist_ok=True)
     report: dict[str, Any] = {
         "unit": unit,
         "process_index": process_index,
@@ -513,7 +531,7 @@ def encode_unit(
         "reused": 0,
     }
     start = time.time()
-    writer = ShardWriter(unit_dir, card, num_shards=1, overwrite=True)
+    writer = ShardWriter(local_dir, card, num_shards=1, overwrite=True)
 
     def kept(entry: Entry, seconds: float, frames: int) -> None:
         report["ids"].append(entry.id)
@@ -585,6 +603,10 @@ def encode_unit(
         writer.close()
     else:
         writer.abort()
+    if local_dir != unit_dir:
+        for name in sorted(os.listdir(local_dir)):  # before the report, the unit's done mark
+            epath.Path(local_dir, name).copy(epath.Path(unit_dir, name), overwrite=True)
+        shutil.rmtree(local_dir)
     report["wall_seconds"] = round(time.time() - start, 3)
     _write_json(_unit_report_path(work, unit), report)
     return report
@@ -633,7 +655,7 @@ def merge(
     reports = []
     for unit in range(len(plan.units)):
         path = _unit_report_path(work, unit)
-        while not os.path.exists(path):
+        while not _exists(path):
             if time.time() > deadline:
                 raise PrecomputeError(
                     f"waited {wait_timeout_s:.0f} s for {path} (unit {unit} is not done); rerun the "
@@ -649,21 +671,20 @@ def merge(
     for report in full:
         unit_cards.append(DatasetCard.load(_unit_dir(work, report["unit"])))
     for name in (CARD_FILE, SUMMARY_FILE):
-        if os.path.exists(os.path.join(out_dir, name)):
-            os.remove(os.path.join(out_dir, name))
+        epath.Path(out_dir, name).unlink(missing_ok=True)
     # Leftovers of another dataset (or of an older plan) must not sit beside ours.
-    for name in os.listdir(out_dir):
-        if name.startswith(SHARD_PREFIX) and name.endswith(SHARD_SUFFIX) and name not in names:
-            os.remove(os.path.join(out_dir, name))
+    for path in epath.Path(out_dir).iterdir():
+        if path.name.startswith(SHARD_PREFIX) and path.name.endswith(SHARD_SUFFIX) and path.name not in names:
+            path.unlink()
     shards = []
     shard_of = {}
     for report, name, ucard in zip(full, names, unit_cards, strict=True):
         shard_of[report["unit"]] = name
         src = os.path.join(_unit_dir(work, report["unit"]), _UNIT_SHARD)
         dst = os.path.join(out_dir, name)
-        if os.path.exists(src):
-            os.replace(src, dst)
-        elif not os.path.exists(dst):
+        if _exists(src):
+            epath.Path(src).replace(dst)  # in a bucket: a copy, then the source goes
+        elif not _exists(dst):
             raise PrecomputeError(
                 f"{src}: shard of a finished unit is missing; delete "
                 f"{_unit_report_path(work, report['unit'])} and rerun"
@@ -680,7 +701,7 @@ def merge(
     if incremental is not None:
         incremental = {**incremental, "reused": sum(r.get("reused", 0) for r in reports)}
     summary = {
-        "out_dir": os.path.abspath(out_dir),
+        "out_dir": out_dir if _remote(out_dir) else os.path.abspath(out_dir),
         "num_files": sum(len(u) for u in plan.units),
         "num_records": num_records,
         "num_shards": len(shards),
@@ -772,10 +793,10 @@ def precompute(
     if overwrite:
         if process_count > 1:
             raise ValueError("overwrite=True with several processes would race; clear the folder first")
-        for name in os.listdir(out_dir) if os.path.isdir(out_dir) else []:
+        for path in epath.Path(out_dir).iterdir() if epath.Path(out_dir).is_dir() else []:
+            name = path.name
             if name == WORK_DIR or name in (CARD_FILE, SUMMARY_FILE) or name.startswith(SHARD_PREFIX):
-                path = os.path.join(out_dir, name)
-                shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
+                path.rmtree() if path.is_dir() else path.unlink()
     settings = {"files_per_shard": files_per_shard, "latent_dtype": latent_dtype}
     fingerprints = {e.id: corpus.fingerprint(e) for e in corpus.entries}
     plan = make_plan(corpus.entries, card, files_per_shard, settings, fingerprints)
@@ -796,10 +817,10 @@ def precompute(
             )
         incremental, reuse = _changes(previous, fingerprints, settings)
         previous_source = ShardSource(out_dir, previous.card)
-    os.makedirs(work, exist_ok=True)
+    epath.Path(work).mkdir(parents=True, exist_ok=True)
     _check_plan(work, plan, len(plan.units), incremental)
     mine = [u for u in range(len(plan.units)) if plan.owner(u, process_count) == process_index]
-    todo = [u for u in mine if not os.path.exists(_unit_report_path(work, u))]
+    todo = [u for u in mine if not _exists(_unit_report_path(work, u))]
     files = sum(len(plan.units[u]) for u in todo)
     seconds = [corpus.seconds(e) for u in todo for e in plan.units[u]]
     total_seconds = sum(seconds)
@@ -882,7 +903,7 @@ def _finish(out_dir: str, tokenizer_vocab_size: int) -> None:
     """After the card: the tokenizer (if asked and missing), then the work folder goes."""
     if tokenizer_vocab_size > 0 and not DatasetCard.load(out_dir).tokenizer:
         tokenizer.train_for_dataset(out_dir, tokenizer_vocab_size)
-    shutil.rmtree(os.path.join(out_dir, WORK_DIR), ignore_errors=True)
+    epath.Path(out_dir, WORK_DIR).rmtree(missing_ok=True)
 
 
 def format_summary(summary: dict[str, Any], max_lines: int = 50) -> str:
@@ -982,11 +1003,7 @@ def run() -> None:
             raise app.UsageError("give exactly one of --corpus and --tfds")
         index, count = f.process_index, f.process_count
         if index < 0 or count < 1:  # the same command on every host: ask the launcher
-            found = distributed.process_from_environment()
-            if found is None and f.distributed == "on":  # a cluster only jax.distributed can read
-                distributed.init_distributed()
-                found = jax.process_index(), jax.process_count()
-            index, count = found or (0, 1)
+            index, count = distributed.work_share()
         codec = load_codec(f.codec)
         batch = f.batch_size
         if batch <= 0:

@@ -15,6 +15,7 @@ import tempfile
 from collections.abc import Iterable
 
 import sentencepiece as spm
+from etils import epath
 from sentencepiece import sentencepiece_model_pb2 as sp_model
 
 from audiodiff_jax import cli
@@ -48,8 +49,10 @@ def train_tokenizer(captions: Iterable[str], out_path_prefix: str, vocab_size: i
         raise ValueError("train_tokenizer: no non-empty captions to train on")
     if vocab_size <= 4:
         raise ValueError(f"vocab_size={vocab_size} must be > 4 (ids 0-3 are pad/unk/bos/eos)")
-    out_dir = os.path.dirname(os.path.abspath(out_path_prefix))
-    os.makedirs(out_dir, exist_ok=True)
+    remote = "://" in out_path_prefix  # gs://: trained in a local folder, then uploaded
+    out_dir = None if remote else os.path.dirname(os.path.abspath(out_path_prefix))
+    if out_dir:
+        os.makedirs(out_dir, exist_ok=True)
     # Identical captions must give identical bytes: sentencepiece samples and shuffles
     # with its own generator (seeded here), and writes the model_prefix it was given
     # into the model's trainer_spec. Training goes to a temporary folder and that
@@ -86,6 +89,9 @@ def train_tokenizer(captions: Iterable[str], out_path_prefix: str, vocab_size: i
 
 
 def _write_atomic(path: str, data: bytes) -> None:
+    if "://" in path:  # one upload: the whole object or none of it
+        epath.Path(path).write_bytes(data)
+        return
     tmp = f"{path}.tmp-{os.getpid()}"
     with open(tmp, "wb") as f:
         f.write(data)

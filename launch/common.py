@@ -9,6 +9,17 @@ hosts; the program they start is the same on every host of every cluster, built 
 The workdir may be a ``gs://`` path: Orbax writes arrays through TensorStore and the
 rest through ``etils.epath``, which reads and writes GCS when ``gcsfs`` is installed
 (the host setup installs it).
+
+Other jobs go through the same launchers: after ``--``, another program of the package
+and its flags, run as given on every host (``--config``/``--workdir`` are then not used)::
+
+    python -m launch.slurm --nodes=2 -- audiodiff-sample --checkpoint=gs://B/runs/x \
+        --out=gs://B/sweeps/x --prompts_file=gs://B/prompts.jsonl
+    python -m launch.tpu_vm --action=train ... -- audiodiff-precompute \
+        --corpus=/mnt/corpus --out_dir=gs://B/latents/corpus
+
+Those programs split their work by the process index and count the scheduler gives
+each host (``audiodiff_jax.distributed.work_share``), with no collective between hosts.
 """
 
 from __future__ import annotations
@@ -108,7 +119,30 @@ def portable_config(config: str, *, shared_filesystem: bool) -> str:
     return config
 
 
+# Programs a launcher may run instead of training (``-- PROGRAM FLAGS...``).
+JOB_PROGRAMS = ("audiodiff-train", "audiodiff-codec-train", "audiodiff-sample", "audiodiff-precompute")
+_JOB_COMMAND: list[str] = []  # set by take_command()
+
+
+def take_command(argv: Sequence[str]) -> None:
+    """A launcher's positional arguments: none (the job is ``audiodiff-train`` from the
+    flags), or ``[--] PROGRAM FLAGS...``, a program of :data:`JOB_PROGRAMS` run as
+    given on every host."""
+    rest = list(argv[1:])
+    if rest and rest[0] == "--":
+        rest = rest[1:]
+    if rest and rest[0] not in JOB_PROGRAMS:
+        raise app.UsageError(
+            f"unexpected arguments {rest}; config overrides go in --override=KEY=VALUE, and a job "
+            f"other than training is given after -- as one of {', '.join(JOB_PROGRAMS)} and its flags"
+        )
+    _JOB_COMMAND[:] = rest
+
+
 def train_args_from_flags(distributed: str = "on", *, shared_filesystem: bool = False) -> list[str]:
+    """The command every host runs: the one after ``--`` if given, else ``audiodiff-train``."""
+    if _JOB_COMMAND:
+        return list(_JOB_COMMAND)
     return train_args(
         portable_config(FLAGS.config.value, shared_filesystem=shared_filesystem),
         FLAGS.workdir.value,
@@ -121,11 +155,6 @@ def train_args_from_flags(distributed: str = "on", *, shared_filesystem: bool = 
 
 def dry_run() -> bool:
     return FLAGS.dry_run.value
-
-
-def check_no_positional(argv: Sequence[str]) -> None:
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments {argv[1:]}; config overrides go in --override=KEY=VALUE")
 
 
 def print_or_write(text: str, out: str, next_step: str) -> bool:

@@ -129,7 +129,7 @@ def manifest(
 
 
 def main(argv):
-    common.check_no_positional(argv)
+    common.take_command(argv)
     text = manifest(
         name=_NAME.value,
         image=_IMAGE.value,

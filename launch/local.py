@@ -6,6 +6,11 @@ For development and tests of multi-host behaviour without a pod:
         audiodiff-train --config=configs/tiny.py --workdir=/tmp/run2 \
         --config.data.shards_dir=/tmp/shards
 
+Any job of the package runs the same way: ``-- audiodiff-sample ...`` (each process
+makes its share of the sweep, process 0 merges) or ``-- audiodiff-precompute ...``
+(each process encodes its units, process 0 merges); those take only their index and
+count from the variables below and do not join jax.distributed.
+
 Each child gets the coordinator address, process count and its process id through
 environment variables that ``audiodiff-train`` reads (``AUDIODIFF_COORDINATOR``,
 ``AUDIODIFF_NUM_PROCESSES``, ``AUDIODIFF_PROCESS_ID``), and ``devices_per_process``

@@ -120,7 +120,7 @@ def sbatch_script(
 
 
 def main(argv):
-    common.check_no_positional(argv)
+    common.take_command(argv)
     text = sbatch_script(
         name=_NAME.value,
         nodes=_NODES.value,

@@ -303,7 +303,7 @@ def build_commands(action: str) -> list[list[str]]:
 
 
 def main(argv):
-    common.check_no_positional(argv)
+    common.take_command(argv)
     cmds = build_commands(_ACTION.value)
     for cmd in cmds:
         print(shlex.join(cmd), flush=True)

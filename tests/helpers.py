@@ -46,17 +46,18 @@ def bin_path(name: str) -> str:
 def read_state(workdir: str, step: int | None = None) -> dict:
     """The saved train state of a run as numpy arrays (restored without a mesh)."""
     import orbax.checkpoint as ocp
+    from etils import epath  # local or gs:// workdirs
 
-    root = os.path.join(workdir, "checkpoints")
+    root = epath.Path(workdir) / "checkpoints"
     if step is None:
-        step = max(int(d) for d in os.listdir(root) if d.isdigit())
+        step = max(int(d.name) for d in root.iterdir() if d.name.isdigit())
     with ocp.PyTreeCheckpointer() as ckptr:
-        meta = ckptr.metadata(os.path.join(root, str(step), "state"))
+        meta = ckptr.metadata(root / str(step) / "state")
         tree = meta.item_metadata.tree if hasattr(meta, "item_metadata") else meta.tree
         import jax
 
         restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree)
-        return ckptr.restore(os.path.join(root, str(step), "state"), restore_args=restore_args)
+        return ckptr.restore(root / str(step) / "state", restore_args=restore_args)
 
 
 def assert_trees_equal(a, b, what: str):

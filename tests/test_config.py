@@ -104,7 +104,8 @@ def test_sample_section_round_trips_through_configdict_and_json():
     cd.sample.use_ema = False
     cfg = config_lib.from_configdict(cd)
     assert cfg.sample.seconds == (30.0, 60.5) and cfg.sample.samplers == ("ddim", "heun")
-    assert cfg.sample.seeds == (3, 4) and cfg.sample.use_ema is False
+    # The older sample.use_ema (removed) is read as sample.weights.
+    assert cfg.sample.seeds == (3, 4) and cfg.sample.weights == ("raw",)
     assert config_lib.from_json(config_lib.to_json(cfg)) == cfg
     assert json.loads(config_lib.to_json(cfg))["sample"]["seeds"] == [3, 4]
 
@@ -142,7 +143,9 @@ def test_config_saved_before_the_sample_section_gets_its_defaults():
         ),
         ({"sample.steps": (0,)}, r"sample\.steps=0: 0 must be an integer in \[1, 10000\]"),
         ({"sample.steps": ()}, r"sample\.steps is empty"),
-        ({"sample.schedule": "cosine"}, r"sample\.schedule='cosine' is not a schedule"),
+        ({"sample.schedule": ("cosine",)}, r"sample\.schedule=cosine: 'cosine' is not a schedule"),
+        ({"sample.weights": ("ema", "best")}, r"sample\.weights=ema,best: 'best' is not a weight set"),
+        ({"optim.extra_ema_decays": (0.999,)}, r"optim\.extra_ema_decays=0.999 repeats a decay"),
         ({"sample.guidance": (-1.0,)}, r"sample\.guidance=-1.0: -1.0 must be finite and >= 0"),
         ({"sample.seconds": (400.0,)}, r"sample\.seconds=400.0: 400.0 is out of range \[10, 300\]"),
         ({"sample.min_seconds": 20.0, "sample.max_seconds": 15.0}, r"sample\.min_seconds=20.0 is above"),

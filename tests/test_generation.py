@@ -204,7 +204,7 @@ def test_bad_inputs_are_named(run_dir, tmp_path, gen):
         for f in files:
             if f not in ("commit_success.txt",):
                 open(os.path.join(root, f), "wb").close()  # truncate every data file
-    with pytest.raises(generation.GenerationError, match="could not restore the EMA weights"):
+    with pytest.raises(generation.GenerationError, match=r"could not (restore|read) the weights"):
         generation.Generator(str(broken.parent), LinearCodec(), mesh=mesh_of(1))
     with pytest.raises(generation.GenerationError, match=r"latent_channels=4 but checkpoint .* 8-channel"):
         generation.Generator(run_dir, LinearCodec(channels=4))
@@ -390,7 +390,9 @@ def _sample_cli(args, tmp_path):
         ("--sampler=dpmpp_2m,typo", "--sampler=dpmpp_2m,typo: 'typo' is not a sampler; one of"),
         ("--steps=0", "--steps=0: 0 must be an integer in [1, 10000]"),
         ("--steps=ten", "--steps=ten: 'ten' is not an int"),
-        ("--schedule=cosine", "--schedule='cosine' is not a schedule"),
+        ("--schedule=cosine", "--schedule=cosine: 'cosine' is not a schedule"),
+        ("--weights=ema,best", "--weights=ema,best: 'best' is not a weight set"),
+        ("--step=2,last", "--step=2,last: 'last' is not a step number or 'latest'"),
     ],
 )
 def test_cli_bad_grid_flag_exits_2_before_reading_the_checkpoint(tmp_path, flag, message):

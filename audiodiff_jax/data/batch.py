@@ -39,6 +39,11 @@ class Conditioning(NamedTuple):
     seconds_start: Any  # float32 [B]
     seconds_total: Any  # float32 [B]
     num_frames: Any  # int32 [B]
+    # Masked context (models with ``model.masked_context``): clean latents the song must
+    # keep and where they hold; None = nothing known. Sampling fills them for window
+    # overlaps, continuation and inpainting; training draws random spans.
+    known: Any = None  # float32 [B, T, C]
+    known_mask: Any = None  # float32 [B, T]
 
 
 class Batch(NamedTuple):

@@ -17,6 +17,7 @@ from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
+from etils import epath
 
 from audiodiff_jax.errors import UserError
 
@@ -155,10 +156,10 @@ class DatasetCard:
     @classmethod
     def load(cls, shards_dir: str) -> DatasetCard:
         path = os.path.join(shards_dir, CARD_FILE)
-        if not os.path.exists(path):
+        if not epath.Path(path).exists():  # local or gs://
             raise ShardError(f"{path}: no dataset card (is {shards_dir!r} a latent shard folder?)")
         try:
-            with open(path, encoding="utf-8") as f:
+            with epath.Path(path).open(encoding="utf-8") as f:
                 data = json.load(f)
         except ValueError as e:
             raise ShardError(f"{path}: not valid JSON ({e})") from e
@@ -173,8 +174,13 @@ class DatasetCard:
         return denormalize_latents(latents, self)
 
     def save(self, shards_dir: str) -> str:
-        """Writes the card atomically (temporary file + rename); returns its path."""
+        """Writes the card atomically (temporary file + rename; a bucket's object is
+        replaced whole by one upload); returns its path."""
         path = os.path.join(shards_dir, CARD_FILE)
+        if "://" in path:
+            text = json.dumps(self.to_dict(), indent=2, ensure_ascii=False) + "\n"
+            epath.Path(path).write_text(text, encoding="utf-8")
+            return path
         tmp = f"{path}.tmp-{os.getpid()}"
         with open(tmp, "w", encoding="utf-8") as f:
             json.dump(self.to_dict(), f, indent=2, ensure_ascii=False)

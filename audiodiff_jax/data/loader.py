@@ -45,6 +45,7 @@ from typing import Any
 import grain
 import numpy as np
 from absl import flags
+from etils import epath
 
 from audiodiff_jax.config import ConfigError, DataConfig, validate_data
 from audiodiff_jax.data.batch import Batch, Conditioning
@@ -115,7 +116,7 @@ def resolve_tokenizer_path(data_cfg: DataConfig, card: DatasetCard) -> str:
             f"data.tokenizer is empty and the dataset card in {data_cfg.shards_dir} names no tokenizer; "
             "train one with audiodiff-tokenizer --shards_dir=... or set data.tokenizer"
         )
-    if not os.path.exists(path):
+    if not epath.Path(path).exists():  # local or gs://
         raise ConfigError(f"tokenizer file {path} does not exist (from data.tokenizer or the dataset card)")
     return path
 

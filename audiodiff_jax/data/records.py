@@ -20,6 +20,13 @@ payload catches what a buggy writer could put inside a valid chunk.
 Reading (:class:`ShardSource`) checks that every shard named by the card is there and
 holds the number of records the card says, and reports any bad record by file and
 index. Writing lives in the pipeline (``data_pipeline/shards.py``).
+
+A dataset folder may be a ``gs://`` path: ArrayRecord reads ``gs://`` shards itself
+(through google-cloud-cpp, with the host's default credentials, one ranged read per
+record), so nothing is copied to local disk; the card and the tokenizer are read
+through ``etils.epath``. An emulator is reached by setting
+``CLOUD_STORAGE_EMULATOR_ENDPOINT`` (ArrayRecord) and ``STORAGE_EMULATOR_HOST``
+(epath/gcsfs), as ``tests/test_gcs.py`` does.
 """
 
 from __future__ import annotations
@@ -35,6 +42,7 @@ from typing import Any
 
 import numpy as np
 from array_record.python import array_record_module
+from etils import epath
 
 from audiodiff_jax.data.cards import CARD_FILE, DatasetCard, ShardError
 
@@ -198,7 +206,7 @@ class ShardSource:
         self._lock = threading.Lock()
         self._readers: list[Any] = [None] * len(self.paths)
         for i, (path, info) in enumerate(zip(self.paths, self.card.shards, strict=True)):
-            if not os.path.exists(path):
+            if not epath.Path(path).exists():
                 raise ShardError(f"{path}: shard listed in {CARD_FILE} is missing")
             reader = self._reader(i)
             count = reader.num_records()

@@ -16,6 +16,7 @@ from collections.abc import Iterable
 
 import numpy as np
 import sentencepiece as spm
+from etils import epath
 
 PAD_ID, UNK_ID, BOS_ID, EOS_ID = 0, 1, 2, 3
 DEFAULT_FILE = "tokenizer.model"
@@ -30,8 +31,7 @@ class Tokenizer:
     def __init__(self, path: str, *, model_bytes: bytes | None = None):
         self.path = path
         if model_bytes is None:
-            with open(path, "rb") as f:
-                model_bytes = f.read()
+            model_bytes = epath.Path(path).read_bytes()  # local or gs://
         self._model = model_bytes
         self._load()
 

@@ -2,7 +2,9 @@
 
 One forward pass, in the order a batch goes through it:
 
-1. ``x_embedder``: latent channels -> width, per frame.
+1. ``x_embedder``: latent channels -> width, per frame. With ``model.masked_context`` the
+   input is ``[noisy latents, known latents * mask, mask]`` (:func:`with_context`): the
+   frames a song must keep (window overlaps, continuation, inpainting) given clean.
 2. Conditioning vector ``c`` (one per example) = ``t_embedder(t)`` +
    ``start_embedder(seconds_start / max_seconds)`` +
    ``total_embedder(seconds_total / max_seconds)``.
@@ -41,6 +43,18 @@ REMAT_POLICIES = {
 
 def modulate(x_btd: jax.Array, shift_bd: jax.Array, scale_bd: jax.Array) -> jax.Array:
     return x_btd * (1 + scale_bd[:, None, :]) + shift_bd[:, None, :]
+
+
+def with_context(x_btc: jax.Array, cond: Conditioning) -> jax.Array:
+    """``[noisy, known * mask, mask]`` along channels: the masked-context input (zeros where
+    ``cond`` carries no context, i.e. nothing known)."""
+    if cond.known is None:
+        known = jnp.zeros_like(x_btc)
+        mask = jnp.zeros(x_btc.shape[:2] + (1,), x_btc.dtype)
+    else:
+        mask = cond.known_mask.astype(x_btc.dtype)[..., None]
+        known = cond.known.astype(x_btc.dtype) * mask
+    return jnp.concatenate([x_btc, known, mask], axis=-1)
 
 
 class DiTBlock(nnx.Module):
@@ -98,7 +112,9 @@ class DiT(nnx.Module):
         kw = dict(dtype=dt, param_dtype=pdt, keys=keys)
         w = cfg.width
         self.cfg = cfg
-        self.x_embedder = Dense(cfg.latent_channels, w, (names.LATENT, names.EMBED), **kw)
+        # With masked context the input per frame is [noisy latents, known latents, mask].
+        in_channels = 2 * cfg.latent_channels + 1 if cfg.masked_context else cfg.latent_channels
+        self.x_embedder = Dense(in_channels, w, (names.LATENT, names.EMBED), **kw)
         self.t_embedder = ScalarEmbedder(cfg.freq_dim, w, **kw)
         self.start_embedder = ScalarEmbedder(cfg.freq_dim, w, **kw)
         self.total_embedder = ScalarEmbedder(cfg.freq_dim, w, **kw)
@@ -118,6 +134,8 @@ class DiT(nnx.Module):
         window start and song length in seconds ``[B]``, real frames ``[B]``."""
         cfg = self.cfg
         frames = x_btc.shape[1]
+        if cfg.masked_context:
+            x_btc = with_context(x_btc, cond)
         x = self.x_embedder(x_btc)
         x = constrain(x, (names.BATCH, names.LENGTH, names.ACT_EMBED))
         c = (
