@@ -30,18 +30,20 @@ from audiodiff_jax.config import ModelConfig
 
 # Dense bf16 peak FLOP/s per chip, matched against ``device.device_kind`` in this order
 # (more specific names first: "H100 PCIe" before "H100", "v5 lite" before "v5").
+# Sources: the vendors' datasheets (NVIDIA's list "with sparsity" figures: dense is half)
+# and Google Cloud's TPU system-architecture pages.
 PEAK_BF16_FLOPS: tuple[tuple[str, float], ...] = (
-    ("H100 PCIe", 756e12),
-    ("H100", 989e12),  # SXM
-    ("H200", 989e12),
-    ("A100", 312e12),
-    ("TPU v6 lite", 918e12),
+    ("H100 PCIe", 756e12),  # NVIDIA H100 datasheet, PCIe column
+    ("H100", 989e12),  # NVIDIA H100 datasheet, SXM column (1,979 with sparsity)
+    ("H200", 989e12),  # NVIDIA H200 datasheet, SXM: the H100's tensor cores
+    ("A100", 312e12),  # NVIDIA A100 datasheet
+    ("TPU v6 lite", 918e12),  # Cloud TPU docs, Trillium (v6e)
     ("TPU v6e", 918e12),
-    ("TPU v5 lite", 197e12),
+    ("TPU v5 lite", 197e12),  # Cloud TPU docs, v5e
     ("TPU v5e", 197e12),
-    ("TPU v5p", 459e12),
+    ("TPU v5p", 459e12),  # Cloud TPU docs, v5p
     ("TPU v5", 459e12),
-    ("TPU v4", 275e12),
+    ("TPU v4", 275e12),  # Cloud TPU docs, v4
 )
 
 

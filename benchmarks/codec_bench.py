@@ -28,20 +28,19 @@ import json
 import os
 import time
 
+import jax
 import numpy as np
 from absl import app, flags
+
+from audiodiff_jax.codec import codec as codec_lib
+from audiodiff_jax.codec import config as codec_config
+from audiodiff_jax.codec import model as model_lib
+from configs import codec as codec_presets
 
 
 def random_codec(preset: str, latent_channels: int | None = None, **codec_kwargs):
     """A ``JaxCodec`` of the ``configs/codec.py`` preset ``preset`` at random weights
     (``latent_channels`` overrides the preset's); its card is named ``random-PRESET``."""
-    import jax
-
-    from audiodiff_jax.codec import codec as codec_lib
-    from audiodiff_jax.codec import config as codec_config
-    from audiodiff_jax.codec import model as model_lib
-    from configs import codec as codec_presets
-
     cd = codec_presets.get_config(preset)
     cd.model.name = f"random-{preset}"
     if latent_channels:
@@ -55,9 +54,7 @@ def open_codec(name: str):
     """``random:PRESET`` (random weights) or a ``load_codec`` argument."""
     if name.startswith("random:"):
         return random_codec(name.split(":", 1)[1])
-    from audiodiff_jax.codec import load_codec
-
-    return load_codec(name)
+    return codec_lib.load_codec(name)
 
 
 def mel_l1(x: np.ndarray, y: np.ndarray, sr: int) -> float:
@@ -128,8 +125,6 @@ def quality(codec, heldout_dir: str, max_clips: int = 0) -> dict:
 
 
 def speed(codec, seconds: float) -> dict:
-    import jax
-
     sr = codec.model.sample_rate
     rng = np.random.default_rng(0)
     x = (0.3 * rng.standard_normal((codec.model.audio_channels, int(seconds * sr)))).clip(-1, 1)

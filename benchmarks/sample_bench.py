@@ -88,9 +88,7 @@ def open_codec(spec: str, latent_channels: int | None = None):
         return None
     if spec.startswith("random:"):
         return codec_bench.random_codec(spec.split(":", 1)[1], latent_channels=latent_channels)
-    from audiodiff_jax.codec import load_codec  # heavy; only when decoding is asked for
-
-    return load_codec(spec)
+    return codec_bench.open_codec(spec)
 
 
 def run(
