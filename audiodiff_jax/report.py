@@ -231,6 +231,7 @@ def write_report(
     title: str,
     facts: dict | None = None,
     step_columns: Sequence[str] = STEP_PLOT_COLUMNS,
+    evaluation: dict | None = None,
 ) -> str:
     """Writes ``out_dir/report.html``; returns its path.
 
@@ -241,6 +242,8 @@ def write_report(
       facts: key -> value shown at the top (checkpoint, model, devices...).
       step_columns: numeric manifest columns plotted against the checkpoint step when
         the rows come from more than one step.
+      evaluation: the evaluation section (``evaluation.page.section_context``: metrics
+        per song, summary, plots against the grid axes), or None.
     """
     steps = {r.get("checkpoint_step") for r in rows if isinstance(r.get("checkpoint_step"), int)}
     plots = write_step_plots(out_dir, rows, step_columns) if len(steps) > 1 else []
@@ -253,4 +256,5 @@ def write_report(
         ids=[r["id"] for r in rows],
         issues=list(issues),
         step_plots=plots,
+        evaluation=evaluation,
     )

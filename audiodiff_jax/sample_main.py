@@ -62,6 +62,15 @@ _MESH = {
     )
     for axis in names.MESH_AXES
 }
+_EVAL = flags.DEFINE_bool(
+    "eval",
+    True,
+    "Measure every song at the end (tempo, key, loudness, notes, adherence to the prompt's labels; "
+    "audiodiff-eval): metrics.jsonl beside the manifest and a section of report.html. Needs the eval extra.",
+)
+_EVAL_REFERENCE = flags.DEFINE_string(
+    "eval_reference", "", "A folder of reference audio: the Fréchet distance of the songs to it."
+)
 _INIT_AUDIO = flags.DEFINE_string("init_audio", "", "Audio for a variation (with --strength).")
 _CONTINUE_AUDIO = flags.DEFINE_string("continue_audio", "", "Audio whose continuation to generate.")
 _INPAINT_AUDIO = flags.DEFINE_string("inpaint_audio", "", "Audio to inpaint (with --inpaint_range).")
@@ -252,6 +261,8 @@ def main(argv):
         batch_size=sample.batch_size or None,
         edit=edit,
         edit_tag=edit_tag,
+        evaluate=_EVAL.value,
+        eval_reference=_EVAL_REFERENCE.value or None,
     )
     print(
         f"audiodiff-sample: {len(result.rows)} output(s) in {_OUT.value} ({result.generated} new), "

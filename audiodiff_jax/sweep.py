@@ -35,6 +35,9 @@ from etils import epath
 from audiodiff_jax import config as config_lib
 from audiodiff_jax import export, report, seams
 from audiodiff_jax.codec import load_codec
+from audiodiff_jax.evaluation import folder as eval_folder
+from audiodiff_jax.evaluation import page as eval_page
+from audiodiff_jax.evaluation import song as eval_song
 from audiodiff_jax.generation import (
     ISSUES,
     MANIFEST,
@@ -248,6 +251,8 @@ def run_sweep(
     title: str = "audiodiff-jax samples",
     on_batch_done: Callable[[int], None] | None = None,
     write_report: bool = True,
+    evaluate: bool = False,
+    eval_reference: str | None = None,
 ) -> SweepResult:
     """Generates every item not already in ``out_dir/manifest.jsonl``, for every
     checkpoint step and weight set.
@@ -275,6 +280,9 @@ def run_sweep(
         into the ids (a different edit must not count as done).
       title: heading of the report page.
       on_batch_done: called with the number of batches done so far (progress, tests).
+      evaluate: measure every song of ``out_dir`` at the end (:func:`evaluate_outputs`:
+        ``metrics.jsonl``, ``metrics_summary.json``, the report's evaluation section).
+      eval_reference: a folder of reference audio for the set distance.
       write_report: write ``report.html`` at the end.
     """
     epath.Path(out_dir).mkdir(parents=True, exist_ok=True)  # local or gs://
@@ -392,7 +400,10 @@ def run_sweep(
                 "devices": f"{jax.device_count()} x {jax.devices()[0].device_kind}, "
                 f"mesh {dict(gen.mesh.shape)}",
             }
-            report_path = report.write_report(out_dir, rows + others, issues, title=title, facts=facts)
+            section = evaluate_outputs(out_dir, eval_reference) if evaluate else None
+            report_path = report.write_report(
+                out_dir, rows + others, issues, title=title, facts=facts, evaluation=section
+            )
     for i in issues:
         logging.warning("sweep issue: %s: %s", i.where, i.message)
     return SweepResult(rows, issues, made, report_path)
@@ -404,6 +415,23 @@ def _batches(gen: Generator, items: Sequence[SweepItem], batch_size: int) -> lis
     for it in items:
         groups.setdefault(gen.group_key(it.params, gen.frames_for(it.params.seconds)), []).append(it)
     return [g[i : i + batch_size] for g in groups.values() for i in range(0, len(g), batch_size)]
+
+
+def evaluate_outputs(out_dir: str, reference: str | None = None) -> dict | None:
+    """Measures every song of a sweep's folder (``audiodiff_jax/evaluation``: per-song
+    metrics into ``metrics.jsonl`` beside the manifest, a summary, plots against the grid
+    axes); returns the report's evaluation section, or None (with a warning) where it
+    cannot run: the ``eval`` extra is not installed, or the folder is in a bucket."""
+    if "://" in str(out_dir):
+        logging.warning("evaluation: %s is not a local folder; run audiodiff-eval on a copy", out_dir)
+        return None
+    try:
+        result = eval_folder.evaluate_folder(out_dir, reference, progress=False)
+    except eval_song.MissingExtra as e:
+        logging.warning("evaluation skipped: %s", e)
+        return None
+    logging.info("evaluation: %d song(s) measured into %s", len(result.rows), result.metrics_path)
+    return eval_page.section_context(out_dir, result.rows, result.summary)
 
 
 def seam_ratios(gen: Generator, latents: np.ndarray, audio: np.ndarray) -> dict[str, float]:

@@ -180,6 +180,11 @@ def _merge(gen, items, out_dir, count, title, wait_timeout_s, sweep_kwargs) -> s
         "model": f"{m.preset or 'custom'}: width {m.width}, depth {m.depth}",
         "processes": f"{count}, each on {jax.local_device_count()} x {jax.local_devices()[0].device_kind}",
     }
-    page = report.write_report(out_dir, rows + others, issues, title=title, facts=facts)
+    section = (
+        sweep.evaluate_outputs(out_dir, sweep_kwargs.get("eval_reference"))
+        if sweep_kwargs.get("evaluate")
+        else None
+    )
+    page = report.write_report(out_dir, rows + others, issues, title=title, facts=facts, evaluation=section)
     logging.info("sweep: merged %d outputs of %d processes into %s", len(rows), count, out_dir)
     return sweep.SweepResult(rows, issues, generated, page)

@@ -32,3 +32,5 @@ fi
 # tinysoundfont declares pyaudio (live playback, never used here), which only builds
 # from source against portaudio headers: install it without its dependencies.
 "$VENV/bin/pip" install --quiet --no-deps tinysoundfont==0.3.7
+# basic-pitch declares TensorFlow; its ONNX transcriber (the eval extra) needs only onnxruntime.
+case ",$EXTRAS," in *,eval,*) "$VENV/bin/pip" install --quiet --no-deps basic-pitch==0.4.0 ;; esac
