@@ -241,7 +241,7 @@ def sweep_out(gen, tmp_path_factory):
         "not json\n"
         '{"prompt": "cello", "seconds": 900}\n'
     )
-    full = _sweep(gen, tmp / "full", prompts)
+    full = _sweep(gen, tmp / "full", prompts, evaluate=True)
     return tmp, prompts, full
 
 
@@ -316,6 +316,13 @@ def test_report_page_in_headless_chromium(sweep_out, tmp_path):
     assert f'data-images-ok="{n}"' in dom, "spectrogram PNGs did not decode in the browser"
     assert f'data-audio-ok="{n}"' in dom, "WAV files did not load in the audio players"
     assert "Problems (4)" in dom and "prompts.jsonl:4" in dom
+    # The evaluation section (every song measured at the end of the sweep): a metrics row
+    # per song and the metrics plotted against the grid axis that varies (guidance).
+    assert f'data-songs="{n}"' in dom and dom.count("<tr data-id=") == n
+    assert 'data-axis="guidance"' in dom
+    metrics = [json.loads(line) for line in open(tmp / "full" / "metrics.jsonl")]
+    assert sorted(m["id"] for m in metrics) == sorted(r["id"] for r in full.rows)
+    assert all(np.isfinite(m["lufs"]) for m in metrics if m.get("lufs") is not None)
 
 
 def test_cli_writes_songs_and_rejects_bad_input(run_dir, tmp_path):
