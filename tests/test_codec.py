@@ -150,6 +150,24 @@ def test_chunked_memory_is_the_output_plus_the_chunks():
     assert peak < out_bytes + 6 * chunk_bytes, (peak / 1e6, out_bytes / 1e6)
 
 
+def test_short_inputs_share_a_few_programs(tiny_codec):
+    """Clips of 12 different lengths below one chunk compile at most 3 encoders and 3
+    decoders (16, 32, 64 frames), and give the same latents as a single pass of their own
+    length except in the last frames, which see the padding's silence."""
+    codec = JaxCodec(tiny_codec.model, tiny_codec.params, chunk_frames=64, overlap_frames=32, batch_size=2)
+    rng = np.random.default_rng(1)
+    clips = {f: rng.uniform(-0.5, 0.5, (1, f * codec.hop)).astype(np.float32) for f in range(5, 65, 5)}
+    latents = {}
+    for frames, x in clips.items():
+        latents[frames] = codec.encode(x, 8000)
+        assert latents[frames].shape[0] == frames
+        assert codec.decode(latents[frames]).shape[-1] == frames * codec.hop
+    assert codec._encode._cache_size() == 3 and codec._decode._cache_size() == 3
+    for frames in (30, 45, 60):
+        single = codec.encode(clips[frames], 8000, single_pass=True)
+        np.testing.assert_allclose(latents[frames][: frames - 8], single[: frames - 8], atol=1e-4)
+
+
 def test_chunked_matches_single_pass(tiny_codec):
     """Stated tolerance: chunked and single-pass results agree within 1e-4 (absolute,
     for signals of unit scale) when the overlap margin covers the receptive field."""

@@ -24,7 +24,11 @@ more frames with its neighbour; the crossfade sits in the middle of what they sh
 Zero-padding the input instead would not do: the single pass pads every layer's
 activations with zeros at the end, and zero *audio* does not give zero activations
 (biases), so a padded last chunk would differ from the single pass near the end.
-Inputs no longer than one chunk go through in one call of their own length.
+Inputs no longer than one chunk go through in one call: of their own length, or, with
+``bucket`` (what the codec passes), zero-padded at the end to a few fixed lengths
+(:func:`bucket_frames`: powers of two up to the chunk) and cut back, so clips of many
+lengths share a handful of compiled programs instead of one each. The padding is
+silence after the clip, which only the last frames' receptive field sees.
 """
 
 from __future__ import annotations
@@ -48,6 +52,15 @@ def crossfade_weights(overlap: int) -> np.ndarray:
     w[margin : margin + ramp] = 0.5 - 0.5 * np.cos(np.pi * t)
     w[margin + ramp :] = 1.0
     return w.astype(np.float32)
+
+
+def bucket_frames(frames: int, chunk_frames: int, smallest: int = 16) -> int:
+    """The padded length of a short input: the smallest power of two >= ``frames`` (at
+    least ``smallest``), at most ``chunk_frames``."""
+    n = smallest
+    while n < frames:
+        n *= 2
+    return min(n, chunk_frames) if frames <= chunk_frames else frames
 
 
 def chunk_starts(num_frames: int, chunk_frames: int, overlap_frames: int) -> list[int]:
@@ -78,6 +91,7 @@ def chunked_apply(
     chunk_frames: int,
     overlap_frames: int,
     batch_size: int = 1,
+    bucket: bool = False,
 ) -> np.ndarray:
     """Runs ``fn`` over ``x_tc`` in overlapping chunks and cross-fades the results.
 
@@ -92,6 +106,8 @@ def chunked_apply(
       chunk_frames: frames per chunk.
       overlap_frames: frames shared by neighbouring chunks, in ``[4, chunk_frames / 2]``.
       batch_size: chunks per call of ``fn``.
+      bucket: pad an input no longer than one chunk to :func:`bucket_frames` frames
+        (zeros at the end) and cut the output back: a few shapes for any length.
 
     Returns:
       ``[frames * out_per_frame, C_out]`` float32.
@@ -104,7 +120,11 @@ def chunked_apply(
         raise ValueError(f"input length {x_tc.shape[0]} is not a multiple of {in_per_frame} per frame")
     num_frames = x_tc.shape[0] // in_per_frame
     if num_frames <= chunk_frames:
-        return np.asarray(fn(np.asarray(x_tc, np.float32)[None]), np.float32)[0]
+        x = np.asarray(x_tc, np.float32)
+        if bucket:
+            padded = bucket_frames(num_frames, chunk_frames)
+            x = np.pad(x, ((0, (padded - num_frames) * in_per_frame), (0, 0)))
+        return np.asarray(fn(x[None]), np.float32)[0][: num_frames * out_per_frame]
     starts = chunk_starts(num_frames, chunk_frames, overlap_frames)
     total = num_frames * out_per_frame
     ov_out = overlap_frames * out_per_frame

@@ -128,6 +128,7 @@ class JaxCodec:
             chunk_frames=self.chunk_frames,
             overlap_frames=self.overlap_frames,
             batch_size=self.batch_size,
+            bucket=True,
         )
 
     def decode(self, latents: np.ndarray, *, single_pass: bool = False) -> np.ndarray:
@@ -154,6 +155,7 @@ class JaxCodec:
                 chunk_frames=self.chunk_frames,
                 overlap_frames=self.overlap_frames,
                 batch_size=self.batch_size,
+                bucket=True,
             )
         return np.ascontiguousarray(y.T)
 
