@@ -48,7 +48,7 @@ def template_env() -> jinja2.Environment:
 def render_page(template: str, path: str, **context) -> str:
     """Renders ``templates/<template>`` with ``context`` into ``path`` atomically; returns ``path``."""
     page = template_env().get_template(template).render(**context)
-    _atomic_write(path, page.encode("utf-8"))
+    atomic_write(path, page.encode("utf-8"))
     return path
 
 
@@ -64,10 +64,12 @@ def figure_png(fig: Figure) -> bytes:
 
 def save_figure_png(fig: Figure, path: str) -> None:
     """Writes a matplotlib figure as a PNG, atomically."""
-    _atomic_write(path, figure_png(fig))
+    atomic_write(path, figure_png(fig))
 
 
-def _atomic_write(path: str, data: bytes) -> None:
+def atomic_write(path: str, data: bytes) -> None:
+    """Writes ``data`` to ``path`` so a reader sees the old file or the new one: a rename of
+    a temporary file locally, one whole-object upload in a bucket (gs://)."""
     if "://" in path:  # gs://: one upload replaces the object whole (a rename there is a copy)
         epath.Path(path).write_bytes(data)
         return

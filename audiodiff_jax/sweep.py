@@ -202,16 +202,6 @@ def read_manifest(path: str) -> tuple[dict[str, dict], int]:
     return rows, bad
 
 
-def _atomic_write_bytes(path: str, data: bytes) -> None:
-    if "://" in path:  # gs://: one upload replaces the object whole (a rename there is a copy)
-        epath.Path(path).write_bytes(data)
-        return
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "wb") as f:
-        f.write(data)
-    os.replace(tmp, path)
-
-
 def _append_text(path: str, text: str) -> None:
     """Appends to a file. A bucket's objects cannot be appended to: there the object is
     read and replaced whole (readers see the old or the new one)."""
@@ -227,7 +217,7 @@ def write_wav(path: str, audio: np.ndarray, sample_rate: int) -> None:
     """Writes ``audio [channels, samples]`` as 16-bit PCM, atomically."""
     buf = io.BytesIO()
     sf.write(buf, np.clip(audio, -1.0, 1.0).T, sample_rate, subtype="PCM_16", format="WAV")
-    _atomic_write_bytes(path, buf.getvalue())
+    report.atomic_write(path, buf.getvalue())
 
 
 class SweepResult(NamedTuple):
@@ -384,8 +374,8 @@ def run_sweep(
     report_path = ""
     if primary:
         text = "".join(json.dumps(r, sort_keys=True) + "\n" for r in rows + others)
-        _atomic_write_bytes(manifest_path, text.encode("utf-8"))
-        _atomic_write_bytes(
+        report.atomic_write(manifest_path, text.encode("utf-8"))
+        report.atomic_write(
             os.path.join(out_dir, ISSUES), "".join(json.dumps(i.to_dict()) + "\n" for i in issues).encode()
         )
         if write_report:

@@ -403,7 +403,9 @@ class Evaluator:
         self.history = [h for h in self.history if h["step"] != step]
         self.history.append({"step": step, "scalars": scalars, "samples": entries})
         self.history.sort(key=lambda h: h["step"])
-        _atomic_text(os.path.join(self.page_dir, "history.json"), json.dumps(self.history, indent=1))
+        report.atomic_write(
+            os.path.join(self.page_dir, "history.json"), json.dumps(self.history, indent=1).encode("utf-8")
+        )
         if self.val is not None:
             report.save_figure_png(self._loss_figure(), os.path.join(self.page_dir, "loss_by_bucket.png"))
         report.render_page(
@@ -456,13 +458,3 @@ def _write_wav(path: str, audio: np.ndarray, rate: int) -> None:
 
     with epath.Path(path).open("wb") as f:  # local or gs://
         soundfile.write(f, np.clip(audio, -1.0, 1.0).T, rate, subtype="FLOAT", format="WAV")
-
-
-def _atomic_text(path: str, text: str) -> None:
-    if "://" in path:  # gs://: one upload replaces the object whole
-        epath.Path(path).write_text(text)
-        return
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
