@@ -77,7 +77,8 @@ setup(
         "configs": ["*.py"],
         "launch": ["*.yaml.tmpl"],  # the GKE JobSet template of launch/gke.py
         "audiodiff_jax.codec": ["weights/*.npz", "weights/*.json", "weights/*.md", "testdata/*.wav"],
-        "audiodiff_jax": ["templates/*"],  # the report pages (report.py, launch/demo.py)
+        # The report pages (report.py, launch/demo.py) and the demo DiT make demo continues from.
+        "audiodiff_jax": ["templates/*", "demo_weights/*"],
     },
     install_requires=INSTALL_REQUIRES,
     extras_require=EXTRAS_REQUIRE,

@@ -268,6 +268,15 @@ def train(
             f"model.text.vocab_size={cfg.model.text.vocab_size} is smaller than the tokenizer's "
             f"{card.tokenizer_vocab_size} pieces (dataset card in {cfg.data.shards_dir!r})"
         )
+    longest = card.metadata.get("caption_tokens_max")
+    if isinstance(longest, int) and longest > cfg.model.text.max_len:
+        logging.warning(
+            "model.text.max_len=%d cuts captions: the longest in data.shards_dir=%r takes %d tokens "
+            "with EOS (dataset card, caption_tokens_max); what is cut is never seen by the model",
+            cfg.model.text.max_len,
+            cfg.data.shards_dir,
+            longest,
+        )
     logging.info("mesh %s over %d devices, %s", dict(mesh.shape), mesh.size, checkpointing.process_info())
 
     trainer = Trainer(cfg, mesh)

@@ -1,7 +1,13 @@
-"""Demo config: a small DiT that learns something in a few CPU minutes (`make demo`).
+"""Demo config: a small DiT that learns the prompted corpus (`make demo`).
 
     audiodiff-train --config=configs/demo.py --workdir=demo_out/run \
         --config.data.shards_dir=demo_out/shards
+
+``configs/demo.py:pretrain`` is the recipe of the weights shipped in
+``audiodiff_jax/demo_weights`` (RECIPE.md there): the same model trained longer on the
+768-clip prompted corpus (``data_pipeline/corpus_prompts.py``). ``make demo`` continues
+from those weights for a few hundred steps (``continue``); ``--from_scratch`` trains
+the default from a random init.
 """
 
 from audiodiff_jax import config as config_lib
@@ -9,7 +15,6 @@ from audiodiff_jax.model import presets
 
 
 def get_config(arg=None):
-    del arg
     config = config_lib.default_configdict()
     presets.apply_preset(config.model, "tiny")
     config.model.preset = "demo"
@@ -32,4 +37,22 @@ def get_config(arg=None):
     config.train.num_steps = 800
     config.train.log_every = 25
     config.checkpoint.every_steps = 200
+    if arg == "pretrain":
+        # The shipped weights (RECIPE.md in audiodiff_jax/demo_weights).
+        config.train.num_steps = 8000
+        config.optim.warmup_steps = 200
+        config.optim.ema_decay = 0.999
+        config.train.log_every = 50
+        config.checkpoint.every_steps = 500
+    elif arg == "continue":
+        # make demo: a few hundred steps more from the shipped weights, at the learning
+        # rate the pretraining ended with (a fresh optimizer: the export holds weights only).
+        config.train.num_steps = 200
+        config.optim.learning_rate = 5e-5
+        config.optim.warmup_steps = 20
+        config.optim.end_lr_ratio = 1.0
+        config.optim.ema_decay = 0.99
+        config.checkpoint.every_steps = 100
+    elif arg not in (None, ""):
+        raise ValueError(f"configs/demo.py: unknown variant {arg!r} (use pretrain or continue)")
     return config

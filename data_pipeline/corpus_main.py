@@ -2,6 +2,8 @@
 
     audiodiff-corpus --kind=scores  --out_dir=/data/scores  --num_clips=2000 --clip_seconds=20 --workers=8
     audiodiff-corpus --kind=grooves --out_dir=/data/grooves --num_clips=2000   # needs: apt-get install -y mma
+    audiodiff-corpus --kind=prompts --out_dir=/data/prompted --num_clips=768 --clip_seconds=12 \
+        --sample_rate=22050 --channels=1   # the demo's corpus (key, tempo, instrument in every caption)
     audiodiff-corpus --kind=check   --folder=/data/my_songs      # decodes every file: precompute's verdicts
     audiodiff-corpus --kind=tfds    --folder=/data/my_songs --name=my_songs --data_dir=/data/tfds
 
@@ -22,10 +24,12 @@ import time
 from absl import app, flags
 
 from audiodiff_jax import cli
-from data_pipeline import audio_folder, corpus_grooves, corpus_scores
+from data_pipeline import audio_folder, corpus_grooves, corpus_prompts, corpus_scores
 
-flags.DEFINE_enum("kind", None, ["scores", "grooves", "check", "tfds"], "what to build", required=True)
-flags.DEFINE_string("out_dir", None, "corpus folder to write (scores, grooves)")
+flags.DEFINE_enum(
+    "kind", None, ["scores", "grooves", "prompts", "check", "tfds"], "what to build", required=True
+)
+flags.DEFINE_string("out_dir", None, "corpus folder to write (scores, grooves, prompts)")
 flags.DEFINE_integer("num_clips", 100, "clips to render")
 flags.DEFINE_integer("seed", 0, "clip i is a pure function of (seed, i)")
 flags.DEFINE_integer("sample_rate", 44100, "sample rate of the rendered WAV files")
@@ -49,7 +53,7 @@ FLAGS = flags.FLAGS
 def main(argv) -> None:
     del argv
     f = FLAGS
-    if f.kind in ("scores", "grooves") and not f.out_dir:
+    if f.kind in ("scores", "grooves", "prompts") and not f.out_dir:
         raise app.UsageError(f"--kind={f.kind} needs --out_dir")
     if f.kind in ("check", "tfds") and not f.folder:
         raise app.UsageError(f"--kind={f.kind} needs --folder")
@@ -83,6 +87,19 @@ def main(argv) -> None:
             )
         except corpus_grooves.MmaMissing as e:
             raise app.UsageError(str(e)) from e
+        print(f"wrote {f.num_clips} clips and {path}")
+    elif f.kind == "prompts":
+        path = corpus_prompts.render_clips(
+            f.out_dir,
+            f.num_clips,
+            seed=f.seed,
+            sample_rate=f.sample_rate,
+            channels=f.channels,
+            clip_seconds=f.clip_seconds,
+            synth=f.synth,
+            workers=f.workers,
+            progress=True,
+        )
         print(f"wrote {f.num_clips} clips and {path}")
     elif f.kind == "check":
         check(f.folder, f.captions, f.codec, f.check_threads, f.max_lines)

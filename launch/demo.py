@@ -1,25 +1,33 @@
 """``make demo`` (``python -m launch.demo``): the main job end to end on the embedded
-default, on a CPU. It drives every stage (pipeline, training, sampling), so it lives
-with the launchers, outside the library.
+default, on a CPU. It drives every stage (pipeline, training, sampling, evaluation),
+so it lives with the launchers, outside the library.
 
-1. Renders a small corpus of real music (music21 scores through a General MIDI
-   soundfont, ``data_pipeline/corpus_scores.py``) with exact captions.
+1. Renders the prompted corpus (``data_pipeline/corpus_prompts.py``): generated
+   four-bar pieces whose caption states key, tempo and instrument exactly, with one
+   (key, tempo) pairing per key held out of training.
 2. Encodes it with the codec shipped in the package (``audiodiff_jax.codec``) into
-   ArrayRecord latent shards plus a dataset card and tokenizer
-   (``data_pipeline/precompute.py``).
-3. Trains the ``configs/demo.py`` DiT with the real loop: Grain loader, sharded jitted
-   step, async Orbax checkpoints, TensorBoard metrics.
-4. Samples a 3-minute song for a few prompts from the EMA weights
-   (``audiodiff_jax/generation.py``), decodes them with the codec, and writes WAVs,
-   spectrograms, a manifest and ``songs/report.html``.
-5. Writes ``OUT/report.html``: the loss curve (``OUT/loss.png``), the run's facts, links
-   to the songs.
+   ArrayRecord latent shards plus a dataset card (``data_pipeline/precompute.py``).
+3. Trains the ``configs/demo.py`` DiT with the real loop (Grain loader, sharded jitted
+   step, async Orbax checkpoints, TensorBoard metrics), continuing from the weights
+   shipped in ``audiodiff_jax/demo_weights`` (their recipe: RECIPE.md there); the
+   shards take those weights' latent statistics and tokenizer. ``--from_scratch``
+   trains from a random init instead.
+4. Samples a short song for each held-out prompt and measures key, tempo and onsets
+   with the built-in evaluation (``launch/demo_prompts.py``), beside renders of the
+   same prompts (the estimators' ceiling).
+5. Samples full-length songs window by window, with their seam ratios.
+6. Writes ``OUT/report.html``: prompted against measured key and tempo per prompt,
+   the accuracies against chance and the targets, the loss curve (the pretraining's
+   and this run's), the run's facts, links to the songs.
 
 Every stage skips what is already done, so running it again resumes.
 """
 
 from __future__ import annotations
 
+import base64
+import dataclasses
+import hashlib
 import json
 import os
 import time
@@ -28,58 +36,105 @@ import jax
 import numpy as np
 from absl import flags, logging
 
-from audiodiff_jax import cli, generation, report, seams, sweep, train
+import audiodiff_jax
+from audiodiff_jax import cli, export, generation, report, seams, sweep, train
 from audiodiff_jax import config as config_lib
 from audiodiff_jax.codec import load_codec
+from audiodiff_jax.data.cards import DatasetCard
+from audiodiff_jax.data.records import read_captions
+from audiodiff_jax.data.tokenizer import Tokenizer
 from audiodiff_jax.logs import quiet_library_logs
 from audiodiff_jax.metrics import read_loss_history
 from configs import demo as demo_config
-from data_pipeline import corpus_scores, precompute
+from data_pipeline import corpus_prompts, precompute, tokenizer
+from data_pipeline.tokenizer import DEFAULT_FILE
+from launch import demo_prompts
+
+# The weights make demo continues from (an audiodiff-export folder, RECIPE.md inside).
+DEMO_WEIGHTS = os.path.join(os.path.dirname(audiodiff_jax.__file__), "demo_weights")
+PRETRAIN_LOSS = "pretrain_loss.json"  # {step: loss} of the pretraining, beside the weights
 
 # Flag holders, set by define_flags() when the program runs (importing the module, as
 # the report tests do, must not add --out/--steps beside another program's).
 _OUT = _STEPS = _NUM_CLIPS = _CLIP_SECONDS = _SONG_SECONDS = _NUM_SONGS = _SAMPLE_STEPS = None
+_PROMPT_SECONDS = _FROM_SCRATCH = _GUIDANCE = None
 
 
 def define_flags() -> None:
     global _OUT, _STEPS, _NUM_CLIPS, _CLIP_SECONDS, _SONG_SECONDS, _NUM_SONGS, _SAMPLE_STEPS
+    global _PROMPT_SECONDS, _FROM_SCRATCH, _GUIDANCE
     _OUT = flags.DEFINE_string("out", "demo_out", "Output folder.")
     _STEPS = flags.DEFINE_integer("steps", 0, "Override the demo config's train.num_steps (0 = keep).")
-    _NUM_CLIPS = flags.DEFINE_integer("num_clips", 96, "Clips of rendered music in the demo corpus.")
-    _CLIP_SECONDS = flags.DEFINE_float("clip_seconds", 8.0, "Length of each rendered clip.")
-    _SONG_SECONDS = flags.DEFINE_float("song_seconds", 180.0, "Length of each sampled song.")
-    _NUM_SONGS = flags.DEFINE_integer(
-        "num_songs", 3, "Songs to sample (prompts taken from the corpus captions)."
+    _NUM_CLIPS = flags.DEFINE_integer("num_clips", 128, "Clips of the prompted corpus to train on.")
+    _CLIP_SECONDS = flags.DEFINE_float("clip_seconds", 12.0, "Length of each rendered clip.")
+    _FROM_SCRATCH = flags.DEFINE_bool(
+        "from_scratch",
+        False,
+        "Train configs/demo.py from a random init (800 steps) instead of continuing from "
+        "the shipped weights (audiodiff_jax/demo_weights).",
     )
+    _PROMPT_SECONDS = flags.DEFINE_float(
+        "prompt_seconds", 12.0, "Length of the song sampled for each held-out prompt."
+    )
+    _GUIDANCE = flags.DEFINE_float("guidance", 4.0, "Classifier-free guidance scale of every song.")
+    _SONG_SECONDS = flags.DEFINE_float("song_seconds", 180.0, "Length of each full song.")
+    _NUM_SONGS = flags.DEFINE_integer("num_songs", 2, "Full songs to sample (held-out prompts).")
     _SAMPLE_STEPS = flags.DEFINE_integer("sample_steps", 50, "Sampler steps per window.")
 
 
 LOSS_PNG = "loss.png"
 
 
-def loss_curve_figure(history: dict[int, float]):
+def loss_curve_figure(history: dict[int, float], pretrain: dict[int, float] | None = None):
     """The training loss per step on a log scale (a matplotlib ``Figure``, no pyplot),
-    or None with fewer than two steps."""
+    or None with fewer than two steps. ``pretrain``: the loss of the run this one
+    continues, drawn first (this run's steps then count on from its last step)."""
     from matplotlib.figure import Figure
 
     steps = sorted(history)
     if len(steps) < 2:
         return None
+    pre = sorted(pretrain or {})
+    offset = pre[-1] if pre else 0
     fig = Figure(figsize=(6.4, 2.8), dpi=100, layout="constrained")
     ax = fig.add_subplot()
-    ax.plot(steps, [max(history[s], 1e-12) for s in steps], color="#1f6feb", linewidth=1.5)
+    if pre:
+        ax.plot(
+            pre, [max(pretrain[s], 1e-12) for s in pre], color="#8b949e", linewidth=1.2, label="pretraining"
+        )
+    ax.plot(
+        [offset + s for s in steps],
+        [max(history[s], 1e-12) for s in steps],
+        color="#1f6feb",
+        linewidth=1.5,
+        label="this run" if pre else None,
+    )
     ax.set_yscale("log")
-    ax.set_xlim(steps[0], steps[-1])
+    ax.set_xlim((pre or steps)[0], offset + steps[-1])
     ax.set_xlabel("step")
     ax.set_ylabel("loss")
     ax.grid(True, which="both", alpha=0.3)
+    if pre:
+        ax.legend(loc="upper right")
     return fig
 
 
-def write_report(out: str, workdir: str, cfg, facts: dict, songs_report: str = "") -> str:
-    """Writes ``out/report.html`` (and ``out/loss.png``, the loss curve); returns its path."""
+def write_report(
+    out: str,
+    workdir: str,
+    cfg,
+    facts: dict,
+    songs_report: str = "",
+    *,
+    prompts: dict | None = None,
+    pretrain_loss: dict[int, float] | None = None,
+) -> str:
+    """Writes ``out/report.html`` (and ``out/loss.png``, the loss curve); returns its path.
+
+    ``prompts``: the held-out prompt table (``rows``: :class:`demo_prompts.PromptRow`,
+    ``verdicts``, ``ceiling``, links), when the demo measured it."""
     del cfg  # the resolved config is in ``facts["config"]``
-    fig = loss_curve_figure(read_loss_history(workdir))
+    fig = loss_curve_figure(read_loss_history(workdir), pretrain_loss)
     if fig is not None:
         report.save_figure_png(fig, os.path.join(out, LOSS_PNG))
     return report.render_page(
@@ -88,9 +143,48 @@ def write_report(out: str, workdir: str, cfg, facts: dict, songs_report: str = "
         songs_report=songs_report,
         loss_png=LOSS_PNG if fig is not None else "",
         facts=facts,
+        prompts=prompts,
         tensorboard_dir=os.path.join(workdir, "tensorboard"),
         config_text=json.dumps(facts.get("config", {}), indent=1),
     )
+
+
+def adopt_weights_card(shards_dir: str, weights_dir: str) -> DatasetCard:
+    """Gives the demo's shards the latent statistics and tokenizer of the weights the run
+    continues from, so the model sees its data (normalized latents, caption tokens)
+    exactly as in its pretraining. Returns the new card."""
+    card = DatasetCard.load(shards_dir)
+    source = DatasetCard.from_dict(export.read_json_item(weights_dir, "dataset_card"), weights_dir)
+    if source.codec.name != card.codec.name or source.codec.latent_channels != card.codec.latent_channels:
+        raise ValueError(
+            f"{weights_dir}: weights trained on codec {source.codec.name!r}, the shards are "
+            f"{card.codec.name!r}"
+        )
+    tok = export.read_json_item(weights_dir, "tokenizer")
+    model = base64.b64decode(tok["model_base64"])
+    if hashlib.sha256(model).hexdigest() != tok.get("sha256"):
+        raise ValueError(f"{weights_dir}/tokenizer.json: the model does not match its sha256")
+    path = os.path.join(shards_dir, DEFAULT_FILE)
+    report.atomic_write(path, model)
+    stats = tokenizer.caption_token_stats(read_captions(shards_dir), Tokenizer(path))
+    card = dataclasses.replace(
+        card,
+        latent_mean=source.latent_mean,
+        latent_std=source.latent_std,
+        tokenizer=DEFAULT_FILE,
+        tokenizer_vocab_size=int(tok["vocab_size"]),
+        metadata={**card.metadata, **stats, "latent_stats_and_tokenizer_from": weights_dir},
+    )
+    card.save(shards_dir)
+    return card
+
+
+def pretrain_loss(weights_dir: str) -> dict[int, float]:
+    path = os.path.join(weights_dir, PRETRAIN_LOSS)
+    if not os.path.exists(path):
+        return {}
+    with open(path) as f:
+        return {int(k): float(v) for k, v in json.load(f).items()}
 
 
 def main(argv):
@@ -100,16 +194,22 @@ def main(argv):
     corpus_dir = os.path.join(out, "corpus")
     shards_dir = os.path.join(out, "shards")
     workdir = os.path.join(out, "run")
+    prompts_dir = os.path.join(out, "heldout_songs")
+    renders_dir = os.path.join(out, "heldout_renders")
+    coded_dir = os.path.join(out, "heldout_renders_codec")
     songs_dir = os.path.join(out, "songs")
     os.makedirs(out, exist_ok=True)
     t0 = time.time()
     timings = {}
+    continued = not _FROM_SCRATCH.value
+    if continued and not export.is_export(DEMO_WEIGHTS):
+        raise SystemExit(f"{DEMO_WEIGHTS}: the shipped demo weights are missing (or use --from_scratch)")
 
     codec = load_codec("default")
     card = codec.card
     if not os.path.exists(os.path.join(corpus_dir, "manifest.jsonl")):
-        logging.info("[1/5] rendering %d clips of music21 scores into %s", _NUM_CLIPS.value, corpus_dir)
-        corpus_scores.render_clips(
+        logging.info("[1/6] rendering %d prompted clips into %s", _NUM_CLIPS.value, corpus_dir)
+        corpus_prompts.render_clips(
             corpus_dir,
             _NUM_CLIPS.value,
             seed=0,
@@ -120,76 +220,158 @@ def main(argv):
             progress=True,
         )
     else:
-        logging.info("[1/5] corpus already in %s", corpus_dir)
+        logging.info("[1/6] corpus already in %s", corpus_dir)
     timings["render"] = time.time() - t0
 
     t = time.time()
     if not os.path.exists(os.path.join(shards_dir, "dataset_card.json")):
-        logging.info("[2/5] encoding the corpus with the shipped codec %r into %s", card.name, shards_dir)
+        logging.info("[2/6] encoding the corpus with the shipped codec %r into %s", card.name, shards_dir)
         summary = precompute.precompute(
             precompute.FolderCorpus(corpus_dir),
             shards_dir,
             codec,
             files_per_shard=32,
-            tokenizer_vocab_size=256,
+            tokenizer_vocab_size=0 if continued else 256,
         )
         print(precompute.format_summary(summary))
+        if continued:
+            adopt_weights_card(shards_dir, DEMO_WEIGHTS)
     else:
-        logging.info("[2/5] latent shards already in %s", shards_dir)
+        logging.info("[2/6] latent shards already in %s", shards_dir)
     timings["encode"] = time.time() - t
 
-    cd = demo_config.get_config()
+    cd = demo_config.get_config("continue" if continued else None)
     cd.data.shards_dir = shards_dir
     cd.model.latent_channels = card.latent_channels
+    if continued:
+        cd.train.init_from = DEMO_WEIGHTS
     if _STEPS.value:
         cd.train.num_steps = _STEPS.value
     cfg = config_lib.from_configdict(cd)
     t = time.time()
-    logging.info("[3/5] training configs/demo.py for %d steps in %s", cfg.train.num_steps, workdir)
+    logging.info(
+        "[3/6] training configs/demo.py for %d steps in %s, %s",
+        cfg.train.num_steps,
+        workdir,
+        f"continuing from {DEMO_WEIGHTS}" if continued else "from scratch",
+    )
     result = train.train(cfg, workdir)
     timings["train"] = time.time() - t
 
-    t = time.time()
-    prompts = _demo_prompts(corpus_dir, _NUM_SONGS.value)
-    logging.info("[4/5] sampling %d songs of %.0f s: %s", len(prompts), _SONG_SECONDS.value, prompts)
-    songs = sweep.generate_songs(
-        workdir,
-        prompts,
-        songs_dir,
-        seconds=_SONG_SECONDS.value,
+    common = dict(
         seeds=(0,),
-        guidance=4.0,
+        guidance=_GUIDANCE.value,
         steps=_SAMPLE_STEPS.value,
         sampler="dpmpp_2m",
         codec=codec,
-        title="audiodiff-jax demo songs",
     )
-    timings["sample"] = time.time() - t
+    t = time.time()
+    heldout = [c.caption() for c in corpus_prompts.held_out_prompts()]
+    logging.info(
+        "[4/6] %d held-out prompts, %.0f s each: sampling, then measuring key, tempo and onsets",
+        len(heldout),
+        _PROMPT_SECONDS.value,
+    )
+    prompt_songs = sweep.generate_songs(
+        workdir,
+        heldout,
+        prompts_dir,
+        seconds=_PROMPT_SECONDS.value,
+        title="audiodiff-jax demo: held-out prompts",
+        batch_size=8,  # prompts denoised 8 at a time (every batch padded to 8: one program)
+        **common,
+    )
+    rows, acc = demo_prompts.measure(prompts_dir)
+    ceiling = {}
+    for name, folder, through in (("renders", renders_dir, None), ("through the codec", coded_dir, codec)):
+        demo_prompts.write_renders(
+            folder,
+            seed=0,
+            sample_rate=card.sample_rate,
+            channels=card.audio_channels,
+            seconds=_PROMPT_SECONDS.value,
+            codec=through,
+        )
+        ceiling[name] = demo_prompts.measure(folder)[1]
+    timings["held-out prompts"] = time.time() - t
+
+    t = time.time()
+    full = heldout[: _NUM_SONGS.value]
+    logging.info("[5/6] sampling %d songs of %.0f s: %s", len(full), _SONG_SECONDS.value, full)
+    songs = sweep.generate_songs(
+        workdir,
+        full,
+        songs_dir,
+        seconds=_SONG_SECONDS.value,
+        title="audiodiff-jax demo songs",
+        batch_size=max(1, len(full)),
+        **common,
+    )
+    timings["songs"] = time.time() - t
     t = time.time()
     seam_facts = seam_comparison(workdir, codec, songs.rows)
     timings["seams"] = time.time() - t
-    logging.info("[5/5] writing the report")
+    logging.info("[6/6] writing the report")
+    verdicts = demo_prompts.verdicts(acc)
     facts = {
+        "weights": (
+            f"continued from {DEMO_WEIGHTS} for {cfg.train.num_steps} steps"
+            if continued
+            else f"trained from scratch for {cfg.train.num_steps} steps"
+        ),
         "final step": result.final_step,
         "devices": f"{jax.device_count()} x {jax.devices()[0].device_kind}",
         "DiT parameters": sum(x.size for x in jax.tree.leaves(result.state.params)),
         "codec": f"{card.name}: {card.sample_rate} Hz, {card.audio_channels} ch, "
         f"{card.latent_channels} latent channels at {card.latent_rate:.2f} Hz",
-        "corpus": corpus_dir,
+        "corpus": f"{corpus_dir} ({_NUM_CLIPS.value} clips of {_CLIP_SECONDS.value:g} s)",
         "checkpoints": os.path.join(workdir, "checkpoints"),
-        "songs": f"{len(songs.rows)} written, {len(songs.issues)} issues: {songs.report}",
+        "held-out prompt songs": f"{len(prompt_songs.rows)} written, {len(prompt_songs.issues)} issues",
+        "full songs": f"{len(songs.rows)} written, {len(songs.issues)} issues: {songs.report}",
         **seam_facts,
         "timings (s)": {k: round(v, 1) for k, v in timings.items()},
         "wall time (s)": round(time.time() - t0, 1),
         "config": json.loads(config_lib.to_json(cfg)),
     }
-    path = write_report(out, workdir, cfg, facts, songs_report=os.path.relpath(songs.report, out))
+    prompts = {
+        "rows": rows,
+        "verdicts": verdicts,
+        "accuracy": acc,
+        "ceiling": ceiling,
+        "songs_report": os.path.relpath(prompt_songs.report, out),
+        "renders": {
+            "renders": os.path.relpath(renders_dir, out),
+            "through the codec": os.path.relpath(coded_dir, out),
+        },
+        "tempo_tolerance": demo_prompts.TEMPO_TOLERANCE,
+        "min_onset_rate": demo_prompts.MIN_ONSET_RATE,
+    }
+    path = write_report(
+        out,
+        workdir,
+        cfg,
+        facts,
+        songs_report=os.path.relpath(songs.report, out),
+        prompts=prompts,
+        pretrain_loss=pretrain_loss(DEMO_WEIGHTS) if continued else None,
+    )
+    summary = {
+        "held_out_prompts": len(rows),
+        "accuracy": acc,
+        "estimator_ceiling": ceiling,
+        "verdicts": verdicts,
+        "wall_time_s": round(time.time() - t0, 1),
+    }
+    report.atomic_write(os.path.join(out, "summary.json"), (json.dumps(summary, indent=2) + "\n").encode())
     print(
         f"demo done in {time.time() - t0:.0f}s: report {path}, songs {songs.report}, "
         f"checkpoints in {workdir}/checkpoints"
     )
-    if songs.issues:
-        raise SystemExit(f"some songs failed: {songs.issues}")
+    for name, text in verdicts.items():
+        print(f"  held-out prompts, {name}: {text}")
+    issues = prompt_songs.issues + songs.issues
+    if issues:
+        raise SystemExit(f"some songs failed: {issues}")
 
 
 def seam_comparison(workdir: str, codec, rows: list[dict]) -> dict[str, str]:
@@ -228,13 +410,6 @@ def seam_comparison(workdir: str, codec, rows: list[dict]) -> dict[str, str]:
             f"{one:.3f} / {one_audio:.3f} at the same {len(cuts)} seam positions"
         ),
     }
-
-
-def _demo_prompts(corpus_dir: str, n: int) -> list[str]:
-    """Captions of the demo corpus itself: prompts the demo model has a chance to follow."""
-    rows = [json.loads(line) for line in open(os.path.join(corpus_dir, "manifest.jsonl")) if line.strip()]
-    step = max(1, len(rows) // max(n, 1))
-    return [rows[i]["caption"] for i in range(0, len(rows), step)][:n]
 
 
 def run():

@@ -91,6 +91,46 @@ def test_demo_report_has_the_loss_curve(tmp_path):
     img = Image.open(tmp_path / "loss.png")
     assert img.format == "PNG" and img.size == (640, 280)
 
+    # The held-out prompt table: asked against heard, verdicts, the ceiling; the loss
+    # curve continues the pretraining's.
+    from launch import demo_prompts
+
+    row = demo_prompts.PromptRow(
+        prompt="piano and drums in F# minor at 136 bpm",
+        file="a.wav",
+        key_prompted="F# minor",
+        key_measured="A major",
+        key_ok=False,
+        tempo_prompted=136.0,
+        tempo_measured=135.2,
+        tempo_ok=True,
+        onset_rate=3.5,
+        onsets_ok=True,
+    )
+    prompts = {
+        "rows": [row],
+        "verdicts": demo_prompts.verdicts({"key": 0.0, "tempo": 1.0, "onsets": 1.0}),
+        "accuracy": {},
+        "ceiling": {
+            "renders": {"key": 0.875, "tempo": 1.0, "onsets": 1.0},
+            "through the codec": {"key": 0.8, "tempo": 0.95, "onsets": 1.0},
+        },
+        "songs_report": "heldout_songs/report.html",
+        "renders": {"renders": "heldout_renders", "through the codec": "heldout_renders_codec"},
+        "tempo_tolerance": 0.08,
+        "min_onset_rate": 0.5,
+    }
+    page = open(
+        demo.write_report(
+            str(tmp_path), str(run), None, facts, prompts=prompts, pretrain_loss={0: 2.0, 500: 0.5}
+        )
+    ).read()
+    assert "<code>heldout_renders</code>, <code>heldout_renders_codec</code>" in page
+    assert "within 8%" in page and '<a href="heldout_songs/report.html">' in page
+    assert "0% (target 50%, chance 4%): NOT met" in page and "<td>88%</td><td>80%</td>" in page
+    assert '<td class="bad">A major</td>' in page and '<td class="ok">135.2</td>' in page
+    assert Image.open(tmp_path / "loss.png").size == (640, 280)
+
     (run / "metrics.jsonl").write_text(json.dumps({"step": 1, "loss": 1.0}) + "\n")
     (tmp_path / "loss.png").unlink()
     page = open(demo.write_report(str(tmp_path), str(run), None, {"final step": 1})).read()

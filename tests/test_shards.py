@@ -342,3 +342,25 @@ def test_train_for_dataset_records_tokenizer_in_card(tmp_path):
     card = DatasetCard.load(str(tmp_path))
     assert card.tokenizer == "tokenizer.model" and os.path.join(str(tmp_path), card.tokenizer) == path
     assert card.tokenizer_vocab_size == Tokenizer(path).vocab_size
+    # The longest caption's length in tokens (with EOS) goes into the card: training
+    # warns when model.text.max_len would cut captions.
+    captions = [r["caption"] for r in make_records(12)]
+    assert card.metadata["caption_tokens_max"] == max(Tokenizer(path).length(c) for c in captions) > 1
+
+
+def test_few_distinct_words_still_give_whole_word_pieces(tmp_path):
+    """Captions spelled from a few labels (rendered corpora): the tokenizer keeps whole
+    words (BPE; sentencepiece's unigram trainer cut these to single characters, 35
+    tokens a caption, and a 24-token text encoder never saw the tempo)."""
+    keys = ("C", "C#", "D", "Eb", "E", "F", "F#", "G", "Ab", "A", "Bb", "B")
+    rng = np.random.default_rng(0)
+    captions = [
+        f"{inst} and drums in {keys[rng.integers(12)]} {mode} at {tempo} bpm"
+        for inst in ("piano", "electric piano", "guitar", "strings", "organ")
+        for mode in ("major", "minor")
+        for tempo in (80, 96, 114, 136, 162)
+        for _ in range(4)
+    ]
+    tok = Tokenizer(tokenizer.train_tokenizer(captions, str(tmp_path / "tok"), vocab_size=256))
+    assert tok.length("electric piano and drums in Ab major at 114 bpm") <= 12
+    assert max(tok.length(c) for c in captions) <= 12

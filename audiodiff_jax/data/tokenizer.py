@@ -83,6 +83,10 @@ class Tokenizer:
         out[len(ids)] = EOS_ID
         return out
 
+    def length(self, text: str) -> int:
+        """Tokens ``text`` takes with its EOS (uncut: what ``encode`` needs as ``max_len``)."""
+        return len(self._sp.encode(text, out_type=int)) + 1
+
     def decode(self, ids: Iterable[int]) -> str:
         return self._sp.decode([int(i) for i in ids if int(i) > EOS_ID])
 
