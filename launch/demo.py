@@ -102,9 +102,14 @@ def loss_curve_figure(history: dict[int, float], pretrain: dict[int, float] | No
         ax.plot(
             pre, [max(pretrain[s], 1e-12) for s in pre], color="#8b949e", linewidth=1.2, label="pretraining"
         )
+    values = np.array([history[s] for s in steps])
+    if pre:  # beside the pretraining's 50-step means: this run's 10-step running mean
+        k = min(10, len(values))
+        values = np.convolve(values, np.ones(k) / k, mode="valid")
+        steps = steps[k - 1 :]
     ax.plot(
         [offset + s for s in steps],
-        [max(history[s], 1e-12) for s in steps],
+        np.maximum(values, 1e-12),
         color="#1f6feb",
         linewidth=1.5,
         label="this run" if pre else None,

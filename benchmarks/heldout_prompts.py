@@ -1,0 +1,80 @@
+r"""The demo's measure of learning on any checkpoint step: songs for the 24 held-out
+prompt pairings of the prompted corpus, measured against what each prompt asks.
+
+    PYTHONPATH=. JAX_PLATFORMS=cpu .venv/bin/python benchmarks/heldout_prompts.py \
+        --checkpoint=/tmp/pre/run2 --step=2000 --out=/tmp/heldout_2000 [--guidance=7] [--trained]
+
+Samples one song per prompt (``data_pipeline.corpus_prompts.held_out_prompts``; with
+``--trained``, 12 pairings the corpus does train on, at 80 and 162 bpm) from the step's
+EMA weights with the demo's sampler settings, then measures key, tempo and onsets with
+the built-in evaluation (``launch/demo_prompts.py``). Prints one line per song and the
+accuracies; the folder holds the WAVs, ``metrics.jsonl`` and the sweep's report page.
+This is how the pretraining progress table in BENCHMARKS.md ("make demo end to end")
+was made.
+"""
+
+from __future__ import annotations
+
+import time
+
+from absl import app, flags
+
+_CHECKPOINT = flags.DEFINE_string(
+    "checkpoint", None, "Run workdir, checkpoint step or export.", required=True
+)
+_STEP = flags.DEFINE_string("step", "latest", "Checkpoint step (or latest).")
+_OUT = flags.DEFINE_string("out", None, "Output folder.", required=True)
+_GUIDANCE = flags.DEFINE_float("guidance", 4.0, "Classifier-free guidance scale.")
+_SECONDS = flags.DEFINE_float("seconds", 12.0, "Seconds per song.")
+_WEIGHTS = flags.DEFINE_string("weights", "ema", "Weight set (raw, ema, ema<decay>).")
+_TRAINED = flags.DEFINE_bool("trained", False, "Ask for trained pairings at 80 and 162 bpm instead.")
+
+
+def prompts(trained: bool) -> list[str]:
+    from data_pipeline import corpus_prompts as cp
+
+    if not trained:
+        return [c.caption() for c in cp.held_out_prompts()]
+    out = []
+    for k in range(0, 24, 3):
+        for tempo in (cp.TEMPOS[0], cp.TEMPOS[-1]):
+            choice = cp.Choice(k // 2, cp.MODES[k % 2], tempo, 0, "piano")
+            if not cp.is_held_out(choice):
+                out.append(choice.caption())
+    return out[:12]
+
+
+def main(argv):
+    del argv
+    from audiodiff_jax import sweep
+    from audiodiff_jax.codec import load_codec
+    from launch import demo_prompts
+
+    t = time.time()
+    result = sweep.generate_songs(
+        _CHECKPOINT.value,
+        prompts(_TRAINED.value),
+        _OUT.value,
+        seconds=_SECONDS.value,
+        seeds=(0,),
+        guidance=_GUIDANCE.value,
+        steps=50,
+        sampler="dpmpp_2m",
+        codec=load_codec("default"),
+        weights=(_WEIGHTS.value,),
+        checkpoint_steps=[_STEP.value],
+        batch_size=8,
+    )
+    rows, acc = demo_prompts.measure(_OUT.value)
+    for r in rows:
+        print(
+            f"{r.prompt} | key {r.key_measured} {'ok' if r.key_ok else 'wrong'} | "
+            f"tempo {r.tempo_measured:.1f} {'ok' if r.tempo_ok else 'wrong'} | onsets/s {r.onset_rate:.2f}"
+        )
+    for name, text in demo_prompts.verdicts(acc).items():
+        print(f"{name}: {text}")
+    print(f"{len(result.rows)} songs, {len(result.issues)} issues, {time.time() - t:.0f} s")
+
+
+if __name__ == "__main__":
+    app.run(main)
