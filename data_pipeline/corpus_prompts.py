@@ -34,7 +34,7 @@ from typing import Any
 import numpy as np
 
 from data_pipeline import render
-from data_pipeline.corpus_scores import render_corpus
+from data_pipeline.corpus_scores import Clip, render_corpus
 from data_pipeline.manifest import Entry
 
 TONICS = ("C", "C#", "D", "Eb", "E", "F", "F#", "G", "Ab", "A", "Bb", "B")
@@ -204,12 +204,6 @@ def piece_midi(choice: Choice, rng: np.random.Generator, seconds: float):
                 note(inst, pitch, bt, beat * 0.9, 90)
     pm.instruments.extend([inst, drums])
     return pm
-
-
-@dataclasses.dataclass(frozen=True)
-class Clip:
-    entry: Entry
-    audio: np.ndarray  # float32 [channels, samples]
 
 
 def render_choice(

@@ -25,9 +25,7 @@ Every stage skips what is already done, so running it again resumes.
 
 from __future__ import annotations
 
-import base64
 import dataclasses
-import hashlib
 import json
 import os
 import time
@@ -165,19 +163,15 @@ def adopt_weights_card(shards_dir: str, weights_dir: str) -> DatasetCard:
             f"{weights_dir}: weights trained on codec {source.codec.name!r}, the shards are "
             f"{card.codec.name!r}"
         )
-    tok = export.read_json_item(weights_dir, "tokenizer")
-    model = base64.b64decode(tok["model_base64"])
-    if hashlib.sha256(model).hexdigest() != tok.get("sha256"):
-        raise ValueError(f"{weights_dir}/tokenizer.json: the model does not match its sha256")
-    path = os.path.join(shards_dir, DEFAULT_FILE)
-    report.atomic_write(path, model)
-    stats = tokenizer.caption_token_stats(read_captions(shards_dir), Tokenizer(path))
+    tok = Tokenizer.from_json(export.read_json_item(weights_dir, "tokenizer"), where=weights_dir)
+    report.atomic_write(os.path.join(shards_dir, DEFAULT_FILE), tok.model_bytes)
+    stats = tokenizer.caption_token_stats(read_captions(shards_dir), tok)
     card = dataclasses.replace(
         card,
         latent_mean=source.latent_mean,
         latent_std=source.latent_std,
         tokenizer=DEFAULT_FILE,
-        tokenizer_vocab_size=int(tok["vocab_size"]),
+        tokenizer_vocab_size=tok.vocab_size,
         metadata={**card.metadata, **stats, "latent_stats_and_tokenizer_from": weights_dir},
     )
     card.save(shards_dir)

@@ -22,6 +22,7 @@ from typing import Any
 
 import numpy as np
 
+from audiodiff_jax import report, sweep
 from audiodiff_jax.evaluation import adherence, evaluate_folder, song
 from data_pipeline import corpus_prompts
 
@@ -91,8 +92,6 @@ def write_renders(
     prompts), skipped when already there; returns ``out_dir``. With ``codec``, each render
     is encoded and decoded by it first: what a latent model that plays exactly the
     prompt would give, through this codec."""
-    import soundfile as sf
-
     manifest = os.path.join(out_dir, "manifest.jsonl")
     if os.path.exists(manifest):
         return out_dir
@@ -105,13 +104,10 @@ def write_renders(
         audio = clip.audio
         if codec is not None:
             audio = codec.decode(codec.encode(audio, sample_rate))[:, : audio.shape[1]]
-            audio = np.clip(audio, -1.0, 1.0)  # a PCM file holds full scale at most
-        sf.write(os.path.join(out_dir, name), audio.T, sample_rate, subtype="PCM_16")
+        sweep.write_wav(os.path.join(out_dir, name), audio, sample_rate)  # 16-bit PCM, clipped at full scale
         rows.append({"id": clip.entry.id, "file": name, "prompt": clip.entry.caption})
-    tmp = manifest + ".tmp"
-    with open(tmp, "w") as f:
-        f.writelines(json.dumps(r, sort_keys=True) + "\n" for r in rows)
-    os.replace(tmp, manifest)
+    # The manifest last: its presence means every render is there.
+    report.atomic_write(manifest, "".join(json.dumps(r, sort_keys=True) + "\n" for r in rows).encode())
     return out_dir
 
 
