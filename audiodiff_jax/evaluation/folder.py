@@ -32,6 +32,7 @@ import soundfile as sf
 from absl import logging
 from tqdm import tqdm
 
+from audiodiff_jax import report
 from audiodiff_jax.errors import UserError
 from audiodiff_jax.evaluation import adherence, embeddings, song
 from audiodiff_jax.evaluation import notes as notes_lib
@@ -158,13 +159,6 @@ def _json_value(v: Any) -> Any:
     if isinstance(v, float) and not math.isfinite(v):
         return None
     return v
-
-
-def _atomic_write_text(path: str, text: str) -> None:
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-    os.replace(tmp, path)
 
 
 def summarize(rows: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
@@ -333,8 +327,10 @@ def evaluate_folder(
     if write:
         result.metrics_path = os.path.join(folder, METRICS_FILE)
         result.summary_path = os.path.join(folder, SUMMARY_FILE)
-        _atomic_write_text(result.metrics_path, "".join(json.dumps(r, sort_keys=True) + "\n" for r in rows))
-        _atomic_write_text(result.summary_path, json.dumps(summary, indent=2, sort_keys=True) + "\n")
+        metrics_text = "".join(json.dumps(r, sort_keys=True) + "\n" for r in rows)
+        summary_text = json.dumps(summary, indent=2, sort_keys=True) + "\n"
+        report.atomic_write(result.metrics_path, metrics_text.encode("utf-8"))
+        report.atomic_write(result.summary_path, summary_text.encode("utf-8"))
     return result
 
 
