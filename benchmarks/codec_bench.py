@@ -19,6 +19,11 @@ after one warm-up call), on the default JAX device. ``--codec=random:PRESET`` ti
 64-channel 44.1 kHz stereo layout, on an accelerator).
 
     python benchmarks/codec_bench.py --codec=random:stable --speed_seconds=300
+
+Real produced songs (``python -m data_pipeline.real_music`` names them and holds some
+out of the codec's training), whole songs, pitch on excerpts:
+
+    python benchmarks/codec_bench.py --songs_dir=/tmp/real_music/heldout --speed_seconds=0
 """
 
 from __future__ import annotations
@@ -124,6 +129,61 @@ def quality(codec, heldout_dir: str, max_clips: int = 0) -> dict:
     }
 
 
+def excerpts(x: np.ndarray, count: int, seconds: float, sr: int) -> np.ndarray:
+    """``count`` windows of ``seconds`` spread evenly over ``x`` (all of it when shorter), joined."""
+    n = int(seconds * sr)
+    if x.shape[-1] <= count * n:
+        return x
+    starts = np.linspace(0, x.shape[-1] - n, count).astype(int)
+    return np.concatenate([x[..., s : s + n] for s in starts], axis=-1)
+
+
+def songs_quality(codec, songs_dir: str, pitch_excerpts: int = 6, excerpt_seconds: float = 10.0) -> dict:
+    """Whole songs (any audio format under ``songs_dir``): SI-SDR, STFT distance and mel L1
+    over each whole song; pitch kept (pyin, as for renders) on ``pitch_excerpts`` windows of
+    ``excerpt_seconds`` spread over each song (pyin runs at ~3x real time on 2 cores)."""
+    from audiodiff_jax.codec import losses
+    from audiodiff_jax.codec.data import audio_files, load_wav
+
+    sr = codec.model.sample_rate
+    files = audio_files(songs_dir)
+    if not files:
+        raise FileNotFoundError(f"--songs_dir={songs_dir!r} holds no audio files")
+    rows = []
+    for f in files:
+        x = load_wav(f, sr, codec.model.audio_channels)
+        t0 = time.perf_counter()
+        y = codec.reconstruct(x, sr)
+        wall = time.perf_counter() - t0
+        xm, ym = x.mean(0), y.mean(0)
+        row = {
+            "song": os.path.basename(f),
+            "seconds": round(x.shape[1] / sr, 1),
+            "si_sdr_db": losses.si_sdr(x, y),
+            "stft_distance": losses.stft_distance(x, y),
+            "mel_l1": mel_l1(xm, ym, sr),
+            "pitch_kept": pitch_kept(
+                excerpts(xm, pitch_excerpts, excerpt_seconds, sr),
+                excerpts(ym, pitch_excerpts, excerpt_seconds, sr),
+                sr,
+            ),
+            "input_peak": float(np.abs(x).max()),
+            "output_peak": float(np.abs(y).max()),
+            "reconstruct_s": round(wall, 2),
+        }
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    keys = ("si_sdr_db", "stft_distance", "mel_l1", "pitch_kept")
+    return {
+        "songs": len(rows),
+        "seconds": float(sum(r["seconds"] for r in rows)),
+        **{k: float(np.nanmean([r[k] for r in rows])) for k in keys},
+        "si_sdr_db_median": float(np.median([r["si_sdr_db"] for r in rows])),
+        "pitch_excerpts": f"{pitch_excerpts} x {excerpt_seconds:g} s per song",
+        "per_song": rows,
+    }
+
+
 def speed(codec, seconds: float) -> dict:
     sr = codec.model.sample_rate
     rng = np.random.default_rng(0)
@@ -162,6 +222,8 @@ def main(argv):
     out = {"codec": _CODEC.value, "card": codec.card.to_dict()}
     if _HELDOUT.value:
         out["quality"] = quality(codec, _HELDOUT.value, _MAX_CLIPS.value)
+    if _SONGS.value:
+        out["songs"] = songs_quality(codec, _SONGS.value)
     if _SPEED_SECONDS.value > 0:
         out["speed"] = speed(codec, _SPEED_SECONDS.value)
     print(json.dumps(out, indent=2))
@@ -176,6 +238,9 @@ if __name__ == "__main__":
         "codec", "default", "load_codec argument (default, a folder, a run workdir) or random:PRESET."
     )
     _HELDOUT = flags.DEFINE_string("heldout_dir", "", "Held-out renders (WAV + clips.jsonl).")
+    _SONGS = flags.DEFINE_string(
+        "songs_dir", "", "Whole songs, any format (e.g. python -m data_pipeline.real_music's heldout/)."
+    )
     _SPEED_SECONDS = flags.DEFINE_float("speed_seconds", 60.0, "Length of the speed-test signal.")
     _MAX_CLIPS = flags.DEFINE_integer("max_clips", 0, "Use at most this many clips (0 = all).")
     _OUT = flags.DEFINE_string("out_json", "", "Also write the figures here.")

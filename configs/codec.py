@@ -1,4 +1,4 @@
-"""Codec configs: ``configs/codec.py:small`` (default), ``:stable`` and ``:tiny``.
+"""Codec configs: ``configs/codec.py:small`` (default), ``:music``, ``:stable`` and ``:tiny``.
 
     audiodiff-codec-train --config=configs/codec.py:small --workdir=/tmp/codec \
         --config.data.audio_dir=/tmp/renders/train
@@ -7,6 +7,10 @@
   21.53 latent frames/s, encoder widths 8..128, decoder 16..256 (1.9M parameters).
   Sized for a 2-core CPU: 0.5 s per step at batch 8 x 0.74 s; the shipped default
   (``audiodiff_jax/codec/weights``) is this preset's 6,000 steps (76 minutes).
+- ``music``: the ``small`` codec's decoder fine-tuned on real produced songs and renders
+  (``data.audio_dir`` with ``renders/`` and ``songs/`` subfolders, half the crops each),
+  the encoder frozen: latents, their statistics and every model trained on them stay
+  valid. Starts from the shipped codec (``train.init_from=default``).
 - ``stable``: Stable Audio's layout: 44.1 kHz stereo, hop 2048 (strides 2x4x4x8x8),
   64 latent channels, 21.53 Hz, widths 128..2048, discriminator on. Accelerators only.
 - ``tiny``: for tests (hop 64, a few thousand parameters).
@@ -17,6 +21,7 @@ from audiodiff_jax.codec import config as codec_config
 PRESETS = {
     # name: (sample_rate, audio_channels, latent_channels, strides, widths, decoder_width_mult)
     "small": (22050, 1, 32, (4, 4, 8, 8), (8, 16, 32, 64, 128), 2),
+    "music": (22050, 1, 32, (4, 4, 8, 8), (8, 16, 32, 64, 128), 2),
     "stable": (44100, 2, 64, (2, 4, 4, 8, 8), (128, 128, 256, 512, 1024, 2048), 1),
     "tiny": (8000, 1, 4, (4, 4, 4), (4, 8, 8, 16), 1),
 }
@@ -29,7 +34,7 @@ def get_config(arg=None):
     sr, ch, latent, strides, widths, dec_mult = PRESETS[name]
     config = codec_config.default_configdict()
     m = config.model
-    m.name = f"audiodiff-vae-{name}"
+    m.name = "audiodiff-vae-small" if name == "music" else f"audiodiff-vae-{name}"
     m.sample_rate, m.audio_channels, m.latent_channels = sr, ch, latent
     m.strides, m.widths, m.decoder_width_mult = strides, widths, dec_mult
     config.mesh.data = -1
@@ -41,7 +46,7 @@ def get_config(arg=None):
     config.train.log_every = 10
     config.checkpoint.every_steps = 100
     config.checkpoint.keep_last = 2
-    if name == "small":
+    if name in ("small", "music"):
         config.data.crop_samples = 16384
         config.data.global_batch_size = 8
         config.optim.warmup_steps = 50
@@ -54,6 +59,12 @@ def get_config(arg=None):
         config.loss.posterior_noise = 0.0
         config.train.num_steps = 6000
         config.checkpoint.every_steps = 250
+        if name == "music":
+            config.train.init_from = "default"
+            config.train.trainable = "decoder"
+            config.data.balance_subfolders = True
+            config.optim.learning_rate = 3e-4
+            config.optim.ema_decay = 0.995
     elif name == "stable":
         config.data.crop_samples = 65536
         config.data.global_batch_size = 32

@@ -51,10 +51,11 @@ import numpy as np
 import soundfile as sf
 import soxr
 
+from audiodiff_jax.codec import inputs
 from audiodiff_jax.errors import UserError
 from data_pipeline.manifest import MANIFEST_FILE, Entry
 
-AUDIO_EXTENSIONS = (".wav", ".flac", ".ogg", ".mp3", ".opus", ".aif", ".aiff")
+AUDIO_EXTENSIONS = inputs.AUDIO_EXTENSIONS
 # Audio that libsndfile cannot decode: named in the report instead of silently ignored.
 UNSUPPORTED_EXTENSIONS = (".m4a", ".mp4", ".aac", ".wma", ".ape", ".webm", ".amr", ".mka", ".alac")
 CAPTION_FILES = (MANIFEST_FILE, "captions.jsonl", "metadata.jsonl", "captions.csv", "metadata.csv")

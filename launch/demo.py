@@ -152,6 +152,9 @@ def write_report(
     )
 
 
+ADOPTED = "latent_stats_and_tokenizer_from"  # card metadata: the weights adopt_weights_card took them from
+
+
 def adopt_weights_card(shards_dir: str, weights_dir: str) -> DatasetCard:
     """Gives the demo's shards the latent statistics and tokenizer of the weights the run
     continues from, so the model sees its data (normalized latents, caption tokens)
@@ -172,7 +175,7 @@ def adopt_weights_card(shards_dir: str, weights_dir: str) -> DatasetCard:
         latent_std=source.latent_std,
         tokenizer=DEFAULT_FILE,
         tokenizer_vocab_size=tok.vocab_size,
-        metadata={**card.metadata, **stats, "latent_stats_and_tokenizer_from": weights_dir},
+        metadata={**card.metadata, **stats, ADOPTED: weights_dir},
     )
     card.save(shards_dir)
     return card
@@ -233,10 +236,12 @@ def main(argv):
             tokenizer_vocab_size=0 if continued else 256,
         )
         print(precompute.format_summary(summary))
-        if continued:
-            adopt_weights_card(shards_dir, DEMO_WEIGHTS)
     else:
         logging.info("[2/6] latent shards already in %s", shards_dir)
+    # Also on a rerun: a demo stopped between the precompute and this adoption has shards
+    # without the weights' tokenizer, and training from the weights would stop on them.
+    if continued and ADOPTED not in DatasetCard.load(shards_dir).metadata:
+        adopt_weights_card(shards_dir, DEMO_WEIGHTS)
     timings["encode"] = time.time() - t
 
     cd = demo_config.get_config("continue" if continued else None)

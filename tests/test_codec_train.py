@@ -142,3 +142,68 @@ def test_codec_train_cli_survives_sigterm_and_resumes_bit_for_bit(tmp_path):
     assert sorted(ha) == list(range(1, CLI_STEPS + 1)) and ha == hb
     # The codec's goodput account spans both incarnations (the shared loop's).
     assert len(goodput.load(str(resumed))) == 2 and len(goodput.load(str(full))) == 1
+
+
+def test_decoder_only_fine_tune_keeps_the_encoder_latents_and_statistics(tmp_path):
+    """``train.trainable="decoder"`` from an exported codec: the decoder learns, the encoder
+    stays bit for bit (so latents made with the old codec stay valid) and the export keeps
+    the old codec's latent statistics."""
+    from audiodiff_jax.codec.codec import JaxCodec, export_run
+    from audiodiff_jax.config import ConfigError
+
+    base_cfg = _cfg()
+    params = jax.device_get(model_lib.make_vae(base_cfg.model).init(jax.random.key(3)))
+    stats = (np.linspace(-0.1, 0.1, 4).astype(np.float32), np.linspace(0.5, 1.0, 4).astype(np.float32))
+    JaxCodec(base_cfg.model, params, latent_mean=stats[0], latent_std=stats[1]).save(str(tmp_path / "base"))
+    cfg = _cfg(
+        **{
+            "train.num_steps": 3,
+            "train.init_from": str(tmp_path / "base"),
+            "train.trainable": "decoder",
+            "checkpoint.every_steps": 3,
+        }
+    )
+    result = train.train(cfg, str(tmp_path / "run"), source=ToneSource())
+    new = jax.device_get(result.state["params"])
+    assert_trees_equal(params["encoder"], new["encoder"], "encoder")
+    moved = [
+        float(np.abs(a - b).max())
+        for a, b in zip(*map(jax.tree.leaves, (params["decoder"], new["decoder"])), strict=True)
+    ]
+    assert max(moved) > 0, "the decoder did not learn"
+    export_run(str(tmp_path / "run"), str(tmp_path / "out"))
+    out = load_codec(str(tmp_path / "out"))
+    np.testing.assert_array_equal(out.latent_mean, stats[0])
+    np.testing.assert_array_equal(out.latent_std, stats[1])
+    x = ToneSource().batch(5, 1)[0].T
+    np.testing.assert_array_equal(out.encode(x, 8000), load_codec(str(tmp_path / "base")).encode(x, 8000))
+    # Freezing the encoder needs a codec to start from; a codec of another layout is named.
+    with pytest.raises(ConfigError, match="train.init_from"):
+        codec_config.validate(_cfg(**{"train.trainable": "decoder"}))
+    with pytest.raises(ConfigError, match="train.trainable"):
+        codec_config.validate(_cfg(**{"train.trainable": "encoder"}))
+    wrong = _cfg(**{"train.init_from": "default"})
+    with pytest.raises(ConfigError, match="do not fit"):
+        train.CodecTrainer(wrong, sharding.make_mesh(wrong.mesh)).initial_state()
+
+
+def test_crop_source_balances_subfolders(tmp_path):
+    """``data.balance_subfolders``: six short clips in one folder and one long song in
+    another give half the crops each (without it, one crop in seven is the song's)."""
+    from audiodiff_jax.codec.data import CropSource
+
+    for sub in ("renders", "songs"):
+        (tmp_path / sub).mkdir()
+    for i in range(6):  # positive levels: renders; negative: the song
+        sf.write(tmp_path / "renders" / f"r{i}.wav", np.full(1600, 0.1 + 0.01 * i, np.float32), 8000)
+    sf.write(tmp_path / "songs" / "song.flac", np.full(40000, -0.2, np.float32), 8000)
+
+    def song_share(balance):
+        src = CropSource(
+            str(tmp_path), sample_rate=8000, channels=1, crop_samples=1024, seed=0, balance_subfolders=balance
+        )
+        crops = np.concatenate([src.batch(step, 64)[:, 0, 0] for step in range(8)])
+        return float(np.mean(crops < 0))
+
+    assert 0.43 < song_share(True) < 0.57
+    assert 0.08 < song_share(False) < 0.22

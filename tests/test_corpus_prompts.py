@@ -149,6 +149,7 @@ def test_shipped_demo_weights_fit_the_demo_model_and_the_demo_shards(tmp_path):
     source = DatasetCard.from_dict(export.read_json_item(weights, "dataset_card"))
     assert card.latent_mean == source.latent_mean and card.latent_std == source.latent_std
     assert DatasetCard.load(shards) == card and card.num_records == 2
+    assert card.metadata[demo.ADOPTED] == weights  # what a rerun of the demo checks for
     tok = Tokenizer(os.path.join(shards, card.tokenizer))
     assert card.metadata["caption_tokens_max"] == tok.length("x")  # the captions of these shards
     assert tok.vocab_size == card.tokenizer_vocab_size <= cfg.model.text.vocab_size

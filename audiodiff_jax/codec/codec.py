@@ -15,7 +15,6 @@ weights).
 
 from __future__ import annotations
 
-import glob
 import json
 import os
 
@@ -29,7 +28,7 @@ from audiodiff_jax.codec import chunked, inputs
 from audiodiff_jax.codec import config as config_lib
 from audiodiff_jax.codec import model as model_lib
 from audiodiff_jax.codec.config import CodecModelConfig, hop_of
-from audiodiff_jax.codec.data import load_wav
+from audiodiff_jax.codec.data import audio_files, load_wav
 from audiodiff_jax.data.cards import CodecCard
 
 WEIGHTS_FILE = "weights.npz"
@@ -224,12 +223,12 @@ def load_codec(name_or_path: str = "default", **kwargs) -> JaxCodec:
 
 
 def latent_statistics(codec: JaxCodec, audio_dir: str, max_files: int = 0) -> tuple[np.ndarray, np.ndarray]:
-    """Per-channel mean and (population) std of the latents of every WAV in ``audio_dir``."""
-    files = sorted(glob.glob(os.path.join(audio_dir, "**", "*.wav"), recursive=True))
+    """Per-channel mean and (population) std of the latents of every audio file in ``audio_dir``."""
+    files = audio_files(audio_dir)
     if max_files:
         files = files[:max_files]
     if not files:
-        raise FileNotFoundError(f"{audio_dir!r} holds no .wav files for the latent statistics")
+        raise FileNotFoundError(f"{audio_dir!r} holds no audio files for the latent statistics")
     total, total_sq, count = 0.0, 0.0, 0
     for f in files:
         z = codec.encode(
@@ -243,9 +242,39 @@ def latent_statistics(codec: JaxCodec, audio_dir: str, max_files: int = 0) -> tu
     return mean.astype(np.float32), std.astype(np.float32)
 
 
+def is_codec_folder(name_or_path: str) -> bool:
+    """``"default"`` or a folder with an exported codec's weights (not a training workdir)."""
+    return name_or_path == "default" or os.path.exists(os.path.join(name_or_path, WEIGHTS_FILE))
+
+
 def export_run(workdir: str, out_dir: str, *, stats_dir: str = "", max_stats_files: int = 0) -> str:
-    """EMA weights of a codec run -> a loadable folder (with latent statistics from ``stats_dir``)."""
+    """EMA weights of a codec run -> a loadable folder (with latent statistics from ``stats_dir``).
+
+    A run that froze its encoder (``train.trainable="decoder"``) from an exported codec
+    keeps that codec's latent statistics, after checking that its encoder weights are
+    still bit for bit those of the codec it started from: its latents are the same, so
+    shards and diffusion models made with the old codec stay valid.
+    """
+    step_dir, _ = checkpointing.find_step(workdir, required_items=("state", "config"))
+    cfg = config_lib.from_configdict(checkpointing.read_json_item(step_dir / "config"))
     codec = _load_run(workdir)
-    if stats_dir:
+    if cfg.train.trainable == "decoder" and is_codec_folder(cfg.train.init_from):
+        base = load_codec(cfg.train.init_from)
+        changed = [
+            jax.tree_util.keystr(p)
+            for (p, a), b in zip(
+                jax.tree_util.tree_flatten_with_path(base.params["encoder"])[0],
+                jax.tree.leaves(codec.params["encoder"]),
+                strict=True,
+            )
+            if not np.array_equal(np.asarray(a), np.asarray(b))
+        ]
+        if changed:
+            raise ValueError(
+                f"{workdir}: train.trainable='decoder' but encoder weights {changed[:3]} differ from "
+                f"{cfg.train.init_from}'s; its latent statistics would not apply"
+            )
+        codec.latent_mean, codec.latent_std = base.latent_mean, base.latent_std
+    elif stats_dir:
         codec.latent_mean, codec.latent_std = latent_statistics(codec, stats_dir, max_stats_files)
     return codec.save(out_dir)

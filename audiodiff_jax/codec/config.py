@@ -80,6 +80,9 @@ class CodecDataConfig:
     global_batch_size: int = 8
     seed: int = 0
     min_rms: float = 1e-3  # crops quieter than this are redrawn (mostly-silent starts of songs)
+    # Each top-level subfolder of audio_dir gets an equal share of the crops (every
+    # second equally likely within one): e.g. renders/ and songs/ half and half.
+    balance_subfolders: bool = False
 
 
 @dataclasses.dataclass(frozen=True)
@@ -87,7 +90,13 @@ class CodecTrainConfig:
     num_steps: int = 1000
     seed: int = 0
     log_every: int = 10
-    init_from: str = ""  # another codec run's workdir: weights only
+    # Weights only: another codec run's workdir, an exported codec folder, or "default"
+    # (the codec shipped in the package).
+    init_from: str = ""
+    # "all", or "decoder": the encoder is frozen (its updates are zero and no gradient
+    # flows into it), so the latents, their statistics and every model trained on them
+    # stay valid while the decoder learns new material. Needs init_from.
+    trainable: str = "all"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -100,6 +109,9 @@ class CodecConfig:
     optim: OptimConfig = dataclasses.field(default_factory=OptimConfig)
     train: CodecTrainConfig = dataclasses.field(default_factory=CodecTrainConfig)
     checkpoint: CheckpointConfig = dataclasses.field(default_factory=CheckpointConfig)
+
+
+TRAINABLE = ("all", "decoder")
 
 
 def hop_of(m: CodecModelConfig) -> int:
@@ -208,6 +220,11 @@ def validate(cfg: CodecConfig, num_devices: int | None = None) -> None:
     t, c = cfg.train, cfg.checkpoint
     _check(t.num_steps > 0, f"train.num_steps={t.num_steps} must be > 0")
     _check(t.log_every > 0, f"train.log_every={t.log_every} must be > 0")
+    _check(t.trainable in TRAINABLE, f"train.trainable={t.trainable!r}; one of {TRAINABLE}")
+    _check(
+        t.trainable == "all" or bool(t.init_from),
+        f"train.trainable={t.trainable!r} freezes the encoder, so it needs train.init_from (a trained codec)",
+    )
     _check(c.every_steps > 0, f"checkpoint.every_steps={c.every_steps} must be > 0")
     _check(c.keep_last >= 1, f"checkpoint.keep_last={c.keep_last} must be >= 1")
     if num_devices is None:

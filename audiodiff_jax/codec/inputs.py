@@ -25,6 +25,11 @@ from absl import logging
 
 from audiodiff_jax.errors import UserError
 
+# Audio files read through soundfile (libsndfile >= 1.1 reads MP3 and Opus); every
+# folder reader of the project (codec training, latent statistics, precompute's
+# audio folders, evaluation) takes these.
+AUDIO_EXTENSIONS = (".wav", ".flac", ".ogg", ".mp3", ".opus", ".aif", ".aiff")
+
 UNSCALED_PEAK = 64.0  # a float signal this loud is integer PCM that was never divided
 
 

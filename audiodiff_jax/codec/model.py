@@ -348,5 +348,21 @@ def make_discriminator(audio_channels: int, cfg: DiscriminatorConfig) -> ModuleF
     )
 
 
+def param_mismatch(params, abstract) -> str:
+    """ "" when ``params`` has the paths and shapes of ``abstract``; else the first differences, named."""
+    have = {
+        jax.tree_util.keystr(p): tuple(x.shape) for p, x in jax.tree_util.tree_flatten_with_path(params)[0]
+    }
+    want = {
+        jax.tree_util.keystr(p): tuple(x.shape) for p, x in jax.tree_util.tree_flatten_with_path(abstract)[0]
+    }
+    problems = [f"missing {k}" for k in sorted(want.keys() - have.keys())]
+    problems += [f"unexpected {k}" for k in sorted(have.keys() - want.keys())]
+    problems += [
+        f"{k}: {have[k]} vs {want[k]}" for k in sorted(have.keys() & want.keys()) if have[k] != want[k]
+    ]
+    return "; ".join(problems[:4]) + (f"; and {len(problems) - 4} more" if len(problems) > 4 else "")
+
+
 def count_params(tree) -> int:
     return int(sum(int(np.prod(x.shape)) for x in jax.tree.leaves(tree)))

@@ -23,10 +23,12 @@ import optax
 from absl import logging
 
 from audiodiff_jax import loop, names, optim, sharding
+from audiodiff_jax.codec import codec as codec_lib
 from audiodiff_jax.codec import losses
 from audiodiff_jax.codec import model as model_lib
 from audiodiff_jax.codec.config import CodecConfig, card_dict, validate
 from audiodiff_jax.codec.data import CropSource
+from audiodiff_jax.config import ConfigError
 
 # Metric names of the codec run (the DiT's are in audiodiff_jax/names.py).
 LOSS = names.TRAIN_LOSS
@@ -39,6 +41,18 @@ DISC_LOSS = "codec/discriminator"
 PERF_AUDIO_SECONDS = "perf/audio_seconds_per_s"
 
 
+def freeze_encoder(tx: optax.GradientTransformation) -> optax.GradientTransformation:
+    """``tx`` for the decoder's params; zero updates (and no optimizer state) for the encoder's."""
+
+    def labels(params):
+        return {
+            part: jax.tree.map(lambda _, label="frozen" if part == "encoder" else "train": label, sub)
+            for part, sub in params.items()
+        }
+
+    return optax.multi_transform({"train": tx, "frozen": optax.set_to_zero()}, labels)
+
+
 def uses_discriminator(cfg: CodecConfig) -> bool:
     return cfg.discriminator.adversarial_weight > 0 or cfg.discriminator.feature_weight > 0
 
@@ -47,6 +61,7 @@ def make_train_step(cfg: CodecConfig, vae: model_lib.ModuleFns, disc, tx, disc_t
     """Builds the pure ``train_step(state, audio_btc) -> (state, metrics)``."""
     lc, dc = cfg.loss, cfg.discriminator
     use_disc = disc is not None
+    frozen_encoder = cfg.train.trainable == "decoder"
     ema_decay = cfg.optim.ema_decay
 
     def train_step(state: dict, audio_btc: jax.Array):
@@ -57,6 +72,8 @@ def make_train_step(cfg: CodecConfig, vae: model_lib.ModuleFns, disc, tx, disc_t
         def gen_loss(params):
             net = vae.merge(params)
             mean, scale = model_lib.posterior(net.encode(x))
+            if frozen_encoder:  # no backward pass through the encoder
+                mean, scale = jax.lax.stop_gradient(mean), jax.lax.stop_gradient(scale)
             z = mean + lc.posterior_noise * scale * jax.random.normal(rng, mean.shape, mean.dtype)
             y = net.decode(z)
             parts = {
@@ -85,6 +102,8 @@ def make_train_step(cfg: CodecConfig, vae: model_lib.ModuleFns, disc, tx, disc_t
         params = optax.apply_updates(state["params"], updates)
         decay = optim.ema_decay_at(state["step"], ema_decay)
         ema = jax.tree.map(lambda e, p: e * decay + (1.0 - decay) * p, state["ema_params"], params)
+        if frozen_encoder:  # e*d + p*(1-d) with e == p is not always p in float: keep it exact
+            ema = dict(ema, encoder=params["encoder"])
         new = dict(state, step=state["step"] + 1, params=params, opt_state=opt_state, ema_params=ema)
         metrics = {LOSS: loss, **parts}
         if use_disc:
@@ -124,6 +143,8 @@ class CodecTrainer:
             else None
         )
         self.tx, self.schedule = optim.make_optimizer(cfg.optim, cfg.train.num_steps)
+        if cfg.train.trainable == "decoder":
+            self.tx = freeze_encoder(self.tx)
         self.disc_tx = optim.make_optimizer(cfg.optim, cfg.train.num_steps)[0] if self.disc else None
         replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
         self.param_shardings = sharding.named_shardings(self.vae.logical_axes(), mesh)
@@ -193,7 +214,18 @@ class CodecTrainer:
         return sharding.with_shardings(self.vae.abstract_params(), self.param_shardings)
 
     def initial_state(self) -> dict:
-        """``train.init_from`` weights (another codec run's raw params), or a fresh state."""
+        """``train.init_from`` weights (another codec run's raw params, an exported codec
+        folder or ``"default"``), or a fresh state."""
+        init_from = self.cfg.train.init_from
+        if init_from and codec_lib.is_codec_folder(init_from):
+            params = codec_lib.load_codec(init_from).params
+            mismatch = model_lib.param_mismatch(params, self.vae.abstract_params())
+            if mismatch:
+                raise ConfigError(
+                    f"train.init_from={init_from!r}: its weights do not fit this config's model ({mismatch})"
+                )
+            logging.info("starting from the weights of the codec %s", init_from)
+            return self.init_state(self.cfg.train.seed, params=jax.device_put(params, self.param_shardings))
         return loop.start_state(
             self.init_state, self.abstract_params, self.cfg.train, required_items=("state", "config")
         )
@@ -243,6 +275,7 @@ def train(
             crop_samples=cfg.data.crop_samples,
             seed=cfg.data.seed,
             min_rms=cfg.data.min_rms,
+            balance_subfolders=cfg.data.balance_subfolders,
         )
     trainer = trainer or CodecTrainer(cfg, mesh)
     n_params = model_lib.count_params(trainer.vae.abstract_params())

@@ -33,6 +33,7 @@ from absl import logging
 from tqdm import tqdm
 
 from audiodiff_jax import report
+from audiodiff_jax.codec import inputs
 from audiodiff_jax.errors import UserError
 from audiodiff_jax.evaluation import adherence, embeddings, song
 from audiodiff_jax.evaluation import notes as notes_lib
@@ -40,7 +41,7 @@ from audiodiff_jax.evaluation import notes as notes_lib
 METRICS_FILE = "metrics.jsonl"
 SUMMARY_FILE = "metrics_summary.json"
 MANIFEST_FILE = "manifest.jsonl"  # what sweeps (sweep.py) and corpus builders write
-AUDIO_EXTENSIONS = (".wav", ".flac", ".ogg", ".aiff", ".aif", ".mp3")
+AUDIO_EXTENSIONS = inputs.AUDIO_EXTENSIONS
 # Manifest columns copied into metrics rows: what a sweep grid varies, and what names a song.
 CARRIED = (
     "prompt",
