@@ -76,7 +76,10 @@ setup(
     package_data={
         "configs": ["*.py"],
         "launch": ["*.yaml.tmpl"],  # the GKE JobSet template of launch/gke.py
-        "audiodiff_jax.codec": ["weights/*.npz", "weights/*.json", "weights/*.md", "testdata/*.wav"],
+        "audiodiff_jax.codec": [
+            *(f"{d}/*.{ext}" for d in ("weights", "weights_music") for ext in ("npz", "json", "md")),
+            "testdata/*.wav",
+        ],
         # The report pages (report.py, launch/demo.py) and the demo DiT make demo continues from.
         "audiodiff_jax": ["templates/*", "demo_weights/*"],
     },

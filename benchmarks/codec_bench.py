@@ -184,6 +184,45 @@ def songs_quality(codec, songs_dir: str, pitch_excerpts: int = 6, excerpt_second
     }
 
 
+def songs_figure(codecs: dict, songs_dir: str, path: str, seconds: float = 6.0) -> str:
+    """One row per song: spectrograms of ``seconds`` from the middle of the song, then of
+    that excerpt through each codec of ``codecs`` (label -> codec), as a PNG at ``path``."""
+    from matplotlib.figure import Figure
+
+    from audiodiff_jax import report
+    from audiodiff_jax.codec.data import audio_files, load_wav
+
+    files = audio_files(songs_dir)
+    sr = next(iter(codecs.values())).model.sample_rate
+    cols = 1 + len(codecs)
+    fig = Figure(figsize=(3.2 * cols, 1.9 * len(files)), dpi=100, layout="constrained")
+    axes = fig.subplots(len(files), cols, squeeze=False)
+    for r, f in enumerate(files):
+        x = load_wav(f, sr, 1)
+        mid, n = x.shape[1] // 2, int(seconds * sr)
+        x = x[:, max(0, mid - n // 2) : max(0, mid - n // 2) + n]
+        panels = [("original", x)] + [(label, c.reconstruct(x, sr)) for label, c in codecs.items()]
+        for col, (label, audio) in enumerate(panels):
+            db, (t0, t1, f0, f1) = report.spectrogram_db(audio, sr)
+            ax = axes[r][col]
+            ax.imshow(
+                db,
+                origin="lower",
+                aspect="auto",
+                extent=(t0, t1, f0 / 1000, f1 / 1000),
+                cmap="magma",
+                vmin=-80.0,
+                vmax=0.0,
+            )
+            ax.set_xlim(0.0, seconds)
+            ax.set_title(f"{os.path.basename(f)}: {label}" if col == 0 else label, fontsize=8)
+            ax.tick_params(labelsize=7)
+            if col == 0:
+                ax.set_ylabel("kHz", fontsize=7)
+    report.save_figure_png(fig, path)
+    return path
+
+
 def speed(codec, seconds: float) -> dict:
     sr = codec.model.sample_rate
     rng = np.random.default_rng(0)
@@ -224,6 +263,10 @@ def main(argv):
         out["quality"] = quality(codec, _HELDOUT.value, _MAX_CLIPS.value)
     if _SONGS.value:
         out["songs"] = songs_quality(codec, _SONGS.value)
+    if _FIGURE.value:
+        codecs = {_COMPARE.value: open_codec(_COMPARE.value)} if _COMPARE.value else {}
+        codecs[_CODEC.value] = codec
+        out["figure"] = songs_figure(codecs, _SONGS.value or _HELDOUT.value, _FIGURE.value)
     if _SPEED_SECONDS.value > 0:
         out["speed"] = speed(codec, _SPEED_SECONDS.value)
     print(json.dumps(out, indent=2))
@@ -241,6 +284,12 @@ if __name__ == "__main__":
     _SONGS = flags.DEFINE_string(
         "songs_dir", "", "Whole songs, any format (e.g. python -m data_pipeline.real_music's heldout/)."
     )
+    _FIGURE = flags.DEFINE_string(
+        "figure",
+        "",
+        "Write spectrograms (original, --compare_codec, --codec) of each song's middle here (PNG).",
+    )
+    _COMPARE = flags.DEFINE_string("compare_codec", "", "Another codec for the --figure, e.g. default.")
     _SPEED_SECONDS = flags.DEFINE_float("speed_seconds", 60.0, "Length of the speed-test signal.")
     _MAX_CLIPS = flags.DEFINE_integer("max_clips", 0, "Use at most this many clips (0 = all).")
     _OUT = flags.DEFINE_string("out_json", "", "Also write the figures here.")

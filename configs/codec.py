@@ -7,10 +7,12 @@
   21.53 latent frames/s, encoder widths 8..128, decoder 16..256 (1.9M parameters).
   Sized for a 2-core CPU: 0.5 s per step at batch 8 x 0.74 s; the shipped default
   (``audiodiff_jax/codec/weights``) is this preset's 6,000 steps (76 minutes).
-- ``music``: the ``small`` codec's decoder fine-tuned on real produced songs and renders
-  (``data.audio_dir`` with ``renders/`` and ``songs/`` subfolders, half the crops each),
-  the encoder frozen: latents, their statistics and every model trained on them stay
-  valid. Starts from the shipped codec (``train.init_from=default``).
+- ``music``: the ``small`` layout fine-tuned, encoder and decoder, on real produced songs
+  and renders (``data.audio_dir`` with ``renders/`` and ``songs/`` subfolders, half the
+  crops each), starting from the shipped default (``train.init_from=default``). Its
+  latents differ from the default's, so it has its own name (``audiodiff-vae-music``);
+  ``load_codec("music")`` opens the shipped one. ``--config.train.trainable=decoder``
+  instead keeps the encoder (and so the latents) of the codec it starts from.
 - ``stable``: Stable Audio's layout: 44.1 kHz stereo, hop 2048 (strides 2x4x4x8x8),
   64 latent channels, 21.53 Hz, widths 128..2048, discriminator on. Accelerators only.
 - ``tiny``: for tests (hop 64, a few thousand parameters).
@@ -34,7 +36,7 @@ def get_config(arg=None):
     sr, ch, latent, strides, widths, dec_mult = PRESETS[name]
     config = codec_config.default_configdict()
     m = config.model
-    m.name = "audiodiff-vae-small" if name == "music" else f"audiodiff-vae-{name}"
+    m.name = f"audiodiff-vae-{name}"
     m.sample_rate, m.audio_channels, m.latent_channels = sr, ch, latent
     m.strides, m.widths, m.decoder_width_mult = strides, widths, dec_mult
     config.mesh.data = -1
@@ -61,7 +63,6 @@ def get_config(arg=None):
         config.checkpoint.every_steps = 250
         if name == "music":
             config.train.init_from = "default"
-            config.train.trainable = "decoder"
             config.data.balance_subfolders = True
             config.optim.learning_rate = 3e-4
             config.optim.ema_decay = 0.995

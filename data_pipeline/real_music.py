@@ -73,22 +73,16 @@ class Song:
     licence: str
     author: str
     seconds: float
-
-    @property
-    def split(self) -> str:
-        return "heldout" if self.key in HELDOUT else "train"
-
-    @property
-    def link_name(self) -> str:
-        """A file name without spaces, unique across packages and albums."""
-        rel = os.path.relpath(self.path, os.path.dirname(self.path.split("/music/")[0] + "/music/"))
-        return re.sub(r"[^A-Za-z0-9._-]+", "_", f"{self.package}-{rel.replace(os.sep, '-')}")
+    split: str  # "train" or "heldout"
+    file: str  # its link's name: package and path inside the package, without spaces
 
 
-def find_songs(packages=PACKAGES) -> list[Song]:
-    """Every song of the packages, sorted; a missing package raises UserError naming the install."""
+def find_songs(packages=PACKAGES, heldout=HELDOUT) -> list[Song]:
+    """Every song of the packages, sorted, split by ``heldout``; a missing package raises
+    UserError naming the install command."""
     songs, missing = [], []
     for pkg in packages:
+        root = os.path.dirname(pkg.pattern.split("*", 1)[0])
         files = sorted(glob.glob(pkg.pattern, recursive=True))
         if not files:
             missing.append(pkg.name)
@@ -96,10 +90,17 @@ def find_songs(packages=PACKAGES) -> list[Song]:
         for f in files:
             info = sf.info(f)
             key = f"{pkg.name}/{os.path.basename(f)}"
-            songs.append(Song(key, f, pkg.name, pkg.licence, pkg.author, round(info.duration, 2)))
+            split = "heldout" if key in heldout else "train"
+            link = re.sub(
+                r"[^A-Za-z0-9._-]+", "_", f"{pkg.name}-{os.path.relpath(f, root).replace(os.sep, '-')}"
+            )
+            songs.append(
+                Song(key, f, pkg.name, pkg.licence, pkg.author, round(info.duration, 2), split, link)
+            )
     if missing:
-        raise UserError(f"real music: package(s) {', '.join(missing)} not installed; run: {INSTALL}")
-    absent = sorted(set(HELDOUT) - {s.key for s in songs})
+        install = "apt-get install -y " + " ".join(p.name for p in packages)
+        raise UserError(f"real music: package(s) {', '.join(missing)} not installed; run: {install}")
+    absent = sorted(set(heldout) - {s.key for s in songs})
     if absent:
         raise UserError(f"real music: held-out songs {absent} are not in the installed packages")
     return songs
@@ -110,13 +111,13 @@ def write_folders(out: str, songs: list[Song]) -> dict:
     for split in ("train", "heldout"):
         os.makedirs(os.path.join(out, split), exist_ok=True)
     for s in songs:
-        link = os.path.join(out, s.split, s.link_name)
+        link = os.path.join(out, s.split, s.file)
         if os.path.islink(link) or os.path.exists(link):
             os.remove(link)
         os.symlink(s.path, link)
     summary = {
         "install": INSTALL,
-        "songs": [dict(dataclasses.asdict(s), split=s.split, file=s.link_name) for s in songs],
+        "songs": [dataclasses.asdict(s) for s in songs],
         "minutes": {
             split: round(sum(s.seconds for s in songs if s.split == split) / 60, 1)
             for split in ("train", "heldout")

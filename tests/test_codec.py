@@ -315,6 +315,7 @@ def test_shipped_card(shipped):
     assert CodecCard.from_dict(card.to_dict()) == card
     assert (card.sample_rate, card.audio_channels, card.hop, card.latent_channels) == (22050, 1, 1024, 32)
     assert abs(card.latent_rate - 21.533) < 1e-3
+    assert load_codec(card.name).card == card  # what a dataset card records finds it
     full = shipped.card_dict()
     assert len(full["latent_mean"]) == 32 and all(s > 0 for s in full["latent_std"])
     weights = os.path.join(os.path.dirname(codec_config.__file__), "weights", "weights.npz")
@@ -328,6 +329,21 @@ def test_shipped_weights_si_sdr_floor(shipped, clip):
     assert score >= SI_SDR_FLOOR_DB, f"SI-SDR {score:.2f} dB < floor {SI_SDR_FLOOR_DB} dB"
     distance = losses.stft_distance(clip, y)
     assert distance <= STFT_DISTANCE_CEILING, f"STFT distance {distance:.3f} > {STFT_DISTANCE_CEILING}"
+
+
+def test_shipped_music_codec(shipped, clip):
+    """``load_codec("music")``: the same layout as the default, its own name (its latents
+    differ) found by that name too, at most 20 MB, and on the held-out render it does
+    not fall below the default's floor."""
+    music = load_codec("music")
+    assert music.card.name == "audiodiff-vae-music" != shipped.card.name
+    assert load_codec(music.card.name).card == music.card
+    assert (music.card.hop, music.card.latent_channels) == (shipped.card.hop, shipped.card.latent_channels)
+    weights = os.path.join(os.path.dirname(codec_config.__file__), "weights_music", "weights.npz")
+    assert os.path.getsize(weights) <= 20 * 1024 * 1024
+    y = music.reconstruct(clip, music.model.sample_rate)
+    score = losses.si_sdr(clip, y)
+    assert score >= SI_SDR_FLOOR_DB, f"SI-SDR {score:.2f} dB < floor {SI_SDR_FLOOR_DB} dB"
 
 
 def test_silence_decodes_to_near_silence(shipped):

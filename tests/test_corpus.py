@@ -147,3 +147,34 @@ def test_audio_folder_captions_from_csv_and_file_names(tmp_path):
     assert "2 different caption rows" in reasons[("c.ogg", "warning")]
     assert "empty caption" in reasons[("d.wav", "warning")]
     assert "no caption in captions.csv" in reasons[("slow_piano-trio.wav", "warning")]
+
+
+def test_real_music_folders(tmp_path):
+    """data_pipeline/real_music: a missing package is named with its install command; the
+    installed songs become train/ and heldout/ links (held-out ones only in heldout/) and
+    songs.json says which is which, with the licence."""
+    from audiodiff_jax.errors import UserError
+    from data_pipeline import real_music
+
+    music = tmp_path / "pkg" / "music"
+    (music / "album").mkdir(parents=True)
+    for name in ("a song.ogg", "album/b.flac"):
+        sf.write(music / name, np.zeros(8000, np.float32), 8000, format=name.rsplit(".", 1)[1].upper())
+    pkg = real_music.Package("some-music", str(music / "**" / "*.*"), "GPL-2+", "someone")
+    absent = real_music.Package("other-music", str(tmp_path / "none" / "*.ogg"), "GPL-2+", "x")
+    with pytest.raises(
+        UserError, match="other-music not installed; run: apt-get install -y some-music other-music"
+    ):
+        real_music.find_songs((pkg, absent), heldout=())
+    with pytest.raises(UserError, match="held-out songs"):
+        real_music.find_songs((pkg,), heldout=("some-music/c.ogg",))
+    songs = real_music.find_songs((pkg,), heldout=("some-music/a song.ogg",))
+    summary = real_music.write_folders(str(tmp_path / "out"), songs)
+    assert sorted(os.listdir(tmp_path / "out" / "heldout")) == ["some-music-a_song.ogg"]
+    assert sorted(os.listdir(tmp_path / "out" / "train")) == ["some-music-album-b.flac"]
+    assert {s["file"]: s["split"] for s in summary["songs"]} == {
+        "some-music-a_song.ogg": "heldout",
+        "some-music-album-b.flac": "train",
+    }
+    assert json.load(open(tmp_path / "out" / "songs.json"))["songs"][0]["licence"] == "GPL-2+"
+    assert summary["songs"][0]["seconds"] == 1.0

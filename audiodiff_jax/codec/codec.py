@@ -34,6 +34,10 @@ from audiodiff_jax.data.cards import CodecCard
 WEIGHTS_FILE = "weights.npz"
 CARD_FILE = "codec_card.json"
 DEFAULT_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "weights")
+# The codecs shipped in the package, by the name load_codec takes: "default" (trained on
+# renders; the demo's and the tests'), "music" (fine-tuned on real produced songs too;
+# its own latents). Each folder's RECIPE.md says how it was made.
+SHIPPED = {"default": DEFAULT_DIR, "music": DEFAULT_DIR + "_music"}
 
 # Chunking defaults, in latent frames (~21.5 per second for the shipped presets):
 # 256-frame chunks (~12 s) with 64 frames of overlap. See chunked.py for why 64.
@@ -202,23 +206,41 @@ def _load_run(path: str, **kwargs) -> JaxCodec:
     return JaxCodec(cfg.model, params, **kwargs)
 
 
+def shipped_folder(name: str) -> str | None:
+    """The folder of the shipped codec called ``name``, by its :data:`SHIPPED` key or by its
+    card name (``"audiodiff-vae-small"``: what a dataset card records, so a checkpoint's
+    card finds the codec its latents came from); None when none is."""
+    if name in SHIPPED:
+        return SHIPPED[name]
+    for folder in SHIPPED.values():
+        card = os.path.join(folder, CARD_FILE)
+        if os.path.exists(card):
+            with open(card) as f:
+                if json.load(f).get("name") == name:
+                    return folder
+    return None
+
+
 def load_codec(name_or_path: str = "default", **kwargs) -> JaxCodec:
     """Opens a codec.
 
     Args:
-      name_or_path: ``"default"`` (the small preset shipped in the package), a folder
-        with ``weights.npz`` + ``codec_card.json``, or a codec training workdir.
+      name_or_path: a codec shipped in the package (:data:`SHIPPED`: ``"default"``, the
+        small preset trained on renders; ``"music"``, fine-tuned on real songs too), a
+        folder with ``weights.npz`` + ``codec_card.json``, or a codec training workdir.
+        A shipped codec's card name (``"audiodiff-vae-small"``) opens it too.
       **kwargs: :class:`JaxCodec` options (chunk_frames, overlap_frames, batch_size,
         resample, nonfinite).
     """
-    path = DEFAULT_DIR if name_or_path == "default" else name_or_path
+    path = shipped_folder(name_or_path) or name_or_path
     if os.path.exists(os.path.join(path, WEIGHTS_FILE)):
         return _load_folder(path, **kwargs)
     if os.path.isdir(os.path.join(path, "checkpoints")):
         return _load_run(path, **kwargs)
     raise FileNotFoundError(
         f"load_codec({name_or_path!r}): {path} holds neither {WEIGHTS_FILE} + {CARD_FILE} nor a codec run's "
-        "checkpoints/; pass 'default', an exported codec folder, or an audiodiff-codec-train workdir"
+        f"checkpoints/; pass one of {sorted(SHIPPED)}, an exported codec folder, or an audiodiff-codec-train "
+        "workdir"
     )
 
 
@@ -243,8 +265,9 @@ def latent_statistics(codec: JaxCodec, audio_dir: str, max_files: int = 0) -> tu
 
 
 def is_codec_folder(name_or_path: str) -> bool:
-    """``"default"`` or a folder with an exported codec's weights (not a training workdir)."""
-    return name_or_path == "default" or os.path.exists(os.path.join(name_or_path, WEIGHTS_FILE))
+    """A shipped codec's name or a folder with an exported codec's weights (not a training workdir)."""
+    folder = shipped_folder(name_or_path) or name_or_path
+    return os.path.exists(os.path.join(folder, WEIGHTS_FILE))
 
 
 def export_run(workdir: str, out_dir: str, *, stats_dir: str = "", max_stats_files: int = 0) -> str:
