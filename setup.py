@@ -87,17 +87,17 @@ setup(
     extras_require=EXTRAS_REQUIRE,
     entry_points={
         "console_scripts": [
-            "audiodiff-train=audiodiff_jax.train_main:run",
-            "audiodiff-codec-train=audiodiff_jax.codec.train_main:run",
+            "audiodiff-train=audiodiff_jax.programs.train_main:run",
+            "audiodiff-codec-train=audiodiff_jax.programs.codec_train_main:run",
             "audiodiff-make-demo-shards=data_pipeline.demo_shards:run",
             "audiodiff-demo=launch.demo:run",
             "audiodiff-tokenizer=data_pipeline.tokenizer:run",
             "audiodiff-corpus=data_pipeline.corpus_main:run",
             "audiodiff-precompute=data_pipeline.precompute:run",
-            "audiodiff-compile=audiodiff_jax.compile_main:run",
-            "audiodiff-sample=audiodiff_jax.sample_main:run",
-            "audiodiff-export=audiodiff_jax.export_main:run",
-            "audiodiff-eval=audiodiff_jax.eval_main:run",
+            "audiodiff-compile=audiodiff_jax.programs.compile_main:run",
+            "audiodiff-sample=audiodiff_jax.programs.sample_main:run",
+            "audiodiff-export=audiodiff_jax.programs.export_main:run",
+            "audiodiff-eval=audiodiff_jax.programs.eval_main:run",
         ]
     },
 )

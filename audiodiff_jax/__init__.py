@@ -3,5 +3,5 @@
 import time as _time
 
 # When this process first imported the package (before jax and the model): the start of
-# the goodput account's start-up time (audiodiff_jax/goodput.py).
+# the goodput account's start-up time (audiodiff_jax/training/goodput.py).
 IMPORT_TIME = _time.time()

@@ -189,8 +189,8 @@ def songs_figure(codecs: dict, songs_dir: str, path: str, seconds: float = 6.0) 
     that excerpt through each codec of ``codecs`` (label -> codec), as a PNG at ``path``."""
     from matplotlib.figure import Figure
 
-    from audiodiff_jax import report
     from audiodiff_jax.codec.data import audio_files, load_wav
+    from audiodiff_jax.core import report
 
     files = audio_files(songs_dir)
     sr = next(iter(codecs.values())).model.sample_rate

@@ -46,8 +46,8 @@ def prompts(trained: bool) -> list[str]:
 
 def main(argv):
     del argv
-    from audiodiff_jax import sweep
     from audiodiff_jax.codec import load_codec
+    from audiodiff_jax.sweeps import sweep
     from launch import demo_prompts
 
     t = time.time()

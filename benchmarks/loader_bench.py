@@ -22,7 +22,7 @@ import time
 
 from absl import app, flags
 
-from audiodiff_jax import config as config_lib
+from audiodiff_jax.core import config as config_lib
 from audiodiff_jax.data import loader
 from data_pipeline import demo_shards
 

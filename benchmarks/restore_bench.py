@@ -4,7 +4,7 @@ r"""Weights-only restore: time and host memory, from an Orbax checkpoint against
 
 Writes, once, a DiT-shaped train state (random float32 params, EMA params and AdamW's
 two moments: what a training checkpoint holds) as an Orbax checkpoint step, and the
-same params as an export folder (``audiodiff_jax/export.py``). Then, each in a fresh
+same params as an export folder (``audiodiff_jax/checkpoints/export.py``). Then, each in a fresh
 process, restores the EMA weights onto a one-device mesh: from the checkpoint with
 ``checkpointing.restore_weight_sets`` (the optimizer state is not read) and from the
 export with ``export.load_params``. Reports wall time and the process's peak resident
@@ -36,7 +36,7 @@ _MODE = flags.DEFINE_string(
 def _model_cfg():
     import importlib
 
-    from audiodiff_jax import config as config_lib
+    from audiodiff_jax.core import config as config_lib
 
     name, _, arg = _CONFIG.value.partition(":")
     return config_lib.from_configdict(
@@ -47,8 +47,8 @@ def _model_cfg():
 def _abstract(sharded: bool):
     import jax
 
-    from audiodiff_jax import sharding
-    from audiodiff_jax.config import MeshConfig
+    from audiodiff_jax.core import sharding
+    from audiodiff_jax.core.config import MeshConfig
     from audiodiff_jax.model import make_model
 
     model = make_model(_model_cfg())
@@ -74,7 +74,7 @@ def _write(root: str) -> None:
     import numpy as np
     import orbax.checkpoint as ocp
 
-    from audiodiff_jax import export
+    from audiodiff_jax.checkpoints import export
 
     ckpt, exp = os.path.join(root, "checkpoints", "1"), os.path.join(root, "export")
     if os.path.exists(os.path.join(exp, export.META)) and os.path.exists(ckpt):
@@ -104,7 +104,7 @@ def _one(mode: str) -> None:
     import numpy as np
     from etils import epath
 
-    from audiodiff_jax import checkpointing, export
+    from audiodiff_jax.checkpoints import checkpointing, export
 
     root = _DIR.value
     abstract = _abstract(True)

@@ -41,13 +41,16 @@ import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
 
-from audiodiff_jax import checkpointing, generation, sampling, sharding
-from audiodiff_jax import config as config_lib
-from audiodiff_jax.config import Config
+from audiodiff_jax.checkpoints import checkpointing
+from audiodiff_jax.core import config as config_lib
+from audiodiff_jax.core import sharding
+from audiodiff_jax.core.config import Config
 from audiodiff_jax.data.cards import CodecCard
 from audiodiff_jax.data.tokenizer import Tokenizer
-from audiodiff_jax.generation import SampleParams
+from audiodiff_jax.diffusion import samplers
 from audiodiff_jax.model import count_params, make_model
+from audiodiff_jax.sampling import generation
+from audiodiff_jax.sampling.generation import SampleParams
 from benchmarks import codec_bench
 from data_pipeline import demo_shards
 
@@ -186,7 +189,7 @@ def run(
         "steps": steps,
         "sampler": sampler,
         "cfg": guidance != 1.0,
-        "model_evals_per_window": steps * sampling.EVALS_PER_STEP[sampler] * (2 if guidance != 1.0 else 1),
+        "model_evals_per_window": steps * samplers.EVALS_PER_STEP[sampler] * (2 if guidance != 1.0 else 1),
         "batch": batch,
         "codec": codec.card.name if codec is not None else None,
         "latent_rate": codec_card.latent_rate,

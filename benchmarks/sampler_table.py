@@ -28,9 +28,11 @@ import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
 
-from audiodiff_jax import config as config_lib
-from audiodiff_jax import diffusion, generation, sampling, train
-from audiodiff_jax.generation import SampleParams
+from audiodiff_jax.core import config as config_lib
+from audiodiff_jax.diffusion import objective, samplers
+from audiodiff_jax.sampling import generation
+from audiodiff_jax.sampling.generation import SampleParams
+from audiodiff_jax.training import dit_trainer
 
 _OUT = flags.DEFINE_string("out", "benchmarks/results/sampler_table.json", "JSON output")
 _CHECKPOINT = flags.DEFINE_string("checkpoint", "", "a trained run to measure (default: train a tiny one)")
@@ -43,7 +45,7 @@ MU, S = 0.7, 0.4
 
 
 def gaussian_v(z, t):
-    a, s = diffusion.alpha_sigma(t)
+    a, s = objective.alpha_sigma(t)
     a, s = a[:, None, None], s[:, None, None]
     var = a * a * S * S + s * s
     x = MU + a * S * S / var * (z - a * MU)
@@ -54,16 +56,16 @@ def gaussian_v(z, t):
 def gaussian_errors() -> dict:
     rows, frames, channels = 8, 256, 8
     keys = jax.vmap(jax.random.key)(jnp.arange(rows))
-    exact = MU + S * sampling.row_noise(keys, sampling.STREAM_INIT, 0, (frames, channels), frames)
+    exact = MU + S * samplers.row_noise(keys, samplers.STREAM_INIT, 0, (frames, channels), frames)
     out = {}
-    for method in sampling.SAMPLERS:
-        for schedule in sampling.SCHEDULES:
+    for method in samplers.SAMPLERS:
+        for schedule in samplers.SCHEDULES:
             errs = {}
             for nfe in NFES:
-                steps = nfe // sampling.EVALS_PER_STEP[method]
-                ts = jnp.asarray(np.tile(sampling.time_grid(steps, schedule=schedule), (rows, 1)))
+                steps = nfe // samplers.EVALS_PER_STEP[method]
+                ts = jnp.asarray(np.tile(samplers.time_grid(steps, schedule=schedule), (rows, 1)))
                 z = jax.jit(
-                    lambda ts, method=method: sampling.sample(
+                    lambda ts, method=method: samplers.sample(
                         gaussian_v, jnp.zeros((rows, frames, channels)), ts, keys, method=method
                     )
                 )(ts)
@@ -78,7 +80,7 @@ def trained_errors(checkpoint: str) -> dict:
     base = dict(prompt="a calm piano melody", seconds=seconds, guidance=_GUIDANCE.value)
 
     def run(method, schedule, nfe):
-        steps = nfe // sampling.EVALS_PER_STEP[method]
+        steps = nfe // samplers.EVALS_PER_STEP[method]
         rows = [
             SampleParams(seed=s, steps=steps, sampler=method, schedule=schedule, **base) for s in range(8)
         ]
@@ -86,8 +88,8 @@ def trained_errors(checkpoint: str) -> dict:
 
     ref = run("heun", "logsnr", _REF_NFE.value)
     out = {}
-    for method in sampling.SAMPLERS:
-        for schedule in sampling.SCHEDULES:
+    for method in samplers.SAMPLERS:
+        for schedule in samplers.SCHEDULES:
             out[f"{method}/{schedule}"] = {
                 nfe: float(np.sqrt(np.mean(np.square(run(method, schedule, nfe) - ref)))) for nfe in NFES
             }
@@ -130,7 +132,7 @@ def _train_tiny(root: str) -> str:
             "train.log_every": 50,
         },
     )
-    train.train(cfg, os.path.join(root, "run"))
+    dit_trainer.train(cfg, os.path.join(root, "run"))
     return os.path.join(root, "run")
 
 

@@ -43,7 +43,7 @@ from typing import Any
 import jax
 from absl import app, flags
 
-from audiodiff_jax import config as config_lib
+from audiodiff_jax.core import config as config_lib
 from benchmarks import codec_bench, loader_bench, sample_bench, train_bench
 from configs import dit, tiny
 

@@ -4,10 +4,10 @@
         --config.data.window_frames=6460 --config.data.global_batch_size=2 --steps=20 \
         --saves=2 --save_dir=/tmp/train_bench_ckpt
 
-Runs the real jitted, sharded, donated ``train_step`` of ``audiodiff_jax/train.py`` on
+Runs the real jitted, sharded, donated ``train_step`` of ``audiodiff_jax/training/dit_trainer.py`` on
 random latents already on the devices (the loader is benchmarked separately by
 ``benchmarks/loader_bench.py``), after ``--warmup`` steps that include compilation.
-Model FLOPs follow ``audiodiff_jax/flops.py`` (no remat recompute, the MFU convention);
+Model FLOPs follow ``audiodiff_jax/core/flops.py`` (no remat recompute, the MFU convention);
 the peak is the device's dense bf16 peak (``flops.PEAK_BF16_FLOPS``, sources there) or
 ``--config.train.peak_tflops_per_device``. Peak memory is the device allocator's peak
 (``memory_stats``) where the backend reports one, else the process's peak resident set.
@@ -35,12 +35,13 @@ import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
 
-from audiodiff_jax import checkpointing, flops, sharding
-from audiodiff_jax import config as config_lib
-from audiodiff_jax.config import Config
+from audiodiff_jax.checkpoints import checkpointing
+from audiodiff_jax.core import config as config_lib
+from audiodiff_jax.core import flops, sharding
+from audiodiff_jax.core.config import Config
 from audiodiff_jax.data import batch as batch_lib
 from audiodiff_jax.data.batch import Batch, Conditioning
-from audiodiff_jax.train import Trainer
+from audiodiff_jax.training.dit_trainer import Trainer
 
 GIB = 2.0**30
 

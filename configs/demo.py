@@ -10,7 +10,7 @@ from those weights for a few hundred steps (``continue``); ``--from_scratch`` tr
 the default from a random init.
 """
 
-from audiodiff_jax import config as config_lib
+from audiodiff_jax.core import config as config_lib
 from audiodiff_jax.model import presets
 
 

@@ -9,7 +9,7 @@ params, blocks run as one lax.scan, FSDP over all devices of a slice, data paral
 across slices.
 """
 
-from audiodiff_jax import config as config_lib
+from audiodiff_jax.core import config as config_lib
 from audiodiff_jax.model import presets
 
 

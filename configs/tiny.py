@@ -4,7 +4,7 @@
         --config.data.shards_dir=/tmp/shards
 """
 
-from audiodiff_jax import config as config_lib
+from audiodiff_jax.core import config as config_lib
 from audiodiff_jax.model import presets
 
 

@@ -52,7 +52,7 @@ import soundfile as sf
 import soxr
 
 from audiodiff_jax.codec import inputs
-from audiodiff_jax.errors import UserError
+from audiodiff_jax.core.errors import UserError
 from data_pipeline.manifest import MANIFEST_FILE, Entry
 
 AUDIO_EXTENSIONS = inputs.AUDIO_EXTENSIONS

@@ -26,7 +26,7 @@ import numpy as np
 import soundfile as sf
 from absl import flags, logging
 
-from audiodiff_jax import cli
+from audiodiff_jax.programs import cli
 from data_pipeline import render
 
 # GM programs (0-based) the renders draw from: keyboards, mallets, plucked and bowed

@@ -23,7 +23,7 @@ import time
 
 from absl import app, flags
 
-from audiodiff_jax import cli
+from audiodiff_jax.programs import cli
 from data_pipeline import audio_folder, corpus_grooves, corpus_prompts, corpus_scores
 
 flags.DEFINE_enum(

@@ -31,8 +31,8 @@ from typing import Any
 
 import numpy as np
 
-from audiodiff_jax import cli
 from audiodiff_jax.data.cards import DatasetCard
+from audiodiff_jax.programs import cli
 from data_pipeline.shards import ShardWriter
 from data_pipeline.tokenizer import DEFAULT_FILE, Tokenizer, train_tokenizer
 

@@ -72,11 +72,12 @@ import jax
 import numpy as np
 from etils import epath
 
-from audiodiff_jax import cli, distributed
 from audiodiff_jax import codec as codec_lib
+from audiodiff_jax.core import distributed
+from audiodiff_jax.core.errors import UserError
 from audiodiff_jax.data.cards import CARD_FILE, CodecCard, DatasetCard, ShardError, ShardInfo
 from audiodiff_jax.data.records import SHARD_PREFIX, SHARD_SUFFIX, ShardSource, shard_file_name
-from audiodiff_jax.errors import UserError
+from audiodiff_jax.programs import cli
 from data_pipeline import audio_folder, tokenizer
 from data_pipeline.audio_folder import AudioError, Problem
 from data_pipeline.manifest import Entry

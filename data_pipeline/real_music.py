@@ -30,8 +30,8 @@ import re
 import soundfile as sf
 from absl import app, flags, logging
 
-from audiodiff_jax import report
-from audiodiff_jax.errors import UserError
+from audiodiff_jax.core import report
+from audiodiff_jax.core.errors import UserError
 
 
 @dataclasses.dataclass(frozen=True)

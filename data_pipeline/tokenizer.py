@@ -18,10 +18,10 @@ import sentencepiece as spm
 from etils import epath
 from sentencepiece import sentencepiece_model_pb2 as sp_model
 
-from audiodiff_jax import cli
 from audiodiff_jax.data.cards import DatasetCard
 from audiodiff_jax.data.records import read_captions
 from audiodiff_jax.data.tokenizer import BOS_ID, DEFAULT_FILE, EOS_ID, PAD_ID, UNK_ID, Tokenizer
+from audiodiff_jax.programs import cli
 
 _SEED = 0  # sentencepiece's sampling seed: training is a function of the captions alone
 

@@ -19,7 +19,7 @@ and its flags, run as given on every host (``--config``/``--workdir`` are then n
         --corpus=/mnt/corpus --out_dir=gs://B/latents/corpus
 
 Those programs split their work by the process index and count the scheduler gives
-each host (``audiodiff_jax.distributed.work_share``), with no collective between hosts.
+each host (``audiodiff_jax.core.distributed.work_share``), with no collective between hosts.
 """
 
 from __future__ import annotations
@@ -31,8 +31,8 @@ from collections.abc import Sequence
 
 from absl import app, flags
 
-from audiodiff_jax import cli
-from audiodiff_jax.errors import UserError
+from audiodiff_jax.core.errors import UserError
+from audiodiff_jax.programs import cli
 
 FLAGS = None  # the shared flags' holders, once define_flags() ran
 

@@ -35,14 +35,19 @@ import numpy as np
 from absl import flags, logging
 
 import audiodiff_jax
-from audiodiff_jax import cli, export, generation, report, seams, sweep, train
-from audiodiff_jax import config as config_lib
+from audiodiff_jax.checkpoints import export
 from audiodiff_jax.codec import load_codec
+from audiodiff_jax.core import config as config_lib
+from audiodiff_jax.core import report
+from audiodiff_jax.core.logs import quiet_library_logs
+from audiodiff_jax.core.metrics import read_loss_history
 from audiodiff_jax.data.cards import DatasetCard
 from audiodiff_jax.data.records import read_captions
 from audiodiff_jax.data.tokenizer import Tokenizer
-from audiodiff_jax.logs import quiet_library_logs
-from audiodiff_jax.metrics import read_loss_history
+from audiodiff_jax.programs import cli
+from audiodiff_jax.sampling import generation, seams
+from audiodiff_jax.sweeps import sweep
+from audiodiff_jax.training import dit_trainer
 from configs import demo as demo_config
 from data_pipeline import corpus_prompts, precompute, tokenizer
 from data_pipeline.tokenizer import DEFAULT_FILE
@@ -259,7 +264,7 @@ def main(argv):
         workdir,
         f"continuing from {DEMO_WEIGHTS}" if continued else "from scratch",
     )
-    result = train.train(cfg, workdir)
+    result = dit_trainer.train(cfg, workdir)
     timings["train"] = time.time() - t
 
     common = dict(
@@ -379,7 +384,7 @@ def main(argv):
 
 
 def seam_comparison(workdir: str, codec, rows: list[dict]) -> dict[str, str]:
-    """The windowed songs' seam ratio (``audiodiff_jax/seams.py``) next to the first song's
+    """The windowed songs' seam ratio (``audiodiff_jax/sampling/seams.py``) next to the first song's
     prompt and seed made in one pass (no seams: the ratio at the same frames is the
     yardstick). The one-pass song is cut to its first minute: one pass costs the square of
     the length in attention, and a minute already holds a dozen seam positions."""

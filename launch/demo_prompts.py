@@ -22,8 +22,9 @@ from typing import Any
 
 import numpy as np
 
-from audiodiff_jax import report, sweep
+from audiodiff_jax.core import report
 from audiodiff_jax.evaluation import adherence, evaluate_folder, song
+from audiodiff_jax.sweeps import sweep
 from data_pipeline import corpus_prompts
 
 TEMPO_TOLERANCE = 0.08  # the tolerance (the evaluation's own default is 4%)

@@ -27,7 +27,8 @@ import tempfile
 
 from absl import flags
 
-from audiodiff_jax import cli, topology
+from audiodiff_jax.core import topology
+from audiodiff_jax.programs import cli
 from launch import common
 
 # Flag holders, set by define_flags().

@@ -34,7 +34,7 @@ import time
 
 from absl import app, flags, logging
 
-from audiodiff_jax import cli
+from audiodiff_jax.programs import cli
 
 # Flag holders, set by define_flags() (this module's __main__ only: importing the launcher
 # as a library must not add flags that collide with a program's, e.g. --num_processes).

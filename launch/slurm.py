@@ -24,7 +24,7 @@ import sys
 
 from absl import flags
 
-from audiodiff_jax import cli
+from audiodiff_jax.programs import cli
 from launch import common
 
 # Flag holders, set by define_flags().

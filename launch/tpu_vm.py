@@ -33,7 +33,7 @@ import sys
 
 from absl import app, flags, logging
 
-from audiodiff_jax import cli
+from audiodiff_jax.programs import cli
 from launch import common
 
 # Flag holders, set by define_flags().

@@ -10,7 +10,7 @@ import time
 
 import numpy as np
 
-from audiodiff_jax import config as config_lib
+from audiodiff_jax.core import config as config_lib
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -12,9 +12,10 @@ import subprocess
 
 import pytest
 
-from audiodiff_jax import aot, topology
-from audiodiff_jax import config as config_lib
-from audiodiff_jax.config import ConfigError
+from audiodiff_jax.compilation import aot
+from audiodiff_jax.core import config as config_lib
+from audiodiff_jax.core import topology
+from audiodiff_jax.core.config import ConfigError
 from configs import tiny
 from tests.helpers import REPO, bin_path
 
@@ -69,7 +70,7 @@ def _tiny(**changes):
 
 @needs_libtpu
 def test_multislice_devices_and_mesh():
-    from audiodiff_jax import sharding
+    from audiodiff_jax.core import sharding
 
     spec = topology.parse_topology("v5p-16", num_slices=2)
     devices = aot.get_devices(spec)
@@ -87,7 +88,7 @@ def test_multislice_devices_and_mesh():
 
 @needs_libtpu
 def test_tiny_train_step_compiles_with_splash_and_reports_memory():
-    from audiodiff_jax import sharding
+    from audiodiff_jax.core import sharding
 
     spec = topology.parse_topology("v5p-8")
     cfg = aot.prepare_config(_tiny(), spec)
@@ -118,7 +119,7 @@ def test_tiny_train_step_compiles_with_splash_and_reports_memory():
 @needs_libtpu
 def test_splash_runs_at_a_window_that_is_not_a_block_multiple():
     """700 frames (700 % 128 = 60, as the shipped 6,460) get as many kernels as 640."""
-    from audiodiff_jax import sharding
+    from audiodiff_jax.core import sharding
 
     spec = topology.parse_topology("v5p-8")
     counts = []
@@ -142,7 +143,7 @@ def test_1b_train_step_compiles_for_v5p():
     a 512-frame window to keep the compile within a CI budget. BENCHMARKS.md holds
     the full-size (6,460-frame, 64- and 256-chip) reports.
     """
-    from audiodiff_jax import sharding
+    from audiodiff_jax.core import sharding
     from audiodiff_jax.model import count_params, make_model
     from configs import dit
 

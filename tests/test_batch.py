@@ -5,9 +5,9 @@ import jax
 import numpy as np
 from jax.sharding import PartitionSpec
 
-from audiodiff_jax import config as config_lib
-from audiodiff_jax import sharding
-from audiodiff_jax.config import MeshConfig
+from audiodiff_jax.core import config as config_lib
+from audiodiff_jax.core import sharding
+from audiodiff_jax.core.config import MeshConfig
 from audiodiff_jax.data import batch as batch_lib
 from audiodiff_jax.data.batch import Batch, Conditioning
 

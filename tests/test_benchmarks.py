@@ -13,8 +13,8 @@ import sys
 
 import pytest
 
-from audiodiff_jax import config as config_lib
-from audiodiff_jax import flops
+from audiodiff_jax.core import config as config_lib
+from audiodiff_jax.core import flops
 from configs import tiny
 from tests.helpers import REPO
 

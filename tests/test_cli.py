@@ -1,4 +1,4 @@
-"""``--help`` of every program: exit 0 and the program's own flags (audiodiff_jax/cli.py).
+"""``--help`` of every program: exit 0 and the program's own flags (audiodiff_jax/programs/cli.py).
 
 The console scripts come from the installed distribution's entry points, so a script
 added to setup.py is covered once the package is reinstalled; so are the modules run
@@ -98,7 +98,10 @@ def helps():
     assert "launch.local" in launchers, launchers
     for module in launchers:
         programs[(f"python -m {module}", flag_modules(module))] = [sys.executable, "-m", module, "--help"]
-    programs[("--helpfull", ("audiodiff_jax.train_main",))] = [str(BIN / "audiodiff-train"), "--helpfull"]
+    programs[("--helpfull", ("audiodiff_jax.programs.train_main",))] = [
+        str(BIN / "audiodiff-train"),
+        "--helpfull",
+    ]
     return _run_all(programs)
 
 
@@ -117,12 +120,12 @@ def test_help_lists_the_programs_own_flags(helps):
 
 
 def test_config_flag_help_mentions_overrides(helps):
-    text = helps[("audiodiff-train", ("audiodiff_jax.train_main",))].stdout
+    text = helps[("audiodiff-train", ("audiodiff_jax.programs.train_main",))].stdout
     assert "--config.FIELD=VALUE" in text
 
 
 def test_helpfull_exits_0_and_lists_every_flag(helps):
-    result = helps[("--helpfull", ("audiodiff_jax.train_main",))]
+    result = helps[("--helpfull", ("audiodiff_jax.programs.train_main",))]
     assert result.returncode == 0, result.stderr[-3000:]
     for flag in ("--workdir:", "--config:", "--[no]helpfull:", "--[no]logtostderr:"):
         assert flag in result.stdout, flag

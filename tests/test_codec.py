@@ -14,7 +14,7 @@ from audiodiff_jax.codec import chunked, inputs, losses
 from audiodiff_jax.codec import config as codec_config
 from audiodiff_jax.codec import model as model_lib
 from audiodiff_jax.codec.codec import JaxCodec, load_codec
-from audiodiff_jax.config import ConfigError
+from audiodiff_jax.core.config import ConfigError
 from configs import codec as codec_configs
 
 TESTDATA = os.path.join(os.path.dirname(codec_config.__file__), "testdata")

@@ -12,12 +12,13 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from audiodiff_jax import goodput, sharding
 from audiodiff_jax.codec import config as codec_config
-from audiodiff_jax.codec import losses, train
+from audiodiff_jax.codec import losses
 from audiodiff_jax.codec import model as model_lib
 from audiodiff_jax.codec.codec import load_codec
-from audiodiff_jax.metrics import read_loss_history
+from audiodiff_jax.core import sharding
+from audiodiff_jax.core.metrics import read_loss_history
+from audiodiff_jax.training import codec_trainer, goodput
 from configs import codec as codec_configs
 from tests.helpers import REPO, assert_trees_equal, bin_path, read_state, wait_then_sigterm
 
@@ -56,9 +57,9 @@ def _recon_loss(cfg, params, x):
 def test_training_lowers_loss_and_opens_as_a_codec(tmp_path):
     cfg = _cfg(**{"train.num_steps": 12, "checkpoint.every_steps": 6})
     x = jnp.asarray(ToneSource().batch(10_000, 8))  # a batch no training step sees
-    trainer = train.CodecTrainer(cfg, sharding.make_mesh(cfg.mesh))  # one compilation for all runs
+    trainer = codec_trainer.CodecTrainer(cfg, sharding.make_mesh(cfg.mesh))  # one compilation for all runs
     # Run A: 12 steps straight through.
-    a = train.train(cfg, str(tmp_path / "a"), source=ToneSource(), trainer=trainer)
+    a = codec_trainer.train(cfg, str(tmp_path / "a"), source=ToneSource(), trainer=trainer)
     assert a.final_step == 12
     fresh = model_lib.make_vae(cfg.model).init(jax.random.split(jax.random.key(cfg.train.seed), 3)[0])
     before = _recon_loss(cfg, fresh, x)
@@ -85,17 +86,17 @@ def test_discriminator_trains(tmp_path):
             "checkpoint.every_steps": 3,
         }
     )
-    trainer = train.CodecTrainer(cfg, sharding.make_mesh(cfg.mesh))
+    trainer = codec_trainer.CodecTrainer(cfg, sharding.make_mesh(cfg.mesh))
     d0 = jax.device_get(trainer.init_state(cfg.train.seed)["disc_params"])
-    result = train.train(cfg, str(tmp_path), source=ToneSource(), trainer=trainer)
+    result = codec_trainer.train(cfg, str(tmp_path), source=ToneSource(), trainer=trainer)
     d1 = jax.device_get(result.state["disc_params"])
     moved = [
         float(np.abs(a - b).max()) for a, b in zip(jax.tree.leaves(d0), jax.tree.leaves(d1), strict=True)
     ]
     assert max(moved) > 0, "the discriminator's weights did not change"
     rows = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
-    scalars = [r["scalars"] for r in rows if train.DISC_LOSS in r.get("scalars", {})][-1]
-    for key in (train.DISC_LOSS, train.ADV, train.FEAT):
+    scalars = [r["scalars"] for r in rows if codec_trainer.DISC_LOSS in r.get("scalars", {})][-1]
+    for key in (codec_trainer.DISC_LOSS, codec_trainer.ADV, codec_trainer.FEAT):
         assert np.isfinite(scalars[key]) and scalars[key] > 0, key
     assert sorted(read_loss_history(str(tmp_path))) == [1, 2, 3]
 
@@ -149,7 +150,7 @@ def test_decoder_only_fine_tune_keeps_the_encoder_latents_and_statistics(tmp_pat
     stays bit for bit (so latents made with the old codec stay valid) and the export keeps
     the old codec's latent statistics."""
     from audiodiff_jax.codec.codec import JaxCodec, export_run
-    from audiodiff_jax.config import ConfigError
+    from audiodiff_jax.core.config import ConfigError
 
     base_cfg = _cfg()
     params = jax.device_get(model_lib.make_vae(base_cfg.model).init(jax.random.key(3)))
@@ -163,7 +164,7 @@ def test_decoder_only_fine_tune_keeps_the_encoder_latents_and_statistics(tmp_pat
             "checkpoint.every_steps": 3,
         }
     )
-    result = train.train(cfg, str(tmp_path / "run"), source=ToneSource())
+    result = codec_trainer.train(cfg, str(tmp_path / "run"), source=ToneSource())
     new = jax.device_get(result.state["params"])
     assert_trees_equal(params["encoder"], new["encoder"], "encoder")
     moved = [
@@ -184,7 +185,7 @@ def test_decoder_only_fine_tune_keeps_the_encoder_latents_and_statistics(tmp_pat
         codec_config.validate(_cfg(**{"train.trainable": "encoder"}))
     wrong = _cfg(**{"train.init_from": "default"})
     with pytest.raises(ConfigError, match="do not fit"):
-        train.CodecTrainer(wrong, sharding.make_mesh(wrong.mesh)).initial_state()
+        codec_trainer.CodecTrainer(wrong, sharding.make_mesh(wrong.mesh)).initial_state()
 
 
 def test_crop_source_balances_subfolders(tmp_path):

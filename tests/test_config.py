@@ -6,9 +6,9 @@ import json
 import pytest
 from ml_collections import config_flags  # noqa: F401  (the config files are loaded like the CLI does)
 
-from audiodiff_jax import config as config_lib
-from audiodiff_jax import sampling
-from audiodiff_jax.config import ConfigError
+from audiodiff_jax.core import config as config_lib
+from audiodiff_jax.core.config import ConfigError
+from audiodiff_jax.diffusion import samplers
 
 
 def _load(name, arg=None):
@@ -162,9 +162,9 @@ def test_validate_names_the_sample_field(changes, pattern):
 
 
 def test_sampler_and_schedule_names_are_the_ones_sampling_implements():
-    assert set(sampling.EVALS_PER_STEP) == set(config_lib.SAMPLERS)
+    assert set(samplers.EVALS_PER_STEP) == set(config_lib.SAMPLERS)
     for schedule in config_lib.SCHEDULES:  # each one builds a grid from 1 down to 0
-        grid = sampling.time_grid(4, schedule=schedule)
+        grid = samplers.time_grid(4, schedule=schedule)
         assert grid[0] == 1.0 and grid[-1] == 0.0
 
 

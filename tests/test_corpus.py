@@ -153,7 +153,7 @@ def test_real_music_folders(tmp_path):
     """data_pipeline/real_music: a missing package is named with its install command; the
     installed songs become train/ and heldout/ links (held-out ones only in heldout/) and
     songs.json says which is which, with the licence."""
-    from audiodiff_jax.errors import UserError
+    from audiodiff_jax.core.errors import UserError
     from data_pipeline import real_music
 
     music = tmp_path / "pkg" / "music"

@@ -109,9 +109,9 @@ def test_shipped_demo_weights_fit_the_demo_model_and_the_demo_shards(tmp_path):
 
     import jax
 
-    from audiodiff_jax import config as config_lib
-    from audiodiff_jax import export
+    from audiodiff_jax.checkpoints import export
     from audiodiff_jax.codec import load_codec
+    from audiodiff_jax.core import config as config_lib
     from audiodiff_jax.data.cards import DatasetCard
     from audiodiff_jax.data.tokenizer import EOS_ID, UNK_ID, Tokenizer
     from audiodiff_jax.model import make_model

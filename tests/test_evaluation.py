@@ -384,7 +384,7 @@ def test_rerun_measures_only_changed_songs(sweep_folder, tmp_path, monkeypatch):
 
 def test_cli_help_bad_input_and_run(sweep_folder, tmp_path):
     env = dict(os.environ, PYTHONPATH=REPO, JAX_PLATFORMS="cpu")
-    base = [sys.executable, "-m", "audiodiff_jax.eval_main"]
+    base = [sys.executable, "-m", "audiodiff_jax.programs.eval_main"]
     run = lambda *a: subprocess.run(base + list(a), capture_output=True, text=True, env=env, timeout=300)  # noqa: E731
     helped = run("--help")
     assert helped.returncode == 0 and "--reference" in helped.stdout and "metrics.jsonl" in helped.stdout

@@ -17,9 +17,12 @@ import orbax.checkpoint as ocp
 import pytest
 from safetensors.numpy import load_file
 
-from audiodiff_jax import checkpointing, export, generation, optim, sharding, train
-from audiodiff_jax import config as config_lib
-from audiodiff_jax.config import MeshConfig
+from audiodiff_jax.checkpoints import checkpointing, export
+from audiodiff_jax.core import config as config_lib
+from audiodiff_jax.core import optim, sharding
+from audiodiff_jax.core.config import MeshConfig
+from audiodiff_jax.sampling import generation
+from audiodiff_jax.training import dit_trainer
 from tests.helpers import REPO, assert_trees_equal, bin_path, read_state, tiny_config, write_shards
 
 MAIN, EXTRA = 0.05, 0.2
@@ -46,7 +49,7 @@ def run3(shards, tmp_path_factory):
             "optim.extra_ema_decays": (EXTRA,),
         },
     )
-    train.train(cfg, workdir)
+    dit_trainer.train(cfg, workdir)
     return workdir
 
 
@@ -120,7 +123,7 @@ def test_checkpoint_with_the_old_single_ema_still_restores(run3, tmp_path):
     # Training resumes from it: the extra EMA starts from the main one (loop._restore_target).
     shutil.copytree(src / "data_iter", old / "data_iter")
     cfg = generation.read_checkpoint_meta(src)[0]
-    resumed = train.train(
+    resumed = dit_trainer.train(
         config_lib.replace(cfg, **{"train.num_steps": 4, "data.shards_dir": cfg.data.shards_dir}),
         str(old.parent.parent),
     )
@@ -262,7 +265,7 @@ def test_sampling_an_export_is_bit_identical_to_sampling_the_checkpoint(swept, e
 
 def test_init_from_an_export_imports_the_weights_and_refuses_another_model(shards, run3, exported, tmp_path):
     cfg = tiny_config(shards, **{"train.num_steps": 1, "train.init_from": str(exported)})
-    trainer = train.Trainer(cfg, sharding.make_mesh(MeshConfig(data=2), devices=jax.devices()[:2]))
+    trainer = dit_trainer.Trainer(cfg, sharding.make_mesh(MeshConfig(data=2), devices=jax.devices()[:2]))
     state = trainer.initial_state()
     want = checkpointing.restore_weight_sets(_step_dir(run3, 2), ["ema0.2"], None)["ema0.2"]
     assert_trees_equal(jax.device_get(state.params), want, "imported params")

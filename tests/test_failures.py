@@ -19,7 +19,7 @@ import time
 
 import pytest
 
-from audiodiff_jax import goodput, loop
+from audiodiff_jax.training import goodput, loop
 from tests.helpers import REPO, bin_path, last_logged_step, write_shards
 from tests.test_resume import NUM_STEPS, _args, _compare_runs, _env
 

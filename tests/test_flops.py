@@ -6,8 +6,8 @@ import jax
 import jax.numpy as jnp
 import pytest
 
-from audiodiff_jax import flops
-from audiodiff_jax.config import ModelConfig, TextEncoderConfig
+from audiodiff_jax.core import flops
+from audiodiff_jax.core.config import ModelConfig, TextEncoderConfig
 from audiodiff_jax.data.batch import Conditioning
 from audiodiff_jax.model import make_model
 

@@ -26,8 +26,8 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from audiodiff_jax import generation
-from audiodiff_jax.metrics import read_loss_history
+from audiodiff_jax.core.metrics import read_loss_history
+from audiodiff_jax.sampling import generation
 from tests.helpers import REPO, assert_trees_equal, bin_path, read_state, write_shards
 
 pytestmark = pytest.mark.slow
@@ -236,7 +236,7 @@ def test_init_from_reads_a_gcs_checkpoint(gs_run, local_full):
     """``train.init_from=gs://...`` goes through checkpointing.restore_params."""
     import jax
 
-    from audiodiff_jax import checkpointing
+    from audiodiff_jax.checkpoints import checkpointing
 
     workdir, _ = gs_run
     expected = read_state(local_full)["params"]

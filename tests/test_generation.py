@@ -16,10 +16,14 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from audiodiff_jax import aot, generation, sharding, sweep, train
-from audiodiff_jax import config as config_lib
-from audiodiff_jax.config import MeshConfig
+from audiodiff_jax.compilation import aot
+from audiodiff_jax.core import config as config_lib
+from audiodiff_jax.core import sharding
+from audiodiff_jax.core.config import MeshConfig
 from audiodiff_jax.data.cards import CodecCard
+from audiodiff_jax.sampling import generation
+from audiodiff_jax.sweeps import sweep
+from audiodiff_jax.training import dit_trainer
 from tests.helpers import REPO, bin_path, tiny_config, write_shards
 
 SR, HOP = 22050, 1024
@@ -57,7 +61,7 @@ def run_dir(tmp_path_factory):
     cfg = tiny_config(
         shards, **{"train.num_steps": 2, "checkpoint.every_steps": 2, "optim.learning_rate": 3e-2}
     )
-    train.train(cfg, workdir)
+    dit_trainer.train(cfg, workdir)
     return workdir
 
 
@@ -327,7 +331,7 @@ def test_report_page_in_headless_chromium(sweep_out, tmp_path):
 
 def test_cli_writes_songs_and_rejects_bad_input(run_dir, tmp_path):
     env = dict(os.environ, PYTHONPATH=REPO, XLA_FLAGS="--xla_force_host_platform_device_count=2")
-    base = [sys.executable, "-m", "audiodiff_jax.sample_main", f"--checkpoint={run_dir}"]
+    base = [sys.executable, "-m", "audiodiff_jax.programs.sample_main", f"--checkpoint={run_dir}"]
     base += ["--codec=tests.test_generation:make_codec"]
     # No --seconds, --steps, --min_seconds: the sample section of configs/tiny.py,
     # saved in the checkpoint, gives them (1 s, 2 steps, 0.5 s).

@@ -3,7 +3,7 @@
 ``launch.local`` starts two ``audiodiff-sample`` processes with one command line; each
 takes its index and count from the launcher's variables, makes its own disjoint share
 of the grid on its own devices, and process 0 merges one manifest and report once both
-are done (``audiodiff_jax/sweep_share.py``). The SLURM launcher runs the same job from
+are done (``audiodiff_jax/sweeps/share.py``). The SLURM launcher runs the same job from
 ``-- audiodiff-sample ...`` (its script run by bash with a stand-in ``srun``).
 Precompute's run through ``launch.local`` is tested in ``test_precompute.py``.
 """
@@ -17,7 +17,9 @@ import sys
 import pytest
 import soundfile as sf
 
-from audiodiff_jax import generation, sweep_share, train
+from audiodiff_jax.sampling import generation
+from audiodiff_jax.sweeps import share
+from audiodiff_jax.training import dit_trainer
 from tests.helpers import REPO, bin_path, tiny_config, write_shards
 from tests.test_launch import FAKE_SRUN
 
@@ -28,7 +30,7 @@ pytestmark = pytest.mark.slow
 def run_dir(tmp_path_factory):
     shards = write_shards(str(tmp_path_factory.mktemp("shards")), num_clips=16)
     workdir = str(tmp_path_factory.mktemp("run"))
-    train.train(tiny_config(shards, **{"train.num_steps": 2, "checkpoint.every_steps": 2}), workdir)
+    dit_trainer.train(tiny_config(shards, **{"train.num_steps": 2, "checkpoint.every_steps": 2}), workdir)
     return workdir
 
 
@@ -51,12 +53,12 @@ def test_sweep_split_across_two_launched_processes(run_dir, tmp_path):
     ]
     # Item i was made by process i % 2, into its own part folder, and nowhere else.
     for r in rows:
-        part = sweep_share.part_name(r["index"] % 2, 2)
-        assert r["file"].startswith(f"{sweep_share.PARTS}/{part}/"), r["file"]
+        part = share.part_name(r["index"] % 2, 2)
+        assert r["file"].startswith(f"{share.PARTS}/{part}/"), r["file"]
         audio, sr = sf.read(out / r["file"])
         assert sr == r["sample_rate"] and len(audio) > 0
     for k in range(2):
-        part = out / sweep_share.PARTS / sweep_share.part_name(k, 2)
+        part = out / share.PARTS / share.part_name(k, 2)
         assert len(list(part.glob("*.wav"))) == 3
         assert len((part / generation.MANIFEST).read_text().splitlines()) == 3
     assert not list(out.glob("*.wav"))
@@ -105,7 +107,7 @@ def test_slurm_launcher_runs_a_sweep_given_after_double_dash(run_dir, tmp_path):
     assert res.returncode == 0, logs[0][-3000:] + logs[1][-3000:]
     rows = _merged(out)
     assert [r["seed"] for r in rows] == [0, 1, 2]
-    assert [r["file"].split("/")[1] for r in rows] == [sweep_share.part_name(i % 2, 2) for i in range(3)]
+    assert [r["file"].split("/")[1] for r in rows] == [share.part_name(i % 2, 2) for i in range(3)]
     assert "process 1 of 2 makes 1 of 3 items" in logs[1]
 
 
@@ -116,7 +118,7 @@ def test_launchers_refuse_an_unknown_program_after_double_dash():
 
 
 def test_each_scheduler_gives_the_process_its_share(monkeypatch):
-    from audiodiff_jax import distributed
+    from audiodiff_jax.core import distributed
 
     for var in (
         "AUDIODIFF_PROCESS_ID",

@@ -8,7 +8,7 @@ import jax
 import numpy as np
 import pytest
 
-from audiodiff_jax.config import ConfigError, DataConfig
+from audiodiff_jax.core.config import ConfigError, DataConfig
 from audiodiff_jax.data import loader
 from audiodiff_jax.data.batch import Batch, Conditioning, batch_spec
 from audiodiff_jax.data.cards import DatasetCard

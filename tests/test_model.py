@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from audiodiff_jax import config as config_lib
-from audiodiff_jax.config import ModelConfig
+from audiodiff_jax.core import config as config_lib
+from audiodiff_jax.core.config import ModelConfig
 from audiodiff_jax.data.batch import Conditioning
 from audiodiff_jax.model import count_params, make_model
 from audiodiff_jax.model.attention import apply_rope, dot_product_attention, rope_tables
@@ -197,7 +197,7 @@ def test_xla_attention_matches_numpy_reference():
 def test_splash_attention_interpret_matches_xla(monkeypatch):
     """The splash wrapper (layout, scaling, segment-id masking, shard_map over the mesh)
     run in Pallas interpret mode on CPU."""
-    from audiodiff_jax import sharding
+    from audiodiff_jax.core import sharding
     from audiodiff_jax.model import attention
 
     monkeypatch.setattr(attention, "_SPLASH_INTERPRET", True)

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from audiodiff_jax.config import DataConfig
+from audiodiff_jax.core.config import DataConfig
 from audiodiff_jax.data import loader
 from audiodiff_jax.data.cards import CARD_FILE, DatasetCard
 from audiodiff_jax.data.records import ShardSource, load_records

@@ -8,7 +8,7 @@ import types
 import numpy as np
 from PIL import Image
 
-from audiodiff_jax import report
+from audiodiff_jax.core import report
 from launch import demo
 
 SR = 16000

@@ -14,7 +14,7 @@ import jax
 import numpy as np
 import pytest
 
-from audiodiff_jax.metrics import read_loss_history
+from audiodiff_jax.core.metrics import read_loss_history
 from tests.helpers import REPO, assert_trees_equal, bin_path, read_state, wait_then_sigterm, write_shards
 
 pytestmark = pytest.mark.slow

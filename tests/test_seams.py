@@ -1,9 +1,9 @@
-"""Windowed songs against exact conditional sampling: the seam ratio (audiodiff_jax/seams.py).
+"""Windowed songs against exact conditional sampling: the seam ratio (audiodiff_jax/sampling/seams.py).
 
 The latents of a song are a stationary Gaussian AR(1) process per channel
 (``x[i] = RHO x[i-1] + sqrt(1 - RHO^2) e[i]``, covariance ``RHO^|i-j|``). Its exact
 denoiser, given the noisy frames and the clean known frames, is a Gaussian posterior
-mean in closed form; plugged into the CLI's own :class:`~audiodiff_jax.generation.Generator`
+mean in closed form; plugged into the CLI's own :class:`~audiodiff_jax.sampling.generation.Generator`
 in place of the DiT, a model with masked context conditions each window on the overlap
 it inherits. AR(1) is Markov, so that is exact conditional sampling of the whole song,
 and its seams must be indistinguishable from any other frame (ratio <= 1.1). A model
@@ -17,9 +17,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from audiodiff_jax import config as config_lib
-from audiodiff_jax import diffusion, generation, seams, train
-from audiodiff_jax.generation import SampleParams
+from audiodiff_jax.core import config as config_lib
+from audiodiff_jax.diffusion import objective
+from audiodiff_jax.sampling import generation, seams
+from audiodiff_jax.sampling.generation import SampleParams
+from audiodiff_jax.training import dit_trainer
 from tests.helpers import tiny_config, write_shards
 
 RHO = 0.97
@@ -32,7 +34,7 @@ def exact_apply(params, z_btc, t_b, cond):
     b, frames, _ = z_btc.shape
     i = jnp.arange(frames)
     cov = RHO ** jnp.abs(i[:, None] - i[None, :]).astype(jnp.float32)
-    a, s = diffusion.alpha_sigma(t_b)
+    a, s = objective.alpha_sigma(t_b)
     known = jnp.zeros((b, frames)) if cond.known is None else cond.known_mask
     # Observation y = A x + n: the clean value where known (tiny noise), z where not.
     gain = jnp.where(known > 0, 1.0, a[:, None])  # [B, T]
@@ -65,7 +67,7 @@ def checkpoint(tmp_path_factory):
             "sample.max_seconds": 600.0,
         },
     )
-    train.train(cfg, str(root / "run"))
+    dit_trainer.train(cfg, str(root / "run"))
     return str(root / "run")
 
 

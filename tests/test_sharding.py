@@ -11,9 +11,9 @@ from flax.nnx import traversals
 from jax.sharding import AxisType, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from audiodiff_jax import config as config_lib
-from audiodiff_jax import names, sharding
-from audiodiff_jax.config import MeshConfig, ModelConfig
+from audiodiff_jax.core import config as config_lib
+from audiodiff_jax.core import names, sharding
+from audiodiff_jax.core.config import MeshConfig, ModelConfig
 from audiodiff_jax.data.batch import Conditioning
 from audiodiff_jax.model import make_model
 from audiodiff_jax.model.presets import PRESETS, apply_preset

@@ -16,9 +16,11 @@ import jax
 import numpy as np
 import pytest
 
-from audiodiff_jax import checkpointing, loop, sharding, train
+from audiodiff_jax.checkpoints import checkpointing
+from audiodiff_jax.core import sharding
+from audiodiff_jax.core.metrics import read_loss_history
 from audiodiff_jax.data import loader
-from audiodiff_jax.metrics import read_loss_history
+from audiodiff_jax.training import dit_trainer, loop
 from tests.helpers import assert_trees_equal, read_state, tiny_config, write_shards
 
 pytestmark = pytest.mark.slow
@@ -38,9 +40,11 @@ def run_222(shards, tmp_path_factory):
     """5 steps on the 2x2x2 mesh with a checkpoint at step 4 (and 5)."""
     workdir = str(tmp_path_factory.mktemp("run222"))
     cfg = tiny_config(
-        shards, **MESH_222, **{"train.num_steps": 5, "checkpoint.every_steps": 4, "train.log_every": 1}
+        shards,
+        **MESH_222,
+        **{"train.num_steps": 5, "checkpoint.every_steps": 4, "train.log_every": 1},
     )
-    train.train(cfg, workdir)
+    dit_trainer.train(cfg, workdir)
     return cfg, workdir
 
 
@@ -64,14 +68,16 @@ def test_checkpoint_resumes_on_other_mesh(run_222, shards, tmp_path, changes, nu
     cfg, workdir = run_222
     saved = read_state(workdir, step=4)
     new_cfg = tiny_config(
-        shards, **changes, **{"train.num_steps": 5, "checkpoint.every_steps": 4, "train.log_every": 1}
+        shards,
+        **changes,
+        **{"train.num_steps": 5, "checkpoint.every_steps": 4, "train.log_every": 1},
     )
     mesh = _mesh(changes, jax.devices()[:num_devices])
     assert mesh.size == num_devices
 
     # Restored params, EMA and optimizer state equal the saved ones bit for bit,
     # and live on the new mesh's shardings.
-    trainer = train.Trainer(new_cfg, mesh)
+    trainer = dit_trainer.Trainer(new_cfg, mesh)
     ckpt = checkpointing.RunCheckpointer(
         _copy_up_to(workdir, 4, str(tmp_path / "restore")), keep_last=5, keep_every=0, async_save=False
     )
@@ -104,7 +110,7 @@ def test_checkpoint_resumes_on_other_mesh(run_222, shards, tmp_path, changes, nu
     # Training continues on the new mesh: step 5 from the step-4 checkpoint gives the
     # loss the original mesh gave (up to float reassociation across meshes).
     resumed = _copy_up_to(workdir, 4, str(tmp_path / "continue"))
-    result = train.train(new_cfg, resumed, mesh=mesh)
+    result = dit_trainer.train(new_cfg, resumed, mesh=mesh)
     assert result.final_step == 5
     want = read_loss_history(workdir)[5]
     got = read_loss_history(resumed)[5]
@@ -123,7 +129,7 @@ def test_other_process_count_continues_the_data_stream(run_222, shards, tmp_path
         with open(os.path.join(it_dir, f"process_{p}-of-2.json"), "w") as f:
             json.dump(state, f)
 
-    trainer = train.Trainer(cfg, sharding.make_mesh(cfg.mesh))
+    trainer = dit_trainer.Trainer(cfg, sharding.make_mesh(cfg.mesh))
     ckpt = checkpointing.RunCheckpointer(moved, keep_last=5, keep_every=0, async_save=False)
     data_iter = iter(loader.make_dataset(cfg.data, text_max_len=16, process_index=0, process_count=1))
     loop.restore_for_mesh(ckpt, 4, trainer, data_iter)

@@ -7,8 +7,10 @@ import jax
 import numpy as np
 import pytest
 
-from audiodiff_jax import checkpointing, loop, sharding, train
-from audiodiff_jax.metrics import read_loss_history
+from audiodiff_jax.checkpoints import checkpointing
+from audiodiff_jax.core import sharding
+from audiodiff_jax.core.metrics import read_loss_history
+from audiodiff_jax.training import dit_trainer, loop
 from tests.helpers import assert_trees_equal, read_state, tiny_config, write_shards
 
 
@@ -21,8 +23,8 @@ def _fixed_eval_loss(cfg, trainer, params, shards):
     """v-loss on one fixed batch, fixed times and fixed noise: a low-variance yardstick."""
     import jax.numpy as jnp
 
-    from audiodiff_jax import diffusion
     from audiodiff_jax.data import loader
+    from audiodiff_jax.diffusion import objective
 
     batch = next(
         iter(
@@ -34,9 +36,9 @@ def _fixed_eval_loss(cfg, trainer, params, shards):
     x = jnp.asarray(batch.latents)
     t = jnp.linspace(0.1, 0.9, x.shape[0])
     noise = jax.random.normal(jax.random.key(123), x.shape)
-    z, v = diffusion.add_noise(x, noise, t)
+    z, v = objective.add_noise(x, noise, t)
     pred = trainer.model.apply(params, z, t, batch.cond)
-    return float(diffusion.masked_mse(pred, v, jnp.asarray(batch.loss_mask)))
+    return float(objective.masked_mse(pred, v, jnp.asarray(batch.loss_mask)))
 
 
 def test_loop_learns_and_checkpoints(shards, tmp_path):
@@ -49,9 +51,9 @@ def test_loop_learns_and_checkpoints(shards, tmp_path):
             "optim.learning_rate": 3e-3,
         },
     )
-    trainer = train.Trainer(cfg, sharding.make_mesh(cfg.mesh))
+    trainer = dit_trainer.Trainer(cfg, sharding.make_mesh(cfg.mesh))
     init_params = jax.device_get(trainer.init_state(cfg.train.seed).params)
-    result = train.train(cfg, str(tmp_path))
+    result = dit_trainer.train(cfg, str(tmp_path))
     assert result.final_step == 60 and not result.preempted
     history = read_loss_history(str(tmp_path))
     assert sorted(history) == list(range(1, 61))
@@ -82,7 +84,7 @@ def test_loop_learns_and_checkpoints(shards, tmp_path):
 def test_state_is_created_sharded(shards):
     cfg = tiny_config(shards, **{"mesh.data": 2, "mesh.fsdp": 2, "mesh.tensor": 2})
     mesh = sharding.make_mesh(cfg.mesh)
-    trainer = train.Trainer(cfg, mesh)
+    trainer = dit_trainer.Trainer(cfg, mesh)
     state = trainer.init_state(0)
     expected = trainer.param_shardings
     for got, want in zip(jax.tree.leaves(state.params), jax.tree.leaves(expected), strict=True):
@@ -103,7 +105,7 @@ def test_keep_last_plus_every_kth(shards, tmp_path):
             "checkpoint.keep_every": 5,
         },
     )
-    train.train(cfg, str(tmp_path))
+    dit_trainer.train(cfg, str(tmp_path))
     kept = sorted(int(d) for d in os.listdir(tmp_path / "checkpoints") if d.isdigit())
     assert kept == [5, 10, 11, 12]
 
@@ -114,7 +116,7 @@ def test_keep_last_plus_every_kth(shards, tmp_path):
     files = [f for f in (tmp_path / "checkpoints" / "12" / "state").rglob("*") if f.is_file()]
     biggest = max(files, key=lambda f: f.stat().st_size)
     biggest.write_bytes(biggest.read_bytes()[: biggest.stat().st_size // 2])
-    result = train.train(cfg, str(tmp_path))
+    result = dit_trainer.train(cfg, str(tmp_path))
     assert result.final_step == 12
     (aside,) = os.listdir(tmp_path / "checkpoints.unreadable")
     assert aside.startswith("12-")
@@ -123,7 +125,7 @@ def test_keep_last_plus_every_kth(shards, tmp_path):
 
 def test_divergence_stops_and_keeps_last_good_checkpoint(shards, tmp_path):
     good = tiny_config(shards, **{"train.num_steps": 4, "checkpoint.every_steps": 2})
-    train.train(good, str(tmp_path))
+    dit_trainer.train(good, str(tmp_path))
     before = read_state(str(tmp_path), 4)
     bad = tiny_config(
         shards,
@@ -135,7 +137,7 @@ def test_divergence_stops_and_keeps_last_good_checkpoint(shards, tmp_path):
         },
     )
     with pytest.raises(loop.TrainingDiverged, match=r"diverged at step 5.*checkpoint step 4"):
-        train.train(bad, str(tmp_path))
+        dit_trainer.train(bad, str(tmp_path))
     kept = sorted(int(d) for d in os.listdir(tmp_path / "checkpoints") if d.isdigit())
     assert kept[-1] == 4
     assert_trees_equal(read_state(str(tmp_path), 4), before, "state")
@@ -143,22 +145,22 @@ def test_divergence_stops_and_keeps_last_good_checkpoint(shards, tmp_path):
 
 def test_init_from_copies_weights_only(shards, tmp_path):
     src = tmp_path / "src"
-    train.train(tiny_config(shards, **{"train.num_steps": 3, "checkpoint.every_steps": 3}), str(src))
+    dit_trainer.train(tiny_config(shards, **{"train.num_steps": 3, "checkpoint.every_steps": 3}), str(src))
     src_state = read_state(str(src))
     dst = tmp_path / "dst"
     cfg = tiny_config(
         shards, **{"train.num_steps": 1, "train.init_from": str(src), "checkpoint.every_steps": 1}
     )
     mesh = sharding.make_mesh(cfg.mesh)
-    trainer = train.Trainer(cfg, mesh)
+    trainer = dit_trainer.Trainer(cfg, mesh)
     params, step = checkpointing.restore_params(cfg.train.init_from, trainer.abstract_params())
     assert step == 3
     assert_trees_equal(jax.device_get(params), src_state["params"], "params")
-    result = train.train(cfg, str(dst))
+    result = dit_trainer.train(cfg, str(dst))
     assert result.final_step == 1  # a new run: step 0 -> 1, not 3 -> 4
 
 
 def test_latent_channel_mismatch_is_named(shards, tmp_path):
     cfg = tiny_config(shards, **{"model.latent_channels": 5})
     with pytest.raises(Exception, match=r"model\.latent_channels=5.*latent_channels=8"):
-        train.train(cfg, str(tmp_path))
+        dit_trainer.train(cfg, str(tmp_path))

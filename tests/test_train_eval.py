@@ -1,4 +1,4 @@
-"""Evaluation during training (audiodiff_jax/train_eval.py): bucketed validation loss, demo samples."""
+"""Evaluation during training (audiodiff_jax/evaluators/train_eval.py): validation loss, demo samples."""
 
 import json
 import os
@@ -7,10 +7,13 @@ import jax
 import numpy as np
 import pytest
 
-from audiodiff_jax import diffusion, names, sharding, train, train_eval
+from audiodiff_jax.core import names, sharding
+from audiodiff_jax.core.metrics import MetricWriter
 from audiodiff_jax.data.cards import DatasetCard
 from audiodiff_jax.data.tokenizer import Tokenizer
-from audiodiff_jax.metrics import MetricWriter
+from audiodiff_jax.diffusion import objective
+from audiodiff_jax.evaluators import train_eval
+from audiodiff_jax.training import dit_trainer
 from data_pipeline import demo_shards
 from tests.helpers import tiny_config
 
@@ -48,7 +51,7 @@ def test_validation_loss_matches_closed_form_and_is_fixed(data, tmp_path):
     fixed examples, noise and times."""
     cfg = _cfg(data)
     mesh = sharding.make_mesh(cfg.mesh)
-    trainer = train.Trainer(cfg, mesh)
+    trainer = dit_trainer.Trainer(cfg, mesh)
     state = trainer.init_state(0)
     card = DatasetCard.load(data["train"])
     tok = Tokenizer(os.path.join(data["train"], card.tokenizer))
@@ -91,8 +94,8 @@ def test_validation_loss_matches_closed_form_and_is_fixed(data, tmp_path):
     # Closed form of the expectation, as a check on the numbers' meaning: E[v^2] =
     # alpha^2 + sigma^2 E[x^2]; low t is dominated by the noise (alpha ~ 1), so ~ 1.
     assert abs(want[0] - 1.0) < 0.15
-    # diffusion.add_noise is the training objective's own: the per-row loss agrees with it.
-    z, v_jax = diffusion.add_noise(x[:2], eps[:2], val.t[:2])
+    # objective.add_noise is the training objective's own: the per-row loss agrees with it.
+    z, v_jax = objective.add_noise(x[:2], eps[:2], val.t[:2])
     np.testing.assert_allclose(np.asarray(v_jax), v[:2], rtol=1e-5, atol=1e-6)
 
 
@@ -113,7 +116,7 @@ def test_training_writes_eval_to_tensorboard_and_page(data, tmp_path):
         "eval.codec": "default",
     }
     workdir = str(tmp_path / "with_eval")
-    result = train.train(_cfg(data, **changes), workdir)
+    result = dit_trainer.train(_cfg(data, **changes), workdir)
     rows = [json.loads(line) for line in open(os.path.join(workdir, "metrics.jsonl"))]
     evals = [r for r in rows if "scalars" in r and names.EVAL_LOSS in r["scalars"]]
     assert [r["step"] for r in evals] == [5, 10]
@@ -150,7 +153,7 @@ def test_training_writes_eval_to_tensorboard_and_page(data, tmp_path):
     assert rate == 22050 and len(wav) == 22050 and np.abs(wav).max() > 0
 
     # Evaluation only reads the state: the same run without it trains the same weights.
-    plain = train.train(_cfg(data, **{**changes, "eval.every_steps": 0}), str(tmp_path / "plain"))
+    plain = dit_trainer.train(_cfg(data, **{**changes, "eval.every_steps": 0}), str(tmp_path / "plain"))
     same = jax.tree.map(
         lambda a, b: bool(np.array_equal(np.asarray(a), np.asarray(b))),
         jax.device_get(result.state.params),

@@ -7,7 +7,7 @@
     codec.card                                # audiodiff_jax.data.cards.CodecCard
 
 A saved codec is a folder with ``weights.npz`` (parameters, flattened ``a/b/c`` keys)
-and ``codec_card.json`` (:func:`audiodiff_jax.codec.train.card_dict`: the CodecCard
+and ``codec_card.json`` (:func:`audiodiff_jax.training.codec_trainer.card_dict`: the CodecCard
 fields, per-channel latent mean and std, and the model config), so it describes
 itself. ``load_codec`` also opens a codec training workdir (latest checkpoint, EMA
 weights).
@@ -23,7 +23,7 @@ import numpy as np
 from absl import logging
 from flax.nnx import traversals
 
-from audiodiff_jax import checkpointing
+from audiodiff_jax.checkpoints import checkpointing
 from audiodiff_jax.codec import chunked, inputs
 from audiodiff_jax.codec import config as config_lib
 from audiodiff_jax.codec import model as model_lib

@@ -1,6 +1,6 @@
 """Typed configuration of the audio codec: every default, once.
 
-Follows :mod:`audiodiff_jax.config`: config files (``configs/codec.py:PRESET``) start
+Follows :mod:`audiodiff_jax.core.config`: config files (``configs/codec.py:PRESET``) start
 from :func:`default_configdict`, override fields, and programs convert the resulting
 ConfigDict with :func:`from_configdict`, which refuses unknown and missing keys and
 names them. :func:`validate` checks the shapes against the mesh before anything
@@ -15,8 +15,8 @@ import math
 
 import ml_collections
 
-from audiodiff_jax import config as base
-from audiodiff_jax.config import CheckpointConfig, ConfigError, MeshConfig, OptimConfig
+from audiodiff_jax.core import config as base
+from audiodiff_jax.core.config import CheckpointConfig, ConfigError, MeshConfig, OptimConfig
 
 
 @dataclasses.dataclass(frozen=True)

@@ -23,7 +23,7 @@ from __future__ import annotations
 import numpy as np
 from absl import logging
 
-from audiodiff_jax.errors import UserError
+from audiodiff_jax.core.errors import UserError
 
 # Audio files read through soundfile (libsndfile >= 1.1 reads MP3 and Opus); every
 # folder reader of the project (codec training, latent statistics, precompute's

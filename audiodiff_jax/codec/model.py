@@ -17,7 +17,7 @@ Snake (Ziyin et al. 2020; used by BigVGAN, DAC, Stable Audio's VAE):
 Periodic activations suit audio, where a ReLU net needs many units to draw an
 oscillation.
 
-Parameters carry logical axis names (:mod:`audiodiff_jax.names`): conv kernels
+Parameters carry logical axis names (:mod:`audiodiff_jax.core.names`): conv kernels
 ``[kernel, in, out]`` shard their output channels over ``embed`` (-> fsdp) when those
 are model widths; latent and audio channels stay replicated. Attribute names are
 checkpoint keys; do not rename them.
@@ -30,11 +30,11 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from audiodiff_jax import names
 from audiodiff_jax.codec.config import CodecModelConfig, DiscriminatorConfig
+from audiodiff_jax.core import names
+from audiodiff_jax.core.sharding import constrain
 from audiodiff_jax.model.layers import ParamKeys, dtype_of, make_param
 from audiodiff_jax.model.module_fns import ModuleFns, module_fns
-from audiodiff_jax.sharding import constrain
 
 ACT_AXES = (names.BATCH, names.LENGTH, names.ACT_EMBED)
 

@@ -29,7 +29,7 @@ import jax
 import numpy as np
 from jax.sharding import Mesh
 
-from audiodiff_jax import names, sharding
+from audiodiff_jax.core import names, sharding
 
 
 class Conditioning(NamedTuple):

@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 from etils import epath
 
-from audiodiff_jax.errors import UserError
+from audiodiff_jax.core.errors import UserError
 
 CARD_VERSION = 1
 CARD_FILE = "dataset_card.json"

@@ -47,7 +47,7 @@ import numpy as np
 from absl import flags
 from etils import epath
 
-from audiodiff_jax.config import ConfigError, DataConfig, validate_data
+from audiodiff_jax.core.config import ConfigError, DataConfig, validate_data
 from audiodiff_jax.data.batch import Batch, Conditioning
 from audiodiff_jax.data.cards import DatasetCard, latent_scale
 from audiodiff_jax.data.records import ShardSource

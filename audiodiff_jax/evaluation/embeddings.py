@@ -40,7 +40,7 @@ from collections.abc import Callable
 import numpy as np
 import scipy.linalg
 
-from audiodiff_jax.errors import UserError
+from audiodiff_jax.core.errors import UserError
 from audiodiff_jax.evaluation import notes as notes_lib
 from audiodiff_jax.evaluation import song
 

@@ -32,9 +32,9 @@ import soundfile as sf
 from absl import logging
 from tqdm import tqdm
 
-from audiodiff_jax import report
 from audiodiff_jax.codec import inputs
-from audiodiff_jax.errors import UserError
+from audiodiff_jax.core import report
+from audiodiff_jax.core.errors import UserError
 from audiodiff_jax.evaluation import adherence, embeddings, song
 from audiodiff_jax.evaluation import notes as notes_lib
 

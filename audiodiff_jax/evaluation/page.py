@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 from matplotlib.figure import Figure
 
-from audiodiff_jax import report
+from audiodiff_jax.core import report
 from audiodiff_jax.evaluation import folder as folder_lib
 
 PAGE = "eval.html"

@@ -23,7 +23,7 @@ from typing import Any, NamedTuple
 import jax
 import numpy as np
 
-from audiodiff_jax.config import ModelConfig
+from audiodiff_jax.core.config import ModelConfig
 from audiodiff_jax.data.batch import Conditioning
 from audiodiff_jax.model.dit import DiT
 from audiodiff_jax.model.module_fns import module_fns

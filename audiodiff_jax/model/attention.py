@@ -29,9 +29,9 @@ import jax.numpy as jnp
 from flax import nnx
 from jax.sharding import PartitionSpec as P
 
-from audiodiff_jax import names
+from audiodiff_jax.core import names
+from audiodiff_jax.core.sharding import constrain, logical_to_spec
 from audiodiff_jax.model.layers import ParamKeys, RMSNorm, make_param
-from audiodiff_jax.sharding import constrain, logical_to_spec
 
 IMPLEMENTATIONS = ("xla", "cudnn", "splash")
 _SPLASH_BLOCK = 128

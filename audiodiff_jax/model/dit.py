@@ -26,13 +26,13 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from audiodiff_jax import names
-from audiodiff_jax.config import ModelConfig
+from audiodiff_jax.core import names
+from audiodiff_jax.core.config import ModelConfig
+from audiodiff_jax.core.sharding import constrain
 from audiodiff_jax.data.batch import Conditioning
 from audiodiff_jax.model.attention import Attention, rope_tables
 from audiodiff_jax.model.layers import Dense, LayerNorm, Mlp, ParamKeys, ScalarEmbedder, dtype_of
 from audiodiff_jax.model.text_encoder import TextEncoder
-from audiodiff_jax.sharding import constrain
 
 REMAT_POLICIES = {
     "full": None,  # save nothing: recompute the whole block in the backward pass

@@ -2,7 +2,7 @@
 
 Every parameter is an ``nnx.Param`` stored in ``param_dtype`` whose ``out_sharding``
 metadata holds its logical axis names (mapped to mesh axes by
-:data:`audiodiff_jax.sharding.LOGICAL_RULES`). Parameters are created with
+:data:`audiodiff_jax.core.sharding.LOGICAL_RULES`). Parameters are created with
 ``eager_sharding=False``: the model is initialized unsharded inside a ``jax.jit`` whose
 ``out_shardings`` place it on the mesh, so no mesh needs to be in context at
 construction. Layers compute in ``dtype`` (bf16 in training) and keep norms and other
@@ -18,8 +18,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from audiodiff_jax import names
-from audiodiff_jax.sharding import constrain
+from audiodiff_jax.core import names
+from audiodiff_jax.core.sharding import constrain
 
 Initializer = Callable[..., jax.Array]
 

@@ -12,11 +12,11 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from audiodiff_jax import names
-from audiodiff_jax.config import TextEncoderConfig
+from audiodiff_jax.core import names
+from audiodiff_jax.core.config import TextEncoderConfig
+from audiodiff_jax.core.sharding import constrain
 from audiodiff_jax.model.attention import Attention, rope_tables
 from audiodiff_jax.model.layers import Dense, LayerNorm, Mlp, ParamKeys, dtype_of, make_param
-from audiodiff_jax.sharding import constrain
 
 PAD_ID = 0
 # Captions are short; the usual base suffices (model.rope_theta is for long latent sequences).

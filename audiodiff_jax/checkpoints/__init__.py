@@ -1,0 +1,1 @@
+"""Weights on disk: Orbax run checkpoints, exports, and the weights source that reads either."""

@@ -1,0 +1,230 @@
+"""Exported weights: one set of weights in a portable folder (``audiodiff-export`` writes it).
+
+An export is what researchers hand to each other: no Orbax, no optimizer state, no
+train state, readable with any safetensors reader. The folder holds
+
+- ``params.safetensors``: the arrays, one tensor per parameter, named by its path in
+  the params tree joined with ``.`` (``blocks.0.cross_attn.key``);
+- ``export.json``: what the weights are (the set's name, e.g. ``ema0.9999``, the names
+  it answers to, the checkpoint step and folder it came from, each tensor's shape and
+  dtype);
+- ``config.json``: the resolved config of the run; ``dataset_card.json``: the card of
+  its latents; ``tokenizer.json``: its sentencepiece model (base64, with its sha256).
+
+``audiodiff-sample --checkpoint=EXPORT`` samples from it and ``train.init_from=EXPORT``
+starts a run from it (``checkpointing.restore_params``). Loading checks every name and
+shape against the model that receives the weights and names the first that differs.
+Each process reads only the slices of each tensor its devices hold (safetensors slices
+of a memory-mapped file), so an export restores onto any mesh without a full host copy.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from typing import Any
+
+import jax
+import numpy as np
+from absl import logging
+from etils import epath
+from flax import traverse_util
+from safetensors import safe_open
+from safetensors.numpy import save_file
+
+from audiodiff_jax.core.errors import UserError
+
+FORMAT = "audiodiff-jax export"
+VERSION = 1
+META = "export.json"
+PARAMS = "params.safetensors"
+JSON_ITEMS = ("config", "dataset_card", "tokenizer")  # each as <name>.json
+SEP = "."
+
+
+class ExportError(UserError, ValueError):
+    """An export folder that cannot be written or read, or weights that do not fit a model."""
+
+
+def is_export(path: str | os.PathLike) -> bool:
+    """Whether ``path`` is an export folder (it holds ``export.json``)."""
+    return (epath.Path(path) / META).is_file()
+
+
+def flatten(params: Any) -> dict[str, Any]:
+    """A params tree (nested dicts of str keys) -> ``{"a.b.c": leaf}``."""
+    flat = traverse_util.flatten_dict(params)
+    for path in flat:
+        bad = [k for k in path if not isinstance(k, str) or SEP in k or not k]
+        if bad:
+            raise ExportError(
+                f"parameter path {path} has a key that cannot be named in an export: {bad[0]!r}"
+            )
+    return {SEP.join(path): leaf for path, leaf in flat.items()}
+
+
+def write(
+    out_dir: str,
+    params: Any,
+    *,
+    weights: str,
+    aliases: list[str],
+    step: int,
+    source: str,
+    json_items: dict[str, dict],
+) -> str:
+    """Writes an export folder (into a temporary folder renamed at the end: never half-written).
+
+    Args:
+      out_dir: the folder to create; must not exist (or be empty).
+      params: the params tree, host arrays.
+      weights: the weight set's name (``raw``, ``ema0.999``...); ``aliases`` the other
+        names it answers to (``ema``).
+      step, source: the checkpoint step and folder the weights came from.
+      json_items: ``config``, ``dataset_card`` and ``tokenizer`` JSON objects.
+
+    Returns:
+      ``out_dir``.
+    """
+    out = epath.Path(out_dir)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise ExportError(f"export folder {out_dir} exists and is not empty; give a new folder")
+    missing = [k for k in JSON_ITEMS if k not in json_items]
+    if missing:
+        raise ExportError(f"cannot export without {missing}")
+    flat = {k: np.ascontiguousarray(np.asarray(v)) for k, v in flatten(params).items()}
+    tmp = epath.Path(f"{out_dir.rstrip('/')}.tmp-{os.getpid()}")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    save_file(flat, str(tmp / PARAMS), metadata={"format": FORMAT, "weights": weights})
+    meta = {
+        "format": FORMAT,
+        "version": VERSION,
+        "weights": weights,
+        "aliases": list(aliases),
+        "step": int(step),
+        "source": str(source),
+        "params": {k: {"shape": list(v.shape), "dtype": str(v.dtype)} for k, v in flat.items()},
+    }
+    for name in JSON_ITEMS:
+        (tmp / f"{name}.json").write_text(json.dumps(json_items[name], indent=1, sort_keys=True))
+    (tmp / META).write_text(json.dumps(meta, indent=1, sort_keys=True))  # last: marks it complete
+    if out.exists():
+        out.rmdir()
+    tmp.rename(out)
+    return out_dir
+
+
+def read_meta(path: str) -> dict:
+    """``export.json`` of an export folder, checked for its format and version."""
+    f = epath.Path(path) / META
+    try:
+        meta = json.loads(f.read_text())
+    except (OSError, ValueError) as e:
+        raise ExportError(f"{f}: not a readable export description ({e})") from e
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        raise ExportError(
+            f"{f}: not an {FORMAT} (format={meta.get('format') if isinstance(meta, dict) else meta!r})"
+        )
+    if meta.get("version") != VERSION:
+        raise ExportError(
+            f"{f}: export version {meta.get('version')!r}; this program reads version {VERSION}"
+        )
+    return meta
+
+
+def read_json_item(path: str, name: str) -> dict:
+    """One of :data:`JSON_ITEMS` of an export folder."""
+    f = epath.Path(path) / f"{name}.json"
+    try:
+        data = json.loads(f.read_text())
+    except (OSError, ValueError) as e:
+        raise ExportError(f"{f}: cannot be read ({e})") from e
+    if not isinstance(data, dict):
+        raise ExportError(f"{f}: not a JSON object")
+    return data
+
+
+def answers_to(meta: dict) -> list[str]:
+    """The names an export's weights answer to: its own and its aliases."""
+    return [meta["weights"], *meta.get("aliases", [])]
+
+
+def _first_mismatch(want: dict[str, tuple], have: dict[str, tuple]) -> str:
+    """The first parameter (in sorted order) whose name or shape differs, described; "" if none."""
+    for name in sorted(set(want) | set(have)):
+        if name not in have:
+            return f"parameter {name} {tuple(want[name])} of the model is not in the export"
+        if name not in want:
+            return f"parameter {name} {tuple(have[name])} of the export is not in the model"
+        if tuple(want[name]) != tuple(have[name]):
+            return (
+                f"parameter {name} has shape {tuple(have[name])} in the export, "
+                f"{tuple(want[name])} in the model"
+            )
+    return ""
+
+
+def load_params(path: str, abstract_params: Any) -> Any:
+    """The export's weights as arrays placed like ``abstract_params``.
+
+    Args:
+      path: an export folder.
+      abstract_params: params tree of ``jax.ShapeDtypeStruct`` (with shardings: the
+        arrays are placed on them, each device reading its own slice; without: host
+        numpy arrays).
+
+    Raises:
+      ExportError: a name or shape differs from ``abstract_params``'s, naming the first.
+    """
+    read_meta(path)
+    want = flatten(abstract_params)
+    file = str(epath.Path(path) / PARAMS)
+    try:
+        handle = safe_open(file, framework="numpy")
+    except Exception as e:  # noqa: BLE001 - safetensors raises its own error types
+        raise ExportError(f"{file}: cannot be read ({type(e).__name__}: {e})") from e
+    with handle as f:
+        have = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}  # noqa: SIM118 - not a dict
+        problem = _first_mismatch({k: v.shape for k, v in want.items()}, have)
+        if problem:
+            raise ExportError(f"{path}: {problem}; these weights are not for this model")
+        out = {}
+        cast = set()
+        for name, spec in want.items():
+            dtype = np.dtype(spec.dtype)
+            sl = f.get_slice(name)
+            if str(sl.get_dtype()).lower() not in (dtype.name.lower(), _st_dtype(dtype)):
+                cast.add(name)
+            sharding = getattr(spec, "sharding", None)
+            if sharding is None:
+                out[name] = (
+                    np.asarray(sl[:], dtype=dtype) if spec.shape else np.asarray(f.get_tensor(name), dtype)
+                )
+            elif not spec.shape:
+                out[name] = jax.device_put(np.asarray(f.get_tensor(name), dtype), sharding)
+            else:
+                out[name] = jax.make_array_from_callback(
+                    spec.shape, sharding, lambda idx, sl=sl, dtype=dtype: np.asarray(sl[idx], dtype=dtype)
+                )
+    if cast:
+        logging.warning(
+            "export %s: %d parameter(s) cast to the model's dtype (e.g. %s)", path, len(cast), min(cast)
+        )
+    return traverse_util.unflatten_dict({tuple(k.split(SEP)): v for k, v in out.items()})
+
+
+_ST_DTYPES = {
+    "float32": "F32",
+    "float16": "F16",
+    "bfloat16": "BF16",
+    "int32": "I32",
+    "uint32": "U32",
+    "float64": "F64",
+}
+
+
+def _st_dtype(dtype: np.dtype) -> str:
+    return _ST_DTYPES.get(dtype.name, dtype.name).lower()

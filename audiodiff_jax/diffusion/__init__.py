@@ -1,0 +1,1 @@
+"""The diffusion math: the v-objective and time schedules (objective.py), the samplers (samplers.py)."""

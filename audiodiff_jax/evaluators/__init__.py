@@ -1,0 +1,1 @@
+"""Evaluators the training program hands to the loop (validation loss, demo samples)."""

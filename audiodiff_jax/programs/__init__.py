@@ -1,0 +1,1 @@
+"""The console programs (absl flags): thin wrappers around the library."""

@@ -1,0 +1,286 @@
+r"""``audiodiff-sample``: songs and sweeps from a checkpoint (the sampling program).
+
+    audiodiff-sample --checkpoint=runs/dit1b --out=samples/sweep1 \
+        --prompt="a slow piano piece in C minor" --prompt="fast jazz trumpet" \
+        --seconds=180,300 --seeds=0,1,2 --guidance=3,5,7 --steps=50 --sampler=dpmpp_2m,heun
+
+    audiodiff-sample --checkpoint=runs/dit1b --out=samples/evals --prompts_file=prompts.jsonl
+
+    audiodiff-sample --checkpoint=runs/dit1b --out=samples/ckpts --prompt="solo cello" \
+        --step=2000,4000,latest --weights=ema0.999,ema0.9999,raw --schedule=uniform,karras
+
+Restores the weight sets ``--weights`` (``raw``, ``ema`` = the EMA of the run's
+``optim.ema_decay``, ``ema<decay>`` for each EMA the run keeps; default: the
+checkpoint config's ``sample.weights``) of the latest checkpoint, or of each of
+``--step``, with the config saved in it, onto a mesh of this machine's devices
+(``--mesh_data=-1`` by default; ``--mesh_sequence=N`` splits long songs over N devices).
+Each checkpoint step is restored once, all its weight sets in one read (never the
+optimizer state). ``--checkpoint`` may also be an export folder (``audiodiff-export``).
+The older ``--raw`` is ``--weights=raw``.
+Every combination of the grid flags is generated for every prompt; a prompts file
+(JSONL) row may fix any of them (``{"prompt": "...", "seconds": 240, "seed": 7}``).
+Writes WAVs, spectrograms, ``manifest.jsonl``, ``sweep_issues.jsonl`` and
+``report.html`` into ``--out``; run again to finish an interrupted sweep.
+
+Edits: ``--continue_audio=a.wav`` continues a recording, ``--inpaint_audio=a.wav
+--inpaint_range=30,45`` regenerates seconds 30-45 of it, ``--init_audio=a.wav
+--strength=0.6`` makes a variation.
+
+Exit status: 0 when every output was made, 1 when some were not (bad rows, failed
+batches; listed in the log and on the page), 2 for bad input that stops everything.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+
+from absl import app, flags, logging
+
+from audiodiff_jax.checkpoints import export
+from audiodiff_jax.core import config as config_lib
+from audiodiff_jax.core import distributed, names, sharding
+from audiodiff_jax.programs import cli
+from audiodiff_jax.sampling import generation
+from audiodiff_jax.sweeps import share, sweep
+
+_CHECKPOINT = flags.DEFINE_string(
+    "checkpoint", None, "Run workdir, its checkpoints folder, or a step folder."
+)
+_OUT = flags.DEFINE_string("out", None, "Output folder (WAVs, manifest, report).")
+_STEP = flags.DEFINE_list(
+    "step",
+    [generation.LATEST],
+    "Checkpoint steps, numbers or 'latest' (the latest complete one), e.g. --step=2000,4000,latest.",
+)
+_RAW = flags.DEFINE_bool("raw", False, "Older flag, kept for scripts: the same as --weights=raw.")
+_PROMPT = flags.DEFINE_multi_string("prompt", [], "A caption (repeatable).")
+_PROMPTS_FILE = flags.DEFINE_string("prompts_file", "", "JSONL file of prompt rows.")
+_CODEC = flags.DEFINE_string("codec", "", "Codec for load_codec (default: the checkpoint dataset card's).")
+_TOKENIZER = flags.DEFINE_string(
+    "tokenizer", "", "Tokenizer model (default: the copy saved with the checkpoint)."
+)
+_MESH = {
+    axis: flags.DEFINE_integer(
+        f"mesh_{axis}", getattr(config_lib.MeshConfig(), axis), f"Sampling mesh size of '{axis}'."
+    )
+    for axis in names.MESH_AXES
+}
+_EVAL = flags.DEFINE_bool(
+    "eval",
+    True,
+    "Measure every song at the end (tempo, key, loudness, notes, adherence to the prompt's labels; "
+    "audiodiff-eval): metrics.jsonl beside the manifest and a section of report.html. Needs the eval extra.",
+)
+_EVAL_REFERENCE = flags.DEFINE_string(
+    "eval_reference", "", "A folder of reference audio: the Fréchet distance of the songs to it."
+)
+_INIT_AUDIO = flags.DEFINE_string("init_audio", "", "Audio for a variation (with --strength).")
+_CONTINUE_AUDIO = flags.DEFINE_string("continue_audio", "", "Audio whose continuation to generate.")
+_INPAINT_AUDIO = flags.DEFINE_string("inpaint_audio", "", "Audio to inpaint (with --inpaint_range).")
+_INPAINT_RANGE = flags.DEFINE_list("inpaint_range", [], "start,end seconds to regenerate.")
+
+# One flag per field of the config's sample section (config.SampleConfig), with its
+# help text and built-in default. A flag that is not given leaves the field to the
+# config saved in the checkpoint. Flags keep their historical names where they
+# differ from the field's.
+_FLAG_NAMES = {"samplers": "sampler"}
+
+
+def _define_sample_flag(field: dataclasses.Field):
+    name = _FLAG_NAMES.get(field.name, field.name)
+    default = getattr(config_lib.SampleConfig(), field.name)
+    help_text = f"{field.metadata['help']} Not given: sample.{field.name} of the checkpoint's config."
+    # Values are parsed and checked by this program (not absl), so that a bad one
+    # exits 2 naming the flag, before the checkpoint is read.
+    if config_lib.is_sample_axis(field.name):
+        return flags.DEFINE_list(name, [str(v) for v in default], help_text)
+    return flags.DEFINE_string(name, str(default), help_text)
+
+
+_SAMPLE_FLAGS = {f.name: _define_sample_flag(f) for f in dataclasses.fields(config_lib.SampleConfig)}
+
+EXIT_INCOMPLETE = 1
+EXIT_BAD_INPUT = 2
+
+
+def _flag_name(field: str) -> str:
+    return "--" + _FLAG_NAMES.get(field, field)
+
+
+def _parse_value(text: str, tp: type, flag: str, shown: str):
+    if tp is str:
+        return text
+    try:
+        return tp(text)
+    except ValueError:
+        raise ValueError(
+            f"{flag}={shown}: {text!r} is not {'an' if tp is int else 'a'} {tp.__name__}"
+        ) from None
+
+
+def sample_overrides() -> dict:
+    """The sample fields given as flags, parsed and checked on their own.
+
+    Raises:
+      ValueError: naming the flag and its value (ConfigError is one).
+    """
+    out = {}
+    for field, holder in _SAMPLE_FLAGS.items():
+        if not holder.present:
+            continue
+        flag = _flag_name(field)
+        if config_lib.is_sample_axis(field):
+            tp, shown = config_lib.sample_field_type(field), ",".join(holder.value)
+            out[field] = tuple(_parse_value(v, tp, flag, shown) for v in holder.value)
+        else:
+            out[field] = _parse_value(holder.value, config_lib.sample_field_type(field), flag, holder.value)
+    if _RAW.present:
+        if "weights" in out:
+            raise ValueError("give --weights or the older --raw, not both (--raw is --weights=raw)")
+        out["weights"] = ("raw",) if _RAW.value else ("ema",)
+        logging.warning("--raw%s is read as --weights=%s", "" if _RAW.value else "=false", out["weights"][0])
+    config_lib.check_sample_values(out, _flag_name)
+    return out
+
+
+def checkpoint_steps() -> list[int | str]:
+    """``--step``: numbers and ``latest``, checked on their own (ValueError names the flag)."""
+    out = []
+    for v in _STEP.value or [generation.LATEST]:
+        if v == generation.LATEST:
+            out.append(v)
+            continue
+        try:
+            step = int(v)
+        except ValueError:
+            raise ValueError(
+                f"--step={','.join(_STEP.value)}: {v!r} is not a step number or 'latest'"
+            ) from None
+        if step < 0:
+            raise ValueError(f"--step={','.join(_STEP.value)}: {v!r} must be >= 0")
+        out.append(step)
+    return out
+
+
+def _edit(gen):
+    import soundfile as sf
+
+    chosen = [f for f in (_INIT_AUDIO, _CONTINUE_AUDIO, _INPAINT_AUDIO) if f.value]
+    if len(chosen) > 1:
+        raise ValueError("give at most one of --init_audio, --continue_audio, --inpaint_audio")
+    if not chosen:
+        return None, ""
+    path = chosen[0].value
+    try:
+        audio, sr = sf.read(path, dtype="float32", always_2d=True)
+    except Exception as e:  # noqa: BLE001 - soundfile raises LibsndfileError / RuntimeError
+        raise ValueError(f"cannot read audio {path!r}: {e}") from e
+    audio = audio.T
+    if chosen[0] is _INIT_AUDIO:
+        return gen.variation(audio, sr), f"variation:{path}"
+    if chosen[0] is _CONTINUE_AUDIO:
+        return gen.continuation(audio, sr), f"continuation:{path}"
+    if len(_INPAINT_RANGE.value) != 2:
+        raise ValueError("--inpaint_audio needs --inpaint_range=START,END (seconds)")
+    a, b = (float(v) for v in _INPAINT_RANGE.value)
+    return gen.inpainting(audio, sr, a, b), f"inpaint:{path}:{a}-{b}"
+
+
+def _bad_input(e: Exception):
+    logging.error("%s", e)
+    print(f"audiodiff-sample: {e}", file=sys.stderr)
+    sys.exit(EXIT_BAD_INPUT)
+
+
+def main(argv):
+    del argv
+    if not _CHECKPOINT.value or not _OUT.value:
+        raise app.UsageError("--checkpoint and --out are required")
+    # The flags alone first: a bad value stops here, before the checkpoint is read.
+    try:
+        overrides = sample_overrides()
+        wanted_steps = checkpoint_steps()
+    except ValueError as e:  # ConfigError is a ValueError
+        _bad_input(e)
+    # The same command on every process: the launcher's variables give this process its
+    # share of the grid (share.py); no jax.distributed, no collective between them.
+    index, count = distributed.work_share(join=False)
+    try:
+        rows, issues = [], []
+        for n, prompt in enumerate(_PROMPT.value):
+            where = f"--prompt #{n + 1}"
+            try:
+                rows.append((where, sweep.parse_prompt_row({"prompt": prompt}, where)))
+            except generation.GenerationError as e:
+                issues.append(sweep.SweepIssue(where, str(e)))
+        if _PROMPTS_FILE.value:
+            file_rows, file_issues = sweep.read_prompts_file(_PROMPTS_FILE.value)
+            rows += file_rows
+            issues += file_issues
+        if not rows:
+            raise ValueError(
+                "no usable prompt: give --prompt or --prompts_file"
+                + "".join(f"\n  {i.where}: {i.message}" for i in issues)
+            )
+        mesh = sharding.make_mesh(config_lib.MeshConfig(**{a: f.value for a, f in _MESH.items()}))
+        steps = generation.resolve_steps(_CHECKPOINT.value, wanted_steps)
+        step_dir, _ = generation.find_checkpoint(_CHECKPOINT.value, steps[0])
+        cfg, card = generation.read_checkpoint_meta(step_dir)
+        # The flags over the sample section saved with the checkpoint, checked
+        # together before the weights are restored.
+        sample = sweep.resolve_sample(cfg.sample, overrides, _flag_name)
+        if "weights" not in overrides and export.is_export(_CHECKPOINT.value):
+            # An export holds one weight set: that one, whatever its config's sample section says.
+            sample = dataclasses.replace(sample, weights=(export.read_meta(_CHECKPOINT.value)["weights"],))
+        codec = sweep.load_named_codec(_CODEC.value or card.codec.name)
+        gen = generation.Generator(
+            _CHECKPOINT.value,
+            codec,
+            step=steps[0],
+            weights=sample.weights[0],
+            restore=False,  # the sweep restores each step once, all its weight sets together
+            mesh=mesh,
+            tokenizer_path=_TOKENIZER.value or None,
+            window_frames=sample.window_frames,
+            overlap_frames=sample.overlap_frames,
+            min_seconds=sample.min_seconds,
+            max_seconds=sample.max_seconds,
+        )
+        for step in steps:  # every step holds every weight set, before anything is restored
+            gen.check_weights(step, sample.weights, what=_flag_name("weights"))
+        edit, edit_tag = _edit(gen)
+    except ValueError as e:  # GenerationError and ConfigError are ValueErrors
+        _bad_input(e)
+    items = sweep.expand_grid(rows, sweep.Grid.from_config(sample))
+    result = share.run_share(
+        gen,
+        items,
+        _OUT.value,
+        index=index,
+        count=count,
+        checkpoint_steps=steps,
+        weights=sample.weights,
+        issues=issues,
+        batch_size=sample.batch_size or None,
+        edit=edit,
+        edit_tag=edit_tag,
+        evaluate=_EVAL.value,
+        eval_reference=_EVAL_REFERENCE.value or None,
+    )
+    print(
+        f"audiodiff-sample: {len(result.rows)} output(s) in {_OUT.value} ({result.generated} new), "
+        f"{len(result.issues)} problem(s); page {result.report}"
+    )
+    for i in result.issues:
+        print(f"  {i.where}: {i.message}", file=sys.stderr)
+    if result.issues:
+        sys.exit(EXIT_INCOMPLETE)
+
+
+def run():
+    cli.run(main, module=(__name__, distributed.__name__))
+
+
+if __name__ == "__main__":
+    run()

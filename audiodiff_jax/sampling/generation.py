@@ -1,0 +1,770 @@
+"""Generation from a checkpoint: songs, edits and sweeps (DESIGN.md contract 5).
+
+Follow one song from the checkpoint to the WAV:
+
+1. :func:`find_checkpoint` picks a complete step folder (or an export folder,
+   ``export.py``); :class:`Generator` reads the config and the dataset card saved in it,
+   builds the model and restores only the weight set it is asked for by name (``raw``,
+   ``ema``, ``ema0.9999``...; never the optimizer state) onto its own mesh, any device
+   count. A sweep switches between checkpoint steps and weight sets on the same
+   Generator (:meth:`Generator.restore_weights`, :meth:`Generator.use_weights`): the
+   compiled programs are kept.
+2. :meth:`Generator.generate_latents` tokenizes the prompts (and the negative prompts
+   for classifier-free guidance), draws each row's noise from its own seed, and runs
+   the jitted sampler of ``samplers.py`` once per window: one window for a song that
+   fits the model's window (the whole song in one pass, sharded over the ``sequence``
+   mesh axis when the mesh has one), else window by window, each window inpainting
+   its overlap with the previous one. Timing conditioning (``seconds_start``,
+   ``seconds_total``) places each window in the song.
+3. The latents are denormalized with the dataset card (``DatasetCard.denormalize``) and
+   decoded by the codec.
+
+The program of step 2 is a :class:`SampleProgram`: ``audiodiff-compile`` compiles the
+same one. Sweeps, their manifest, WAVs and report page are ``sweep.py``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+from collections.abc import Callable, Sequence
+from typing import Any, NamedTuple
+
+import jax
+import numpy as np
+from absl import logging
+from etils import epath
+from jax.sharding import NamedSharding
+
+from audiodiff_jax.checkpoints import checkpointing, export
+from audiodiff_jax.codec import limiter
+from audiodiff_jax.core import config as config_lib
+from audiodiff_jax.core import names, optim, sharding
+from audiodiff_jax.core.config import MeshConfig
+from audiodiff_jax.core.errors import UserError
+from audiodiff_jax.data import loader
+from audiodiff_jax.data.batch import Conditioning
+from audiodiff_jax.data.cards import DatasetCard, ShardError
+from audiodiff_jax.data.tokenizer import Tokenizer
+from audiodiff_jax.diffusion import samplers
+from audiodiff_jax.model import make_model
+
+MANIFEST = "manifest.jsonl"
+ISSUES = "sweep_issues.jsonl"
+# Logical axes of the sampling program's inputs (sharding.LOGICAL_RULES places them).
+_ROWS = (names.BATCH,)
+_LATENTS = (names.BATCH, names.LENGTH, None)
+_FRAMES = (names.BATCH, names.LENGTH)
+
+
+class GenerationError(UserError, ValueError):
+    """Bad input to generation (checkpoint, codec, prompt, duration...); the message says which."""
+
+
+# ---------------------------------------------------------------------------
+# Checkpoints
+
+
+def find_checkpoint(path: str, step: int | None = None) -> tuple[epath.Path, int]:
+    """Resolves ``path`` (a run workdir, its ``checkpoints`` folder, one step folder, or
+    an export folder).
+
+    Returns:
+      (step folder, step). The latest complete step unless ``step`` is given. For an
+      export: (the export folder, the step its weights came from).
+
+    Raises:
+      GenerationError: the path is missing, holds no complete checkpoint, lacks the
+        step, or the step folder lacks an item the sampler needs.
+    """
+    if export.is_export(path):
+        meta = _export_meta(path)
+        if step is not None and step != meta["step"]:
+            raise GenerationError(
+                f"{path} is an export of step {meta['step']}, not step {step}; give no step for an export"
+            )
+        return epath.Path(path), int(meta["step"])
+    try:
+        return checkpointing.find_step(path, step, required_items=("state", "config", "dataset_card"))
+    except checkpointing.CheckpointNotFound as e:
+        hint = "; train a few steps first" if "no complete checkpoint" in str(e) else ""
+        raise GenerationError(f"{e}{hint}") from e
+
+
+def _export_meta(path) -> dict:
+    try:
+        return export.read_meta(str(path))
+    except export.ExportError as e:
+        raise GenerationError(str(e)) from e
+
+
+def _read_json_item(item_dir: epath.Path) -> dict:
+    try:
+        return checkpointing.read_json_item(item_dir)
+    except checkpointing.CheckpointNotFound as e:
+        raise GenerationError(str(e)) from e
+
+
+def _item(step_dir: epath.Path, name: str) -> dict:
+    """JSON item ``name`` of a checkpoint step, or ``name.json`` of an export."""
+    if export.is_export(step_dir):
+        try:
+            return export.read_json_item(str(step_dir), name)
+        except export.ExportError as e:
+            raise GenerationError(str(e)) from e
+    return _read_json_item(step_dir / name)
+
+
+def _has_item(step_dir: epath.Path, name: str) -> bool:
+    return (step_dir / (f"{name}.json" if export.is_export(step_dir) else name)).exists()
+
+
+def read_checkpoint_meta(step_dir: epath.Path):
+    """The resolved config and the dataset card saved with a checkpoint step (or an export)."""
+    try:
+        cfg = config_lib.from_configdict(_item(step_dir, "config"))
+    except config_lib.ConfigError as e:
+        raise GenerationError(f"config saved in {step_dir / 'config'}: {e}") from e
+    try:
+        card = DatasetCard.from_dict(_item(step_dir, "dataset_card"), where=str(step_dir))
+    except ShardError as e:
+        raise GenerationError(f"dataset card saved in {step_dir / 'dataset_card'}: {e}") from e
+    return cfg, card
+
+
+LATEST = "latest"
+
+
+def resolve_steps(path: str, wanted: Sequence[int | str | None]) -> list[int]:
+    """Checkpoint steps by number or ``latest`` (None too), in order, without repeats.
+
+    Raises:
+      GenerationError: a step that is not a complete checkpoint of ``path``, listing those that are.
+    """
+    steps = []
+    for w in wanted or [None]:
+        step = None if w in (None, LATEST) else int(w)
+        _, s = find_checkpoint(path, step)
+        if s not in steps:
+            steps.append(s)
+    return steps
+
+
+# ---------------------------------------------------------------------------
+# What to generate
+
+
+# Defaults of every sampling parameter: the sample section of the config (a grid
+# axis gives its first value).
+_SAMPLE = config_lib.SampleConfig()
+
+
+@dataclasses.dataclass(frozen=True)
+class SampleParams:
+    """Everything that decides one output (with the checkpoint and the edit audio).
+
+    Besides ``prompt``, one field per :data:`config.SAMPLE_PARAM_FIELDS` entry; the
+    meaning of each is documented in :class:`config.SampleConfig`.
+    """
+
+    prompt: str
+    seconds: float
+    seed: int = _SAMPLE.seeds[0]
+    negative_prompt: str = _SAMPLE.negative_prompt
+    guidance: float = _SAMPLE.guidance[0]  # classifier-free guidance scale (1 = off)
+    guidance_rescale: float = _SAMPLE.guidance_rescale[0]  # phi of guidance rescale (0 = off)
+    steps: int = _SAMPLE.steps[0]
+    sampler: str = _SAMPLE.samplers[0]
+    schedule: str = _SAMPLE.schedule[0]
+    eta: float = _SAMPLE.eta  # DDIM noise (0 = deterministic)
+    strength: float = _SAMPLE.strength  # audio-to-audio variation: start time (1 = from pure noise)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+@dataclasses.dataclass(frozen=True)
+class AudioEdit:
+    """Audio to continue, inpaint or vary, as normalized latents ``[frames, channels]``.
+
+    ``known [frames]`` marks frames kept as they are (continuation: the start;
+    inpainting: everything outside the range to regenerate); ``variation`` starts the
+    sampler from these latents noised to ``SampleParams.strength``.
+    """
+
+    latents: np.ndarray
+    known: np.ndarray | None = None
+    variation: bool = False
+
+
+class Generated(NamedTuple):
+    latents: list[np.ndarray]  # per request: raw codec latents [frames, channels]
+    denoise_s: float  # wall time of the sampling loops (all windows), compilation excluded
+    windows: int
+    compiled: bool  # whether this call traced and compiled a new program
+    compile_s: float = 0.0  # wall time of that compilation (reported apart)
+
+
+def _plan_windows(frames: int, window: int, overlap: int) -> list[int]:
+    """Start frames of the windows covering ``frames``; the last one ends at the song's end."""
+    if window <= 0 or frames <= window:
+        return [0]
+    hop = window - overlap
+    starts = list(range(0, frames - window, hop))
+    starts.append(frames - window)
+    return starts
+
+
+def window_seams(frames: int, window: int, overlap: int) -> list[int]:
+    """Frames where a window's new frames start (after the overlap it shares with what
+    came before): the jump from frame ``s - 1`` to ``s`` is a seam (``audiodiff_jax/sampling/seams.py``)."""
+    starts = _plan_windows(frames, window, overlap)
+    return [starts[w - 1] + window for w in range(1, len(starts))]
+
+
+def padded_shape(mesh: jax.sharding.Mesh, rows: int, frames: int) -> tuple[int, int]:
+    """``(batch, frames)`` of a sampling program on ``mesh``: rows rounded up to split over
+    the batch axes, frames rounded up to split over the sequence axis."""
+    shards, seq = sharding.batch_shards(mesh), sharding.length_shards(mesh)
+    return -(-rows // shards) * shards, -(-frames // seq) * seq
+
+
+class SampleInputs(NamedTuple):
+    """Per-row inputs of the sampling program besides the params and the conditioning."""
+
+    uncond_tokens: Any  # int32 [B, L]: the negative prompt (the empty caption when none)
+    scale: Any  # float32 [B]: guidance scale
+    rescale: Any  # float32 [B]: guidance rescale
+    keys_data: Any  # uint32 [B, 2]: each row's key for this window
+    times: Any  # float32 [B, steps + 1]: the time grid (samplers.time_grid)
+    eta: Any  # float32 [B]: DDIM noise
+    init: Any  # float32 [B, T, C]: the start for a variation (zeros otherwise)
+    known: Any  # float32 [B, T, C]: latents to keep (continuation, inpainting, window overlap)
+    known_mask: Any  # float32 [B, T]: 1 where ``known`` holds
+
+
+class SampleProgram(NamedTuple):
+    """One compiled sampling program: what :class:`Generator` runs and ``audiodiff-compile`` compiles.
+
+    ``fn(apply)`` gives ``(params, cond: Conditioning, inputs: SampleInputs) -> latents
+    [batch, frames, C]``: the whole sampler loop (every step, classifier-free guidance,
+    inpainting) for one window of ``frames`` (padded to split over the sequence axis;
+    ``valid`` are real).
+    """
+
+    method: str
+    steps: int
+    batch: int
+    frames: int
+    valid: int
+    cfg: bool
+    known: bool
+    # The model takes the known frames as input (model.masked_context): they condition
+    # every step through the model, besides being kept. Models without it only keep them.
+    context: bool = False
+
+    def fn(self, apply_fn: Callable[..., jax.Array]):
+        def run(params, cond: Conditioning, inputs: SampleInputs) -> jax.Array:
+            if self.context and self.known:
+                cond = cond._replace(known=inputs.known, known_mask=inputs.known_mask)
+            denoise = samplers.guided_denoiser(
+                apply_fn,
+                params,
+                cond,
+                uncond_tokens=inputs.uncond_tokens if self.cfg else None,
+                scale_b=inputs.scale,
+                rescale_b=inputs.rescale,
+            )
+            return samplers.sample(
+                denoise,
+                inputs.init,
+                inputs.times,
+                jax.random.wrap_key_data(inputs.keys_data),
+                method=self.method,
+                eta_b=inputs.eta,
+                inpaint=samplers.Inpaint(inputs.known, inputs.known_mask) if self.known else None,
+                valid_frames=self.valid,
+                constrain=lambda x: sharding.constrain(x, _LATENTS),
+            )
+
+        return run
+
+    def out_shardings(self, mesh: jax.sharding.Mesh) -> NamedSharding:
+        return sharding.named_shardings(_LATENTS, mesh)
+
+    def abstract_args(self, cfg: config_lib.Config, abstract_params: Any, mesh: jax.sharding.Mesh):
+        """``(params, cond, inputs)`` as sharded ShapeDtypeStructs, for ahead-of-time compiles."""
+        b, t, c, length = self.batch, self.frames, cfg.model.latent_channels, cfg.model.text.max_len
+
+        def s(shape, dtype, axes):
+            return jax.ShapeDtypeStruct(shape, dtype, sharding=sharding.named_shardings(axes, mesh))
+
+        rows = lambda dtype, *rest: s((b, *rest), dtype, _ROWS + (None,) * len(rest))
+        cond = Conditioning(rows(np.int32, length), rows(np.float32), rows(np.float32), rows(np.int32))
+        key_shape = jax.random.key_data(jax.random.key(0)).shape
+        inputs = SampleInputs(
+            uncond_tokens=rows(np.int32, length),
+            scale=rows(np.float32),
+            rescale=rows(np.float32),
+            keys_data=rows(np.uint32, *key_shape),
+            times=rows(np.float32, self.steps + 1),
+            eta=rows(np.float32),
+            init=s((b, t, c), np.float32, _LATENTS),
+            known=s((b, t, c), np.float32, _LATENTS),
+            known_mask=s((b, t), np.float32, _FRAMES),
+        )
+        return abstract_params, cond, inputs
+
+
+class Generator:
+    """A checkpoint's model restored for sampling on a mesh, with its tokenizer and codec.
+
+    Args:
+      checkpoint: run workdir, its checkpoints folder, or a step folder.
+      codec: an object with the ``audiodiff_jax.codec.interface.Codec`` protocol, or
+        None (latents only; :meth:`decode` then fails).
+      step: checkpoint step (default: the latest complete one).
+      weights: the weight set to restore: ``raw``, ``ema`` (the EMA of the run's
+        ``optim.ema_decay``) or ``ema<decay>`` (default: the first of the checkpoint
+        config's ``sample.weights``; an export's own set).
+      use_ema: the older way to choose: True = ``ema``, False = ``raw``.
+      mesh: the sampling mesh (default: ``sharding.make_mesh(MeshConfig())``, all
+        devices on ``data``). Batches are split over ``data x fsdp``, frames over
+        ``sequence``, heads over ``tensor``.
+      tokenizer_path: sentencepiece model (default: the copy saved with the checkpoint,
+        else the one the training data used).
+      window_frames: longest sequence generated in one pass; longer songs go window
+        by window (-1: the training window ``data.window_frames``; 0 = always one
+        pass).
+      overlap_frames: frames each window shares with the previous one (-1: a
+        quarter of the window).
+      min_seconds, max_seconds: accepted durations.
+      restore: restore the weights now (False: a sweep restores them later with
+        :meth:`restore_weights` and :meth:`use_weights`).
+
+    ``weights``, ``window_frames``, ``overlap_frames``, ``min_seconds`` and
+    ``max_seconds`` default (None) to the ``sample`` section of the checkpoint's config.
+    The weights' name is kept as :meth:`canonical_weights` gives it (``ema`` ->
+    ``ema0.999``), so manifests name them the same whichever way they were asked for.
+    """
+
+    def __init__(
+        self,
+        checkpoint: str,
+        codec: Any = None,
+        *,
+        step: int | None = None,
+        weights: str | None = None,
+        use_ema: bool | None = None,
+        mesh: jax.sharding.Mesh | None = None,
+        tokenizer_path: str | None = None,
+        window_frames: int | None = None,
+        overlap_frames: int | None = None,
+        min_seconds: float | None = None,
+        max_seconds: float | None = None,
+        restore: bool = True,
+    ):
+        self.step_dir, self.step = find_checkpoint(checkpoint, step)
+        self.checkpoint = str(checkpoint)
+        self.export_meta = _export_meta(checkpoint) if export.is_export(checkpoint) else None
+        self.cfg, self.card = read_checkpoint_meta(self.step_dir)
+        cfg = self.cfg
+        # The arguments not given come from the checkpoint's sample section.
+        if weights is None and use_ema is not None:
+            weights = optim.EMA if use_ema else optim.RAW
+        given = {
+            "window_frames": window_frames,
+            "overlap_frames": overlap_frames,
+            "min_seconds": min_seconds,
+            "max_seconds": max_seconds,
+        }
+        given = {k: v for k, v in given.items() if v is not None}
+        try:
+            config_lib.check_sample_values(given, name=str)
+        except config_lib.ConfigError as e:
+            raise GenerationError(str(e)) from e
+        self.sample = config_lib.replace(cfg.sample, **given)
+        if weights is None:
+            weights = self.export_meta["weights"] if self.export_meta else self.sample.weights[0]
+        self.weights = self.canonical_weights(weights)
+        self.min_seconds, self.max_seconds = float(self.sample.min_seconds), float(self.sample.max_seconds)
+        if self.card.codec.latent_channels != cfg.model.latent_channels:
+            raise GenerationError(
+                f"checkpoint {self.step_dir}: model.latent_channels={cfg.model.latent_channels} but its "
+                f"dataset card says latent_channels={self.card.codec.latent_channels}"
+            )
+        self.codec = codec
+        if codec is not None:
+            self._check_codec(codec)
+        self.latent_rate = float(self.card.codec.latent_rate)
+        self.channels = cfg.model.latent_channels
+        w, o = self.sample.window_frames, self.sample.overlap_frames
+        self.window = cfg.data.window_frames if w < 0 else w
+        self.overlap = self.window // 4 if o < 0 else o
+        if self.window > 0 and not 0 < self.overlap < self.window:
+            raise GenerationError(
+                f"overlap_frames={self.overlap} must be in (0, window_frames={self.window}) "
+                "for windowed songs"
+            )
+        self.mesh = mesh if mesh is not None else sharding.make_mesh(MeshConfig())
+        self._check_mesh()
+        if tokenizer_path is not None:
+            self.tokenizer = Tokenizer(tokenizer_path)
+        elif _has_item(self.step_dir, "tokenizer"):
+            # The copy saved with the checkpoint: no need for the training shards.
+            try:
+                self.tokenizer = Tokenizer.from_json(
+                    _item(self.step_dir, "tokenizer"), where=str(self.step_dir / "tokenizer")
+                )
+            except ValueError as e:
+                raise GenerationError(str(e)) from e
+        else:  # checkpoints written before the tokenizer item existed
+            try:
+                tokenizer_path = loader.resolve_tokenizer_path(cfg.data, self.card)
+            except config_lib.ConfigError as e:
+                raise GenerationError(f"{e}; pass the tokenizer file explicitly (--tokenizer)") from e
+            self.tokenizer = Tokenizer(tokenizer_path)
+        tokenizer_path = self.tokenizer.path
+        if self.tokenizer.vocab_size > cfg.model.text.vocab_size:
+            raise GenerationError(
+                f"tokenizer {tokenizer_path} has {self.tokenizer.vocab_size} pieces, more than the "
+                f"model's model.text.vocab_size={cfg.model.text.vocab_size}: not the run's tokenizer"
+            )
+        self.model = make_model(cfg.model)
+        self.params = None
+        if restore:
+            self.check_weights(self.step, [self.weights])
+            self.params = self.restore_weights(self.step, [self.weights])[self.weights]
+        self._fns: dict[tuple, Callable] = {}
+
+    # -- set-up checks ---------------------------------------------------------------
+
+    def _check_codec(self, codec) -> None:
+        cc, dc = codec.card, self.card.codec
+        if cc.latent_channels != self.cfg.model.latent_channels:
+            raise GenerationError(
+                f"codec {cc.name!r} has latent_channels={cc.latent_channels} but checkpoint "
+                f"{self.step_dir} was trained on {self.cfg.model.latent_channels}-channel latents "
+                f"(codec {dc.name!r})"
+            )
+        if not math.isclose(cc.latent_rate, dc.latent_rate, rel_tol=1e-6):
+            raise GenerationError(
+                f"codec {cc.name!r} runs at {cc.latent_rate:.4g} latent frames/s but checkpoint "
+                f"{self.step_dir} was trained at {dc.latent_rate:.4g} (codec {dc.name!r})"
+            )
+        if cc.name != dc.name:
+            logging.warning(
+                "decoding with codec %r; the checkpoint was trained on %r latents", cc.name, dc.name
+            )
+
+    def _check_mesh(self) -> None:
+        # The same checks as training's config.validate, against the sampling mesh.
+        try:
+            config_lib.validate_model_on_mesh(self.cfg.model, dict(self.mesh.shape))
+        except config_lib.ConfigError as e:
+            raise GenerationError(f"checkpoint {self.step_dir} on this sampling mesh: {e}") from e
+
+    # -- weights: checkpoint steps and weight sets ----------------------------------
+
+    def canonical_weights(self, name: str) -> str:
+        """``ema`` -> ``ema<optim.ema_decay>`` of the checkpoint's config; ``ema0.99990`` ->
+        ``ema0.9999``; ``raw`` stays."""
+        if name == optim.EMA:
+            return optim.ema_name(self.cfg.optim.ema_decay)
+        return optim.canonical_weights(name)
+
+    def _step_dir(self, step: int) -> epath.Path:
+        if step == self.step:
+            return self.step_dir
+        step_dir, _ = find_checkpoint(self.checkpoint, step)
+        cfg, card = read_checkpoint_meta(step_dir)
+        if cfg.model != self.cfg.model or card.codec != self.card.codec:
+            raise GenerationError(
+                f"checkpoint {step_dir} has another model or codec than {self.step_dir}: "
+                "one sweep samples the checkpoints of one run"
+            )
+        return step_dir
+
+    def available_weights(self, step: int) -> list[str]:
+        """The weight sets checkpoint ``step`` holds, by canonical name."""
+        if self.export_meta is not None:
+            return [self.canonical_weights(n) for n in export.answers_to(self.export_meta)]
+        try:
+            paths = checkpointing.weight_paths(self._step_dir(step))
+        except Exception as e:  # noqa: BLE001 - Orbax raises many types for damaged files
+            raise GenerationError(
+                f"could not read the weights of {self._step_dir(step)} "
+                f"(half-written or damaged checkpoint?): {type(e).__name__}: {e}"
+            ) from e
+        return list(dict.fromkeys(self.canonical_weights(n) for n in paths))
+
+    def check_weights(self, step: int, names: Sequence[str], what: str = "weights") -> None:
+        """Raises GenerationError when checkpoint ``step`` lacks one of ``names`` (before
+        anything is restored), naming it and the sets the step holds."""
+        have = self.available_weights(step)
+        for name in names:
+            if self.canonical_weights(name) not in have:
+                where = f"export {self.checkpoint}" if self.export_meta else f"checkpoint step {step}"
+                raise GenerationError(
+                    f"{what}={name}: {where} holds no such weights; it holds {', '.join(have)}"
+                )
+
+    def restore_weights(self, step: int, names: Sequence[str]) -> dict[str, Any]:
+        """Restores weight sets of checkpoint ``step`` onto this mesh in one read (no
+        optimizer state); returns canonical name -> params."""
+        shardings = sharding.named_shardings(self.model.logical_axes(), self.mesh)
+        abstract = sharding.with_shardings(self.model.abstract_params(), shardings)
+        wanted = list(dict.fromkeys(self.canonical_weights(n) for n in names))
+        step_dir = self._step_dir(step)
+        try:
+            if self.export_meta is not None:
+                params = export.load_params(self.checkpoint, abstract)
+                return dict.fromkeys(wanted, params)
+            return checkpointing.restore_weight_sets(step_dir, wanted, abstract)
+        except checkpointing.WeightsNotFound as e:
+            raise GenerationError(str(e)) from e
+        except Exception as e:  # noqa: BLE001 - Orbax raises many types for damaged files
+            raise GenerationError(
+                f"could not restore the weights {', '.join(wanted)} of {step_dir} "
+                f"(half-written or damaged checkpoint?): {type(e).__name__}: {e}"
+            ) from e
+
+    def use_weights(self, step: int, name: str, params: Any) -> None:
+        """Samples from now on with ``params``, the weight set ``name`` of checkpoint ``step``."""
+        self.step_dir = self._step_dir(step)
+        self.step, self.weights, self.params = step, self.canonical_weights(name), params
+
+    # -- requests --------------------------------------------------------------------
+
+    @property
+    def batch_shards(self) -> int:
+        return sharding.batch_shards(self.mesh)
+
+    def frames_for(self, seconds: float) -> int:
+        """Latent frames that cover ``seconds`` (rounded up: decoding trims to the length)."""
+        return int(math.ceil(seconds * self.latent_rate - 1e-6))
+
+    def check(self, p: SampleParams) -> None:
+        """Raises GenerationError naming the first bad field of ``p``."""
+        if not isinstance(p.prompt, str) or not p.prompt.strip():
+            raise GenerationError(f"prompt={p.prompt!r} is empty; give a caption")
+        if not (isinstance(p.seconds, int | float) and math.isfinite(p.seconds)) or not (
+            self.min_seconds <= p.seconds <= self.max_seconds
+        ):
+            raise GenerationError(
+                f"seconds={p.seconds} is out of range [{self.min_seconds:g}, {self.max_seconds:g}]"
+            )
+        # The same checks as the sample section of the config, value by value.
+        for name in config_lib.SAMPLE_PARAM_FIELDS:
+            value = getattr(p, name)
+            problem = config_lib.sample_value_problem(name, value)
+            if problem:
+                raise GenerationError(f"{name}={value!r} {problem}")
+
+    @staticmethod
+    def group_key(p: SampleParams, frames: int) -> tuple:
+        """Requests with equal keys run in one batch (one compiled program).
+
+        Guidance on/off is part of the key (not a per-row no-op) so that a row's
+        program, and thus its result, never depends on its batch mates.
+        """
+        return (frames, p.sampler, p.steps, p.guidance != 1.0)
+
+    # -- audio edits -----------------------------------------------------------------
+
+    def encode(self, audio: np.ndarray, sample_rate: int) -> np.ndarray:
+        """Audio ``[channels, samples]`` -> normalized latents ``[frames, channels]``."""
+        if self.codec is None:
+            raise GenerationError("no codec: cannot encode audio for an edit")
+        raw = np.asarray(self.codec.encode(np.asarray(audio, np.float32), sample_rate), np.float32)
+        return self.card.normalize(raw)
+
+    def continuation(self, audio: np.ndarray, sample_rate: int) -> AudioEdit:
+        """Keep ``audio`` as the start of the song and continue it."""
+        lat = self.encode(audio, sample_rate)
+        return AudioEdit(lat, known=np.ones(lat.shape[0], bool))
+
+    def inpainting(self, audio: np.ndarray, sample_rate: int, start_s: float, end_s: float) -> AudioEdit:
+        """Regenerate seconds [start_s, end_s) of ``audio``, keep the rest."""
+        lat = self.encode(audio, sample_rate)
+        a, b = self.frames_for(start_s), self.frames_for(end_s)
+        if not 0 <= a < b <= lat.shape[0]:
+            raise GenerationError(
+                f"inpainting range [{start_s}, {end_s}) s is not inside the audio "
+                f"({lat.shape[0] / self.latent_rate:.2f} s)"
+            )
+        known = np.ones(lat.shape[0], bool)
+        known[a:b] = False
+        return AudioEdit(lat, known=known)
+
+    def variation(self, audio: np.ndarray, sample_rate: int) -> AudioEdit:
+        """Start from ``audio`` noised to ``SampleParams.strength`` (audio-to-audio)."""
+        return AudioEdit(self.encode(audio, sample_rate), variation=True)
+
+    # -- sampling --------------------------------------------------------------------
+
+    def _sample_fn(self, program: SampleProgram, args: tuple) -> tuple[Callable, float]:
+        """The compiled program and the seconds spent compiling it now (0 when cached).
+
+        Compiled ahead of its first call (``lower(...).compile()`` on the real arguments),
+        so the sampling time reported for a song never includes compilation."""
+        if program in self._fns:
+            return self._fns[program], 0.0
+        t0 = time.perf_counter()
+        jitted = jax.jit(program.fn(self.model.apply), out_shardings=program.out_shardings(self.mesh))
+        self._fns[program] = jitted.lower(*args).compile()
+        return self._fns[program], time.perf_counter() - t0
+
+    def _put(self, x: np.ndarray, logical_axes: tuple) -> jax.Array:
+        # make_array_from_callback works on one host and on many (each host holds the
+        # full host array and gives every local device its slice).
+        x = np.ascontiguousarray(x)
+        sh = sharding.named_shardings(logical_axes, self.mesh)
+        return jax.make_array_from_callback(x.shape, sh, lambda idx: x[idx])
+
+    @staticmethod
+    def _get(x: jax.Array) -> np.ndarray:
+        if x.is_fully_addressable:
+            return np.asarray(x)
+        from jax.experimental import multihost_utils
+
+        return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+
+    def tokens(self, text: str) -> np.ndarray:
+        return self.tokenizer.encode(text, self.cfg.model.text.max_len)
+
+    def generate_latents(
+        self, requests: Sequence[SampleParams], edit: AudioEdit | None = None, batch_size: int | None = None
+    ) -> Generated:
+        """Samples one batch of requests that share :meth:`group_key`.
+
+        Args:
+          requests: checked params (see :meth:`check`), all with one group key.
+          edit: optional audio to continue / inpaint / vary (shared by every row).
+          batch_size: pad the batch to this many rows (a multiple of the mesh's
+            data x fsdp size is used) so every batch of a sweep has one shape.
+
+        Returns:
+          :class:`Generated` with each request's raw (denormalized) latents.
+        """
+        if not requests:
+            return Generated([], 0.0, 0, False)
+        if self.params is None:
+            raise GenerationError(
+                "no weights restored yet (Generator(restore=False)): call use_weights first"
+            )
+        for p in requests:
+            self.check(p)
+        frames = self.frames_for(requests[0].seconds)
+        keys = {self.group_key(p, self.frames_for(p.seconds)) for p in requests}
+        if len(keys) != 1:
+            raise GenerationError(f"one batch needs one group key (frames, sampler, steps, cfg); got {keys}")
+        _, method, steps, use_cfg = keys.pop()
+        starts = _plan_windows(frames, self.window, self.overlap)
+        win = frames if len(starts) == 1 else self.window
+        batch, win_pad = padded_shape(self.mesh, max(len(requests), batch_size or 0), win)
+        rows = list(requests) + [requests[-1]] * (batch - len(requests))  # padding rows repeat the last
+        c = self.channels
+
+        # Song-level inputs.
+        song_known = np.zeros((frames, c), np.float32)
+        song_mask = np.zeros((frames,), np.float32)
+        song_init = np.zeros((frames, c), np.float32)
+        variation = False
+        if edit is not None:
+            n = min(frames, edit.latents.shape[0])
+            if edit.latents.shape[1] != c:
+                raise GenerationError(f"edit latents have {edit.latents.shape[1]} channels, the model {c}")
+            if edit.known is not None:
+                song_known[:n] = edit.latents[:n]
+                song_mask[:n] = edit.known[:n]
+            if edit.variation:
+                song_init[:n] = edit.latents[:n]
+                variation = True
+        t_start = [p.strength if variation else 1.0 for p in rows]
+        ts = np.stack(
+            [
+                samplers.time_grid(
+                    p.steps, schedule=p.schedule, shift=self.cfg.diffusion.schedule_shift, t_start=t0
+                )
+                for p, t0 in zip(rows, t_start, strict=True)
+            ]
+        )
+        tok_c = np.stack([self.tokens(p.prompt) for p in rows])
+        tok_u = np.stack([self.tokens(p.negative_prompt) for p in rows])
+        scale = np.asarray([p.guidance for p in rows], np.float32)
+        rescale = np.asarray([p.guidance_rescale for p in rows], np.float32)
+        eta = np.asarray([p.eta for p in rows], np.float32)
+        total = np.asarray([p.seconds for p in rows], np.float32)
+        base_keys = [jax.random.key(p.seed) for p in rows]
+
+        out = np.zeros((batch, frames, c), np.float32)
+        t0 = time.perf_counter()
+        compiled_any, compile_s = False, 0.0
+        with jax.set_mesh(self.mesh):
+            put_rows = lambda a: self._put(a, _ROWS)
+            tok_c, tok_u, scale, rescale = map(put_rows, (tok_c, tok_u, scale, rescale))
+            total, ts, eta = map(put_rows, (total, ts, eta))
+            num_frames = put_rows(np.full((batch,), win, np.int32))
+            for w, a in enumerate(starts):
+                b = a + win
+                known = np.broadcast_to(song_known[a:b], (batch, win, c)).copy()
+                mask = np.broadcast_to(song_mask[a:b], (batch, win)).copy()
+                if w > 0:  # the overlap with what the previous windows made is known
+                    prev_end = starts[w - 1] + win
+                    known[:, : prev_end - a] = out[:, a:prev_end]
+                    mask[:, : prev_end - a] = 1.0
+                init = np.broadcast_to(song_init[a:b], (batch, win, c))
+                pad = ((0, 0), (0, win_pad - win), (0, 0))
+                program = SampleProgram(
+                    method,
+                    steps,
+                    batch,
+                    win_pad,
+                    win,
+                    use_cfg,
+                    bool(mask.any()),
+                    self.cfg.model.masked_context,
+                )
+                key_data = np.stack(
+                    [np.asarray(jax.random.key_data(jax.random.fold_in(k, w))) for k in base_keys]
+                )
+                start = put_rows(np.full((batch,), a / self.latent_rate, np.float32))
+                args = (
+                    self.params,
+                    Conditioning(tok_c, start, total, num_frames),
+                    SampleInputs(
+                        uncond_tokens=tok_u,
+                        scale=scale,
+                        rescale=rescale,
+                        keys_data=put_rows(key_data),
+                        times=ts,
+                        eta=eta,
+                        init=self._put(np.pad(init, pad), _LATENTS),
+                        known=self._put(np.pad(known, pad), _LATENTS),
+                        known_mask=self._put(np.pad(mask, pad[:2]), _FRAMES),
+                    ),
+                )
+                fn, seconds = self._sample_fn(program, args)
+                compile_s += seconds
+                compiled_any |= seconds > 0
+                out[:, a:b] = self._get(fn(*args))[:, :win]
+        denoise_s = time.perf_counter() - t0 - compile_s
+        raw = [self.card.denormalize(out[i]) for i in range(len(requests))]
+        return Generated(raw, denoise_s, len(starts), compiled_any, compile_s)
+
+    def decode(self, raw_latents: np.ndarray, seconds: float | None = None) -> np.ndarray:
+        """Raw latents ``[frames, channels]`` -> audio ``[audio_channels, samples]``, cut to
+        exactly ``seconds`` (to the sample) when given: whole latent frames overshoot.
+        Peaks above full scale are turned down by a look-ahead limiter
+        (``audiodiff_jax/codec/limiter.py``), never clipped; quieter audio is untouched."""
+        if self.codec is None:
+            raise GenerationError("no codec given: cannot decode latents to audio")
+        audio = np.asarray(self.codec.decode(raw_latents), np.float32)
+        if seconds is not None:
+            audio = audio[:, : int(round(seconds * self.codec.card.sample_rate))]
+        audio, reduction_db = limiter.limit(audio, self.codec.card.sample_rate)
+        if reduction_db > 0:
+            logging.info("decode: peaks above full scale limited by up to %.1f dB", reduction_db)
+        return audio

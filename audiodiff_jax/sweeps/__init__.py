@@ -1,0 +1,1 @@
+"""Sampling sweeps: grids of prompts and settings, manifests, WAVs, report pages, shared sweeps."""

@@ -1,0 +1,1 @@
+"""Training: the shared loop, the DiT and codec trainers, goodput."""
