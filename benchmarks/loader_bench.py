@@ -8,7 +8,7 @@ then, for each ``--workers`` count (``data.worker_count``: Grain worker processe
 ``--warmup`` (the warm-up absorbs the workers' start). Reports frames/s, frames/s per
 worker process and per CPU core the pipeline can use (the workers, or with none the
 ``data.prefetch`` threads of the main process, at most the cores).
-DESIGN.md's target: at least 10x the frames per second that a host's accelerators
+docs/DESIGN.md's target: at least 10x the frames per second that a host's accelerators
 consume (compare with ``benchmarks/train_bench.py``). Prints one JSON line.
 """
 

@@ -1,4 +1,4 @@
-"""Writing latent shards (DESIGN.md contract 2); the format and the reader are in
+"""Writing latent shards (docs/DESIGN.md, contract 2); the format and the reader are in
 ``audiodiff_jax/data/records.py``, the card in ``audiodiff_jax/data/cards.py``.
 
 Writing (:class:`ShardWriter`) streams records into hidden temporary files, computes

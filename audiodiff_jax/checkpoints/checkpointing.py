@@ -1,4 +1,4 @@
-"""Orbax checkpoints of a training run (DESIGN.md contract 4).
+"""Orbax checkpoints of a training run (docs/DESIGN.md, contract 4).
 
 A run's checkpoints live in ``WORKDIR/checkpoints``, one Orbax step directory per
 saved step, each holding these items:

@@ -1,4 +1,4 @@
-"""The neural audio codec: a convolutional waveform VAE in Flax NNX (DESIGN.md contract 3).
+"""The neural audio codec: a convolutional waveform VAE in Flax NNX (docs/DESIGN.md, contract 3).
 
 ``load_codec()`` opens the default shipped in the package; see ``codec.py``.
 """

@@ -1,4 +1,4 @@
-"""The codec interface (DESIGN.md contract 3): what every codec offers the rest.
+"""The codec interface (docs/DESIGN.md, contract 3): what every codec offers the rest.
 
 ``encode(audio) -> latents`` and ``decode(latents) -> audio`` on numpy arrays, plus the
 codec card (``audiodiff_jax.data.cards.CodecCard``: name, sample_rate, audio_channels,

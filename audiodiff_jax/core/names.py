@@ -5,7 +5,7 @@ dimension); :data:`audiodiff_jax.core.sharding.LOGICAL_RULES` maps them to mesh 
 names are the keys written to TensorBoard and to the absl log.
 """
 
-# Mesh axes (DESIGN.md): data parallel, fully-sharded data parallel, sequence, tensor.
+# Mesh axes (docs/DESIGN.md): data parallel, fully-sharded data parallel, sequence, tensor.
 MESH_AXES = ("data", "fsdp", "sequence", "tensor")
 
 # Logical axes of activations.

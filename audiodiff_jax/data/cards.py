@@ -1,4 +1,4 @@
-"""The dataset card and codec card (DESIGN.md contract 2), and latent normalization.
+"""The dataset card and codec card (docs/DESIGN.md, contract 2), and latent normalization.
 
 A latent shard folder holds ``dataset_card.json``: the codec card (what produced the
 latents), per-channel latent statistics, the shard list and the tokenizer's file.

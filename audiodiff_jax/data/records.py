@@ -1,4 +1,4 @@
-"""Latent records and shards (DESIGN.md contract 2): encoding and random-access reading.
+"""Latent records and shards (docs/DESIGN.md, contract 2): encoding and random-access reading.
 
 A dataset is one folder::
 

@@ -1,4 +1,4 @@
-"""Evaluation of generated audio (DESIGN.md contract 6): per-song and per-window
+"""Evaluation of generated audio (docs/DESIGN.md, contract 6): per-song and per-window
 metrics, prompt adherence, set-level Fréchet distances, and the page that shows them.
 
     result = evaluate_folder("samples/sweep1", reference="renders/heldout")

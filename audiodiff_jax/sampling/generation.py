@@ -1,4 +1,4 @@
-"""Generation from a checkpoint: songs, edits and sweeps (DESIGN.md contract 5).
+"""Generation from a checkpoint: songs, edits and sweeps (docs/DESIGN.md, contract 5).
 
 Follow one song from the checkpoint to the WAV:
 
