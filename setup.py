@@ -88,7 +88,7 @@ setup(
     entry_points={
         "console_scripts": [
             "audiodiff-train=audiodiff_jax.programs.train_main:run",
-            "audiodiff-codec-train=audiodiff_jax.programs.codec_train_main:run",
+            "audiodiff-codec-train=audiodiff_jax.programs.train_main:run_codec",
             "audiodiff-make-demo-shards=data_pipeline.demo_shards:run",
             "audiodiff-demo=launch.demo:run",
             "audiodiff-tokenizer=data_pipeline.tokenizer:run",

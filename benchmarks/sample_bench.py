@@ -8,10 +8,9 @@
         --plot=benchmarks/results/sampling_curves.png
 
 Builds the model of ``--config`` with random weights (the loop's cost does not depend
-on them) directly sharded on a mesh of all devices (``--config.mesh.*``), writes a
-stand-in checkpoint folder holding only what a ``Generator`` reads (config, dataset
-card, tokenizer; the weights are handed over with ``Generator.use_weights``), and
-generates one batch of ``--batch`` songs per song length and path:
+on them) directly sharded on a mesh of all devices (``--config.mesh.*``), hands them to
+a ``Generator`` in memory (no checkpoint: the dataset card and tokenizer come from tiny
+demo shards), and generates one batch of ``--batch`` songs per song length and path:
 
 - ``one_pass``: the whole song in one window (``window_frames=0``);
 - ``windowed``: windows of ``--window_frames`` sharing a quarter with the previous one.
@@ -37,11 +36,9 @@ import tempfile
 import time
 
 import jax
-import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
 
-from audiodiff_jax.checkpoints import checkpointing
 from audiodiff_jax.core import config as config_lib
 from audiodiff_jax.core import sharding
 from audiodiff_jax.core.config import Config
@@ -58,31 +55,16 @@ PATHS = ("one_pass", "windowed")
 PROMPT = "an energetic rock song with electric guitar and drums"
 
 
-def standin_checkpoint(cfg: Config, codec_card: CodecCard, workdir: str) -> str:
-    """A checkpoint step (step 0) with the items ``Generator`` reads and a placeholder
-    ``state``: the sampler gets its weights from :meth:`Generator.use_weights`."""
+def standin_data(cfg: Config, codec_card: CodecCard, workdir: str):
+    """The dataset card and tokenizer a real run would hand the sampler: tiny demo shards
+    written to ``workdir`` give both; returns (config with those shards, card, tokenizer)."""
     shards = os.path.join(workdir, "shards")
     card = demo_shards.write_demo_shards(
         shards, num_clips=4, latent_channels=cfg.model.latent_channels, num_shards=1, max_frames=64
     )
     card = dataclasses.replace(card, codec=codec_card)
     cfg = config_lib.replace(cfg, **{"data.shards_dir": shards})
-    tokenizer = Tokenizer(os.path.join(shards, card.tokenizer))
-    ckpt = checkpointing.RunCheckpointer(
-        workdir,
-        keep_last=1,
-        keep_every=0,
-        async_save=False,
-        item_names=("state", "config", "dataset_card", "tokenizer"),
-    )
-    json_items = {
-        "config": dataclasses.asdict(cfg),
-        "dataset_card": card.to_dict(),
-        "tokenizer": tokenizer.to_json(),
-    }
-    ckpt.save(0, {"placeholder": np.zeros((1,), np.float32)}, json_items=json_items)
-    ckpt.close()
-    return workdir
+    return cfg, card, Tokenizer(os.path.join(shards, card.tokenizer))
 
 
 def open_codec(spec: str, latent_channels: int | None = None):
@@ -129,21 +111,23 @@ def run(
     workdir = tempfile.mkdtemp(prefix="sample_bench_")
     rows, skipped = [], []
     try:
-        standin_checkpoint(cfg, codec_card, workdir)
+        cfg, card, tokenizer = standin_data(cfg, codec_card, workdir)
         longest = max(seconds)
         gens = {}
         for path in paths:
-            gen = generation.Generator(
-                workdir,
+            # The weights in memory, as training's evaluation or a notebook holds them.
+            gens[path] = generation.Generator(
+                cfg,
+                card,
+                tokenizer,
                 codec,
-                restore=False,
+                params=params,
+                weights="raw",
                 mesh=mesh,
                 window_frames=0 if path == "one_pass" else window_frames,
                 min_seconds=min(1.0, min(seconds)),
                 max_seconds=max(longest, 1.0),
             )
-            gen.use_weights(0, "raw", params)
-            gens[path] = gen
         p0 = SampleParams(PROMPT, seconds[0], steps=steps, sampler=sampler, guidance=guidance)
         for sec in seconds:
             for path in paths:

@@ -75,7 +75,7 @@ def gaussian_errors() -> dict:
 
 
 def trained_errors(checkpoint: str) -> dict:
-    gen = generation.Generator(checkpoint)
+    gen = generation.open_generator(checkpoint)[0]
     seconds = gen.window / gen.latent_rate  # one window: the one-pass program
     base = dict(prompt="a calm piano melody", seconds=seconds, guidance=_GUIDANCE.value)
 

@@ -6,7 +6,8 @@
 ARG is a size preset of ``audiodiff_jax/model/presets.py``: S, B, L, XL, 1B or 3B.
 Sequences are 5-minute windows (6,460 frames at 21.5 Hz); compute in bf16 with fp32
 params, blocks run as one lax.scan, FSDP over all devices of a slice, data parallel
-across slices.
+across slices. The model takes masked context (``model.masked_context``: known clean
+latents and their mask), so long songs, continuations and inpainting work from the start.
 """
 
 from audiodiff_jax.core import config as config_lib
@@ -24,6 +25,10 @@ def get_config(arg="B"):
     config.model.scan_layers = True  # one compiled block: pod-size AOT compiles in minutes
     config.model.text.vocab_size = 8192
     config.model.text.max_len = 128
+    # Songs longer than the window are made window by window, each conditioned on the
+    # frames it inherits; continuation and inpainting need it too. A share of rows
+    # (diffusion.context_none_prob) still trains with no context, for plain generation.
+    config.model.masked_context = True
     config.diffusion.timestep_sampling = "logit_normal"
     config.diffusion.schedule_shift = 3.0
     config.data.window_frames = 6460

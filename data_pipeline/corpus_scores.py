@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import io
 import os
 import re
 from collections.abc import Sequence
@@ -26,6 +27,7 @@ from typing import Any
 
 import numpy as np
 
+from audiodiff_jax.core import paths
 from data_pipeline import render
 from data_pipeline.manifest import MANIFEST_FILE, Entry, write_manifest
 
@@ -342,10 +344,10 @@ def _render_and_write(args: tuple) -> Entry:
 
     render_fn, out_dir, seed, index, kwargs = args
     clip = render_fn(seed, index, **kwargs)
-    path = os.path.join(out_dir, clip.entry.audio)
-    tmp = f"{path}.tmp-{os.getpid()}.wav"
-    sf.write(tmp, clip.audio.T, kwargs.get("sample_rate", 44100), subtype="PCM_16")
-    os.replace(tmp, path)  # a crash never leaves a half-written file under the final name
+    buf = io.BytesIO()
+    sf.write(buf, clip.audio.T, kwargs.get("sample_rate", 44100), subtype="PCM_16", format="WAV")
+    # A crash never leaves a half-written file under the final name.
+    paths.atomic_write(os.path.join(out_dir, clip.entry.audio), buf.getvalue())
     return clip.entry
 
 

@@ -21,6 +21,8 @@ import os
 from collections.abc import Iterable
 from typing import Any
 
+from audiodiff_jax.core import paths
+
 MANIFEST_FILE = "manifest.jsonl"
 
 
@@ -45,9 +47,6 @@ class Entry:
 def write_manifest(path: str, entries: Iterable[Entry]) -> str:
     """Writes a manifest atomically (temporary file + rename), so readers never see half of one."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as f:
-        for entry in entries:
-            f.write(json.dumps(entry.to_json(), ensure_ascii=False, sort_keys=True) + "\n")
-    os.replace(tmp, path)
+    text = "".join(json.dumps(e.to_json(), ensure_ascii=False, sort_keys=True) + "\n" for e in entries)
+    paths.atomic_write(path, text.encode("utf-8"))
     return path

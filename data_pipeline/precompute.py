@@ -58,7 +58,6 @@ from __future__ import annotations
 import concurrent.futures
 import dataclasses
 import hashlib
-import importlib
 import json
 import os
 import shutil
@@ -72,8 +71,8 @@ import jax
 import numpy as np
 from etils import epath
 
-from audiodiff_jax import codec as codec_lib
-from audiodiff_jax.core import distributed
+from audiodiff_jax.codec import lookup
+from audiodiff_jax.core import distributed, paths
 from audiodiff_jax.core.errors import UserError
 from audiodiff_jax.data.cards import CARD_FILE, CodecCard, DatasetCard, ShardError, ShardInfo
 from audiodiff_jax.data.records import SHARD_PREFIX, SHARD_SUFFIX, ShardSource, shard_file_name
@@ -261,23 +260,10 @@ class TfdsCorpus:
 
 
 def load_codec(spec: str = "default"):
-    """A codec from a flag value: a name for ``audiodiff_jax.codec.load_codec`` (``"default"``), or
-    ``"module:attribute"`` naming a codec object or a function returning one."""
-    if ":" in spec:
-        module, attr = spec.split(":", 1)
-        obj = getattr(importlib.import_module(module), attr)
-        codec = obj if _is_codec(obj) else obj()
-    else:
-        codec = codec_lib.load_codec(spec)
-    if not _is_codec(codec):
-        raise PrecomputeError(
-            f"--codec={spec!r} gave {type(codec).__name__}, which has no card/encode/decode"
-        )
-    return codec
-
-
-def _is_codec(obj: Any) -> bool:
-    return all(hasattr(obj, name) for name in ("card", "encode", "decode")) and not isinstance(obj, type)
+    """A codec from the ``--codec`` flag (:func:`audiodiff_jax.codec.lookup.codec_by_name`): a
+    shipped name (``"default"``), a codec folder or workdir, or ``"module:attribute"`` naming
+    a codec object or a function returning one (the user typed it, so it may name code)."""
+    return lookup.codec_by_name(spec, allow_code=True)
 
 
 def codec_card(codec) -> CodecCard:
@@ -320,23 +306,13 @@ def make_plan(
     return Plan(units, h.hexdigest())
 
 
-def _remote(path: str) -> bool:
-    return "://" in path
-
-
 def _exists(path: str) -> bool:
     return epath.Path(path).exists()  # local or gs://
 
 
 def _write_json(path: str, data: Any) -> None:
     text = json.dumps(data, indent=1, ensure_ascii=False, sort_keys=True) + "\n"
-    if _remote(path):  # one upload: readers see the whole object or none of it
-        epath.Path(path).write_text(text, encoding="utf-8")
-        return
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-    os.replace(tmp, path)  # readers see the whole file or none of it
+    paths.atomic_write(path, text.encode("utf-8"))  # readers see the whole file or none of it
 
 
 def _read_json(path: str) -> Any:
@@ -518,7 +494,7 @@ def encode_unit(
     # The unit belongs to this process alone; whatever a killed attempt left is stale.
     epath.Path(unit_dir).rmtree(missing_ok=True)
     # ArrayRecord writes local files: a unit in a bucket is made here and uploaded.
-    local_dir = tempfile.mkdtemp(prefix="audiodiff-unit-") if _remote(unit_dir) else unit_dir
+    local_dir = tempfile.mkdtemp(prefix="audiodiff-unit-") if paths.is_remote(unit_dir) else unit_dir
     os.makedirs(local_dir, exist_ok=True)
     report: dict[str, Any] = {
         "unit": unit,
@@ -702,7 +678,7 @@ def merge(
     if incremental is not None:
         incremental = {**incremental, "reused": sum(r.get("reused", 0) for r in reports)}
     summary = {
-        "out_dir": out_dir if _remote(out_dir) else os.path.abspath(out_dir),
+        "out_dir": out_dir if paths.is_remote(out_dir) else os.path.abspath(out_dir),
         "num_files": sum(len(u) for u in plan.units),
         "num_records": num_records,
         "num_shards": len(shards),

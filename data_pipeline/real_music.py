@@ -30,7 +30,7 @@ import re
 import soundfile as sf
 from absl import app, flags, logging
 
-from audiodiff_jax.core import report
+from audiodiff_jax.core import paths
 from audiodiff_jax.core.errors import UserError
 
 
@@ -123,7 +123,7 @@ def write_folders(out: str, songs: list[Song]) -> dict:
             for split in ("train", "heldout")
         },
     }
-    report.atomic_write(os.path.join(out, "songs.json"), json.dumps(summary, indent=2).encode())
+    paths.atomic_write(os.path.join(out, "songs.json"), json.dumps(summary, indent=2).encode())
     return summary
 
 

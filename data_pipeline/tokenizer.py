@@ -15,9 +15,9 @@ import tempfile
 from collections.abc import Iterable
 
 import sentencepiece as spm
-from etils import epath
 from sentencepiece import sentencepiece_model_pb2 as sp_model
 
+from audiodiff_jax.core import paths
 from audiodiff_jax.data.cards import DatasetCard
 from audiodiff_jax.data.records import read_captions
 from audiodiff_jax.data.tokenizer import BOS_ID, DEFAULT_FILE, EOS_ID, PAD_ID, UNK_ID, Tokenizer
@@ -55,7 +55,7 @@ def train_tokenizer(captions: Iterable[str], out_path_prefix: str, vocab_size: i
         raise ValueError("train_tokenizer: no non-empty captions to train on")
     if vocab_size <= 4:
         raise ValueError(f"vocab_size={vocab_size} must be > 4 (ids 0-3 are pad/unk/bos/eos)")
-    remote = "://" in out_path_prefix  # gs://: trained in a local folder, then uploaded
+    remote = paths.is_remote(out_path_prefix)  # gs://: trained in a local folder, then uploaded
     out_dir = None if remote else os.path.dirname(os.path.abspath(out_path_prefix))
     if out_dir:
         os.makedirs(out_dir, exist_ok=True)
@@ -88,20 +88,10 @@ def train_tokenizer(captions: Iterable[str], out_path_prefix: str, vocab_size: i
             proto.ParseFromString(f.read())
         proto.trainer_spec.ClearField("model_prefix")
         proto.trainer_spec.ClearField("input")
-        _write_atomic(out_path_prefix + ".model", proto.SerializeToString(deterministic=True))
+        paths.atomic_write(out_path_prefix + ".model", proto.SerializeToString(deterministic=True))
         with open(prefix + ".vocab", "rb") as f:
-            _write_atomic(out_path_prefix + ".vocab", f.read())
+            paths.atomic_write(out_path_prefix + ".vocab", f.read())
     return out_path_prefix + ".model"
-
-
-def _write_atomic(path: str, data: bytes) -> None:
-    if "://" in path:  # one upload: the whole object or none of it
-        epath.Path(path).write_bytes(data)
-        return
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "wb") as f:
-        f.write(data)
-    os.replace(tmp, path)
 
 
 def train_for_dataset(shards_dir: str, vocab_size: int, file_name: str = DEFAULT_FILE) -> str:

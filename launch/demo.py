@@ -38,7 +38,7 @@ import audiodiff_jax
 from audiodiff_jax.checkpoints import export
 from audiodiff_jax.codec import load_codec
 from audiodiff_jax.core import config as config_lib
-from audiodiff_jax.core import report
+from audiodiff_jax.core import paths, report
 from audiodiff_jax.core.logs import quiet_library_logs
 from audiodiff_jax.core.metrics import read_loss_history
 from audiodiff_jax.data.cards import DatasetCard
@@ -172,7 +172,7 @@ def adopt_weights_card(shards_dir: str, weights_dir: str) -> DatasetCard:
             f"{card.codec.name!r}"
         )
     tok = Tokenizer.from_json(export.read_json_item(weights_dir, "tokenizer"), where=weights_dir)
-    report.atomic_write(os.path.join(shards_dir, DEFAULT_FILE), tok.model_bytes)
+    paths.atomic_write(os.path.join(shards_dir, DEFAULT_FILE), tok.model_bytes)
     stats = tokenizer.caption_token_stats(read_captions(shards_dir), tok)
     card = dataclasses.replace(
         card,
@@ -371,7 +371,7 @@ def main(argv):
         "verdicts": verdicts,
         "wall_time_s": round(time.time() - t0, 1),
     }
-    report.atomic_write(os.path.join(out, "summary.json"), (json.dumps(summary, indent=2) + "\n").encode())
+    paths.atomic_write(os.path.join(out, "summary.json"), (json.dumps(summary, indent=2) + "\n").encode())
     print(
         f"demo done in {time.time() - t0:.0f}s: report {path}, songs {songs.report}, "
         f"checkpoints in {workdir}/checkpoints"
@@ -392,7 +392,7 @@ def seam_comparison(workdir: str, codec, rows: list[dict]) -> dict[str, str]:
     if not ratios:
         return {}
     row = next(r for r in rows if "seam_ratio" in r)
-    one_pass = generation.Generator(workdir, codec, window_frames=0)
+    one_pass = generation.open_generator(workdir, codec, window_frames=0)[0]
     params = generation.SampleParams(
         prompt=row["prompt"],
         seconds=min(row["seconds"], 60.0),
@@ -403,7 +403,8 @@ def seam_comparison(workdir: str, codec, rows: list[dict]) -> dict[str, str]:
         schedule=row["schedule"],
     )
     lat = one_pass.generate_latents([params]).latents[0]
-    windowed = generation.Generator(workdir, codec)
+    # The windowed plan of the same model (no weights needed: the windows only).
+    windowed = generation.Generator(one_pass.cfg, one_pass.card, one_pass.tokenizer, mesh=one_pass.mesh)
     cuts = generation.window_seams(lat.shape[0], windowed.window, windowed.overlap)
     audio = one_pass.decode(lat, seconds=params.seconds)
     one = seams.latent_seam_ratio(one_pass.card.normalize(lat), cuts)

@@ -22,9 +22,9 @@ from typing import Any
 
 import numpy as np
 
-from audiodiff_jax.core import report
+from audiodiff_jax.core import paths
 from audiodiff_jax.evaluation import adherence, evaluate_folder, song
-from audiodiff_jax.sweeps import sweep
+from audiodiff_jax.sampling import generation
 from data_pipeline import corpus_prompts
 
 TEMPO_TOLERANCE = 0.08  # the tolerance (the evaluation's own default is 4%)
@@ -105,10 +105,12 @@ def write_renders(
         audio = clip.audio
         if codec is not None:
             audio = codec.decode(codec.encode(audio, sample_rate))[:, : audio.shape[1]]
-        sweep.write_wav(os.path.join(out_dir, name), audio, sample_rate)  # 16-bit PCM, clipped at full scale
+        generation.write_wav(
+            os.path.join(out_dir, name), audio, sample_rate
+        )  # 16-bit PCM, clipped at full scale
         rows.append({"id": clip.entry.id, "file": name, "prompt": clip.entry.caption})
     # The manifest last: its presence means every render is there.
-    report.atomic_write(manifest, "".join(json.dumps(r, sort_keys=True) + "\n" for r in rows).encode())
+    paths.atomic_write(manifest, "".join(json.dumps(r, sort_keys=True) + "\n" for r in rows).encode())
     return out_dir
 
 

@@ -9,6 +9,7 @@ from ml_collections import config_flags  # noqa: F401  (the config files are loa
 from audiodiff_jax.core import config as config_lib
 from audiodiff_jax.core.config import ConfigError
 from audiodiff_jax.diffusion import samplers
+from audiodiff_jax.model import presets
 
 
 def _load(name, arg=None):
@@ -94,6 +95,28 @@ def test_config_files_load_and_validate(name, arg, devices):
     cfg = config_lib.from_configdict(_load(name, arg))
     config_lib.validate(cfg, num_devices=devices)
     json.loads(config_lib.to_json(cfg))
+
+
+@pytest.mark.parametrize("arg", [None, *presets.PRESETS])
+def test_dit_presets_train_with_masked_context(arg):
+    """configs/dit.py turns masked context on (long songs, continuation, inpainting), and a
+    checkpoint written with it reads it back on."""
+    cfg = config_lib.from_configdict(_load("dit", arg))
+    assert cfg.model.masked_context is True
+    assert 0.0 < cfg.diffusion.context_none_prob < 1.0  # some rows still train without context
+    assert config_lib.from_json(config_lib.to_json(cfg)).model.masked_context is True
+
+
+def test_config_saved_before_masked_context_reads_it_off():
+    """A checkpoint's config from before model.masked_context existed keeps the model it
+    trained (no context input), even though configs/dit.py now turns it on."""
+    saved = json.loads(config_lib.to_json(config_lib.from_configdict(_load("dit", "S"))))
+    del saved["model"]["masked_context"]
+    del saved["diffusion"]["context_none_prob"]
+    cfg = config_lib.from_json(json.dumps(saved))
+    assert cfg.model.masked_context is False
+    assert cfg.diffusion.context_none_prob == config_lib.DiffusionConfig().context_none_prob
+    assert cfg.model.width == presets.PRESETS["S"].width  # the rest is as saved
 
 
 def test_sample_section_round_trips_through_configdict_and_json():

@@ -42,6 +42,18 @@ def test_schedule_shift_moves_log_snr_by_2_log_shift(shift):
     assert bool(jnp.all(jnp.diff(shifted) > 0))  # still monotone
 
 
+@pytest.mark.parametrize("shift", [0.5, 1.0, 2.0, 3.0, 4.5, 100.0])
+def test_shift_keeps_the_ends_exactly_in_float32(shift):
+    """0 -> 0.0 and 1 -> 1.0 exactly (float32 pi/2 > pi/2, so atan2 alone gives 0.99999994),
+    and the time just below 1 stays below 1 (the map stays monotone at the end)."""
+    t = jnp.array([0.0, np.nextafter(np.float32(1), np.float32(0)), 1.0], jnp.float32)
+    out = np.asarray(objective.shift_time(t, shift))
+    assert out.dtype == np.float32
+    assert out[0] == 0.0 and out[2] == 1.0, out.tolist()
+    assert out[1] <= out[2]
+    assert float(jax.jit(objective.shift_time, static_argnums=1)(jnp.float32(1.0), shift)) == 1.0
+
+
 def test_logit_normal_sampling_moments():
     n = 200_000
     t = objective.sample_time(jax.random.key(1), n, method="logit_normal", mean=0.3, std=0.8)

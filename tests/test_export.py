@@ -17,7 +17,7 @@ import orbax.checkpoint as ocp
 import pytest
 from safetensors.numpy import load_file
 
-from audiodiff_jax.checkpoints import checkpointing, export
+from audiodiff_jax.checkpoints import checkpointing, export, source
 from audiodiff_jax.core import config as config_lib
 from audiodiff_jax.core import optim, sharding
 from audiodiff_jax.core.config import MeshConfig
@@ -114,7 +114,7 @@ def test_checkpoint_with_the_old_single_ema_still_restores(run3, tmp_path):
     got = checkpointing.restore_weight_sets(old, ["ema", "raw"], None)
     assert_trees_equal(got["ema"], state["ema_params"], "ema")
     assert_trees_equal(got["raw"], state["params"], "raw")
-    cfg, _ = generation.read_checkpoint_meta(old)
+    cfg, _ = source.read_checkpoint_meta(old)
     assert cfg.sample.weights == ("raw",) and cfg.sample.schedule == ("uniform",)
     assert cfg.optim.extra_ema_decays == ()
     params, step = checkpointing.restore_params(str(old.parent.parent), None, use_ema=True)
@@ -122,7 +122,7 @@ def test_checkpoint_with_the_old_single_ema_still_restores(run3, tmp_path):
     assert_trees_equal(params, state["ema_params"], "restore_params(use_ema=True)")
     # Training resumes from it: the extra EMA starts from the main one (loop._restore_target).
     shutil.copytree(src / "data_iter", old / "data_iter")
-    cfg = generation.read_checkpoint_meta(src)[0]
+    cfg = source.read_checkpoint_meta(src)[0]
     resumed = dit_trainer.train(
         config_lib.replace(cfg, **{"train.num_steps": 4, "data.shards_dir": cfg.data.shards_dir}),
         str(old.parent.parent),

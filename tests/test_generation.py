@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 import soundfile as sf
 
+from audiodiff_jax.checkpoints import source
 from audiodiff_jax.compilation import aot
 from audiodiff_jax.core import config as config_lib
 from audiodiff_jax.core import sharding
@@ -71,7 +72,7 @@ def mesh_of(n, **axes):
 
 @pytest.fixture(scope="module")
 def gen(run_dir):
-    return generation.Generator(run_dir, LinearCodec(), mesh=mesh_of(2, data=2), min_seconds=0.5)
+    return generation.open_generator(run_dir, LinearCodec(), mesh=mesh_of(2, data=2), min_seconds=0.5)[0]
 
 
 def P(prompt="a slow piano piece in C minor", **kw):
@@ -84,17 +85,17 @@ def test_checkpoint_restores_on_another_mesh_and_samples_the_same(run_dir, gen):
     p = [P(seed=1, guidance=3.0), P("fast jazz trumpet", seed=2, guidance=3.0)]
     a = gen.generate_latents(p)
     # 4 devices: frames split over "sequence", heads over "tensor"; the whole song in one pass.
-    other = generation.Generator(
+    other = generation.open_generator(
         run_dir, LinearCodec(), mesh=mesh_of(4, sequence=2, tensor=2), min_seconds=0.5
-    )
+    )[0]
     b = other.generate_latents(p)
     assert a.latents[0].shape == (22, 8) and a.windows == 1
     for x, y in zip(a.latents, b.latents, strict=True):
         np.testing.assert_allclose(x, y, rtol=1e-4, atol=1e-4)
     assert np.abs(a.latents[0] - a.latents[1]).max() > 1e-3  # different prompt and seed
-    raw = generation.Generator(
+    raw = generation.open_generator(
         run_dir, LinearCodec(), mesh=mesh_of(2, data=2), use_ema=False, min_seconds=0.5
-    )
+    )[0]
     assert np.abs(raw.generate_latents(p).latents[0] - a.latents[0]).max() > 1e-4  # EMA != raw weights
 
 
@@ -106,13 +107,13 @@ def test_tokenizer_travels_with_the_checkpoint(run_dir, gen, tmp_path):
 
     moved = tmp_path / "run"
     shutil.copytree(run_dir, moved)
-    step_dir, _ = generation.find_checkpoint(str(moved), None)
+    step_dir, _ = source.find_checkpoint(str(moved), None)
     (cfg_file,) = [f for f in (step_dir / "config").iterdir() if f.read_text().startswith('{"model"')]
     saved = json.loads(cfg_file.read_text())
     saved["data"]["shards_dir"] = str(tmp_path / "no_such_shards")
     saved["data"]["tokenizer"] = ""
     cfg_file.write_text(json.dumps(saved))
-    other = generation.Generator(str(moved), LinearCodec(), mesh=mesh_of(2, data=2), min_seconds=0.5)
+    other = generation.open_generator(str(moved), LinearCodec(), mesh=mesh_of(2, data=2), min_seconds=0.5)[0]
     assert other.tokenizer.model_bytes == gen.tokenizer.model_bytes
     p = [P(seed=4, guidance=2.0)]
     np.testing.assert_array_equal(other.generate_latents(p).latents[0], gen.generate_latents(p).latents[0])
@@ -122,7 +123,7 @@ def test_tokenizer_travels_with_the_checkpoint(run_dir, gen, tmp_path):
     item["model_base64"] = item["model_base64"][:-8] + "AAAAAAA="
     tok_file.write_text(json.dumps(item))
     with pytest.raises(generation.GenerationError, match="tokenizer.*sha256"):
-        generation.Generator(str(moved), LinearCodec(), mesh=mesh_of(2, data=2), min_seconds=0.5)
+        generation.open_generator(str(moved), LinearCodec(), mesh=mesh_of(2, data=2), min_seconds=0.5)[0]
 
 
 def test_same_seed_same_latents_whatever_shares_the_batch(gen):
@@ -139,9 +140,9 @@ def test_long_song_goes_window_by_window(gen):
     res = gen.generate_latents([P(seconds=3.0, seed=4)])
     assert res.windows == 3 and res.latents[0].shape == (65, 8)
     assert np.isfinite(res.latents[0]).all()
-    one_pass = generation.Generator(
+    one_pass = generation.open_generator(
         gen.checkpoint, gen.codec, mesh=gen.mesh, window_frames=0, min_seconds=0.5
-    )
+    )[0]
     assert one_pass.generate_latents([P(seconds=3.0, seed=4)]).windows == 1
 
 
@@ -187,21 +188,21 @@ def test_continuation_inpainting_variation(gen):
 
 def test_bad_inputs_are_named(run_dir, tmp_path, gen):
     with pytest.raises(generation.GenerationError, match="does not exist"):
-        generation.Generator(str(tmp_path / "nope"), LinearCodec())
+        generation.open_generator(str(tmp_path / "nope"), LinearCodec())[0]
     empty = tmp_path / "empty"
     (empty / "checkpoints" / "5.orbax-checkpoint-tmp-123").mkdir(parents=True)
     with pytest.raises(
         generation.GenerationError, match=r"no complete checkpoint.*unfinished saves: 5\.orbax"
     ):
-        generation.Generator(str(empty), LinearCodec())
+        generation.open_generator(str(empty), LinearCodec())[0]
     with pytest.raises(generation.GenerationError, match=r"step 99 is not in .*complete steps: \[2\]"):
-        generation.find_checkpoint(run_dir, 99)
+        source.find_checkpoint(run_dir, 99)
     # A step folder that lost its state item, and one whose weights are damaged.
     half = tmp_path / "half" / "checkpoints"
     shutil.copytree(os.path.join(run_dir, "checkpoints", "2"), half / "2")
     shutil.rmtree(half / "2" / "state")
     with pytest.raises(generation.GenerationError, match=r"incomplete.*missing item\(s\) \['state'\]"):
-        generation.Generator(str(half.parent), LinearCodec())
+        generation.open_generator(str(half.parent), LinearCodec())[0]
     broken = tmp_path / "broken" / "checkpoints"
     shutil.copytree(os.path.join(run_dir, "checkpoints", "2"), broken / "2")
     for root, _, files in os.walk(broken / "2" / "state"):
@@ -209,9 +210,9 @@ def test_bad_inputs_are_named(run_dir, tmp_path, gen):
             if f not in ("commit_success.txt",):
                 open(os.path.join(root, f), "wb").close()  # truncate every data file
     with pytest.raises(generation.GenerationError, match=r"could not (restore|read) the weights"):
-        generation.Generator(str(broken.parent), LinearCodec(), mesh=mesh_of(1))
+        generation.open_generator(str(broken.parent), LinearCodec(), mesh=mesh_of(1))[0]
     with pytest.raises(generation.GenerationError, match=r"latent_channels=4 but checkpoint .* 8-channel"):
-        generation.Generator(run_dir, LinearCodec(channels=4))
+        generation.open_generator(run_dir, LinearCodec(channels=4))[0]
     for bad, pattern in [
         (P(seconds=0.1), r"seconds=0.1 is out of range \[0.5, 300\]"),
         (P(seconds=301.0), "seconds=301.0 is out of range"),
@@ -357,6 +358,19 @@ def test_cli_writes_songs_and_rejects_bad_input(run_dir, tmp_path):
         env=env,
     )
     assert bad.returncode == 2 and "prompt is empty" in bad.stderr, bad.stderr[-2000:]
+    # Without --codec the dataset card's codec is looked up; it is not on this machine
+    # (synthetic-demo shards): one line naming it and the flag, exit 2, nothing written.
+    no_codec = subprocess.run(
+        [a for a in base if not a.startswith("--codec")] + [f"--out={tmp_path / 'c'}", "--prompt=a harp"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=REPO,
+        env=env,
+    )
+    assert no_codec.returncode == 2, no_codec.stderr[-2000:]
+    assert "'synthetic-demo'" in no_codec.stderr and "--codec=" in no_codec.stderr, no_codec.stderr[-2000:]
+    assert "Traceback" not in no_codec.stderr and not (tmp_path / "c").exists()
 
 
 def test_sampling_defaults_come_from_the_config_sample_section():
@@ -373,13 +387,13 @@ def test_checkpoint_config_without_sample_section_still_samples(run_dir, tmp_pat
     """A checkpoint written before the ``sample`` section existed: its defaults fill in."""
     moved = tmp_path / "old"
     shutil.copytree(os.path.join(run_dir, "checkpoints", "2"), moved / "checkpoints" / "2")
-    step_dir, _ = generation.find_checkpoint(str(moved))
+    step_dir, _ = source.find_checkpoint(str(moved))
     (cfg_file,) = [f for f in (step_dir / "config").iterdir() if f.read_text().startswith('{"model"')]
     saved = json.loads(cfg_file.read_text())
     assert saved["sample"]["steps"] == [2]  # configs/tiny.py's
     del saved["sample"]
     cfg_file.write_text(json.dumps(saved))
-    cfg, _ = generation.read_checkpoint_meta(step_dir)
+    cfg, _ = source.read_checkpoint_meta(step_dir)
     assert cfg.sample == config_lib.SampleConfig()
 
 

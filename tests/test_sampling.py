@@ -112,6 +112,18 @@ def test_time_grid_shapes_and_ends():
         samplers.time_grid(4, schedule="cubic")
 
 
+@pytest.mark.parametrize("schedule", samplers.SCHEDULES)
+@pytest.mark.parametrize("shift", [1.0, 2.0, 3.0, 4.5])
+def test_time_grid_starts_at_exactly_pure_noise(schedule, shift):
+    """The first time is exactly 1 (pure noise) for any shift, not float32's 0.99999994,
+    and the last exactly 0."""
+    for steps in (1, 8, 50):
+        g = samplers.time_grid(steps, schedule=schedule, shift=shift)
+        assert g.dtype == np.float32
+        assert g[0] == 1.0 and g[-1] == 0.0, (steps, g[0], g[-1])
+        assert np.all(np.diff(g) < 0), (steps, g)
+
+
 def test_cfg_combine_math():
     k1, k2 = jax.random.split(jax.random.key(0))
     vc = 2.0 * jax.random.normal(k1, (3, 16, 4))

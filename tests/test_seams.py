@@ -81,7 +81,7 @@ def _song(gen, context: bool, seconds: float, steps: int):
 
 
 def test_exact_conditional_windows_have_no_seams(checkpoint):
-    gen = generation.Generator(checkpoint, window_frames=WINDOW, overlap_frames=OVERLAP)
+    gen = generation.open_generator(checkpoint, window_frames=WINDOW, overlap_frames=OVERLAP)[0]
     assert gen.cfg.model.masked_context
     lat, frames = _song(gen, True, 60.0, 30)
     cuts = generation.window_seams(frames, WINDOW, OVERLAP)
@@ -126,7 +126,7 @@ def test_seam_ratio_of_known_signals():
 def test_continuation_conditions_through_the_model(checkpoint):
     """Continuation and inpainting (an AudioEdit with known frames) reach a masked-context
     model as its context input; the known frames come back exactly."""
-    gen = generation.Generator(checkpoint, window_frames=WINDOW, overlap_frames=OVERLAP)
+    gen = generation.open_generator(checkpoint, window_frames=WINDOW, overlap_frames=OVERLAP)[0]
     seen = []
 
     def spy(params, z, t, cond):

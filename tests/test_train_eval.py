@@ -2,6 +2,8 @@
 
 import json
 import os
+import subprocess
+import sys
 
 import jax
 import numpy as np
@@ -15,7 +17,7 @@ from audiodiff_jax.diffusion import objective
 from audiodiff_jax.evaluators import train_eval
 from audiodiff_jax.training import dit_trainer
 from data_pipeline import demo_shards
-from tests.helpers import tiny_config
+from tests.helpers import REPO, tiny_config
 
 CHANNELS = 32  # the shipped codec's latent channels, so demo samples decode with the real codec
 
@@ -99,24 +101,36 @@ def test_validation_loss_matches_closed_form_and_is_fixed(data, tmp_path):
     np.testing.assert_allclose(np.asarray(v_jax), v[:2], rtol=1e-5, atol=1e-6)
 
 
-def test_training_writes_eval_to_tensorboard_and_page(data, tmp_path):
+EVAL_CHANGES = {
+    "train.num_steps": 10,
+    "train.log_every": 5,
+    "checkpoint.every_steps": 10,
+    "optim.learning_rate": 3e-3,
+    "eval.every_steps": 5,
+    "eval.prompts": ("calm piano in C major",),
+    "sample.guidance": (1.0, 3.0),
+    "sample.seconds": (1.0,),
+    "sample.min_seconds": 0.5,
+    "sample.steps": (3,),
+    "eval.codec": "default",
+}
+
+
+@pytest.fixture(scope="module")
+def eval_run(data, tmp_path_factory):
+    """A run with eval every 5 steps and a checkpoint at step 10: (workdir, result)."""
+    workdir = str(tmp_path_factory.mktemp("with_eval"))
+    return workdir, dit_trainer.train(
+        _cfg(data, **EVAL_CHANGES), workdir, make_evaluator=train_eval.from_config
+    )
+
+
+def test_training_writes_eval_to_tensorboard_and_page(data, eval_run, tmp_path):
     """A run with eval every 5 steps: bucketed validation losses in metrics.jsonl and
     TensorBoard, demo samples decoded by the real codec as audio + spectrogram, a page;
     and the evaluation does not change the trained weights."""
-    changes = {
-        "train.num_steps": 10,
-        "train.log_every": 5,
-        "checkpoint.every_steps": 10,
-        "optim.learning_rate": 3e-3,
-        "eval.every_steps": 5,
-        "eval.prompts": ("calm piano in C major",),
-        "eval.guidance": (1.0, 3.0),
-        "eval.seconds": 1.0,
-        "eval.steps": 3,
-        "eval.codec": "default",
-    }
-    workdir = str(tmp_path / "with_eval")
-    result = dit_trainer.train(_cfg(data, **changes), workdir)
+    workdir, result = eval_run
+    changes = EVAL_CHANGES
     rows = [json.loads(line) for line in open(os.path.join(workdir, "metrics.jsonl"))]
     evals = [r for r in rows if "scalars" in r and names.EVAL_LOSS in r["scalars"]]
     assert [r["step"] for r in evals] == [5, 10]
@@ -160,6 +174,26 @@ def test_training_writes_eval_to_tensorboard_and_page(data, tmp_path):
         jax.device_get(plain.state.params),
     )
     assert all(jax.tree.leaves(same))
+
+
+def test_demo_samples_are_the_songs_of_audiodiff_sample_bit_for_bit(eval_run, tmp_path):
+    """One sampler: the song evaluation during training made at step 10 from the EMA
+    weights in memory is, byte for byte, the song ``audiodiff-sample`` makes from the
+    step-10 checkpoint with the same prompt, seed and settings (the same 8-device mesh)."""
+    workdir, _ = eval_run
+    out = tmp_path / "sampled"
+    cmd = [sys.executable, "-m", "audiodiff_jax.programs.sample_main", f"--checkpoint={workdir}"]
+    cmd += ["--step=10", f"--out={out}", "--prompt=calm piano in C major", "--guidance=3", "--weights=ema"]
+    cmd += ["--codec=default", "--noeval"]
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=REPO, env=dict(os.environ))
+    assert res.returncode == 0, res.stderr[-3000:]
+    (row,) = [json.loads(line) for line in open(out / "manifest.jsonl")]
+    assert (row["checkpoint_step"], row["seed"], row["steps"], row["seconds"]) == (10, 0, 3, 1.0)
+    sampled = (out / row["file"]).read_bytes()
+    in_training = open(os.path.join(workdir, "eval", "step_00000010", "00_g3.wav"), "rb").read()
+    assert sampled == in_training
+    # Not equal by accident: the other guidance scale made another song.
+    assert open(os.path.join(workdir, "eval", "step_00000010", "00_g1.wav"), "rb").read() != sampled
 
 
 def _read_events(tb_dir: str):

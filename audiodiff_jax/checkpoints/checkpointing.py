@@ -34,7 +34,6 @@ import orbax.checkpoint as ocp
 from absl import logging
 from etils import epath
 
-from audiodiff_jax.checkpoints import export
 from audiodiff_jax.core import optim
 from audiodiff_jax.core.errors import UserError
 
@@ -276,16 +275,15 @@ def restore_params(
     weights: str | None = None,
     required_items: tuple[str, ...] = ("state",),
 ) -> tuple[Any, int]:
-    """Restores one set of weights (no optimizer state) of a run's checkpoint or of an
-    export folder (``audiodiff_jax/checkpoints/export.py``); any trainer's state with ``params`` and
-    ``ema_params`` (the DiT's, the codec's).
+    """Restores one set of weights (no optimizer state) of a run's checkpoint; any
+    trainer's state with ``params`` and ``ema_params`` (the DiT's, the codec's). Exports
+    are read by ``source.restore_params``, which also takes runs.
 
     Args:
-      path: a run workdir, its checkpoints folder, a step folder, or an export folder.
+      path: a run workdir, its checkpoints folder or a step folder.
       abstract_params: params pytree of jax.ShapeDtypeStruct (with or without shardings).
       use_ema: restore the EMA weights (``ema``) instead of the raw ones.
-      weights: the weight set by name (overrides ``use_ema``); an export holds one set
-        and gives it whatever is asked.
+      weights: the weight set by name (overrides ``use_ema``).
       required_items: items the step must have (see :func:`find_step`).
 
     Returns:
@@ -293,16 +291,7 @@ def restore_params(
 
     Raises:
       CheckpointNotFound: no checkpoint at ``path``, or it lacks the weights.
-      export.ExportError: the export's names or shapes differ from ``abstract_params``.
     """
-    if export.is_export(path):
-        try:
-            meta = export.read_meta(path)
-            params = export.load_params(path, abstract_params)
-        except export.ExportError as e:
-            raise WeightsUnusable(str(e)) from e
-        logging.info("restored weights %s of step %d from the export %s", meta["weights"], meta["step"], path)
-        return params, int(meta["step"])
     step_dir, step = find_step(path, required_items=required_items)
     name = weights or (optim.EMA if use_ema else optim.RAW)
     try:

@@ -19,6 +19,7 @@ import typing
 from typing import Any
 
 import ml_collections
+from absl import logging
 
 from audiodiff_jax.core import names
 from audiodiff_jax.core.errors import UserError
@@ -193,8 +194,10 @@ class EvalConfig:
 
     The validation loss is measured on fixed held-out examples with fixed noise and
     fixed times, stratified into ``buckets`` equal time ranges, so its numbers compare
-    across steps and across runs. Demo samples are generated for fixed prompts and
-    seeds at each guidance scale and written to TensorBoard and a page.
+    across steps and across runs. Demo samples are generated for fixed prompts with
+    the ``sample`` section's settings (its first seed, sampler, step count and schedule;
+    each of its guidance scales; one training window at most) through the same sampler
+    as ``audiodiff-sample``, and written to TensorBoard and a page.
     """
 
     every_steps: int = 0  # 0 = off; the last step is evaluated too
@@ -203,12 +206,6 @@ class EvalConfig:
     buckets: int = 5  # equal time ranges of [0, 1]; each example is scored once per bucket
     seed: int = 0  # fixed noise and times
     prompts: tuple[str, ...] = ()  # demo-sample captions; () = no demo samples
-    guidance: tuple[float, ...] = (1.0, 4.0)  # demo samples at each scale
-    seconds: float = 10.0  # demo-sample length (one window at most)
-    steps: int = 25  # demo-sample sampler steps
-    sampler: str = "dpmpp_2m"
-    schedule: str = "logsnr"
-    sample_seed: int = 0
     codec: str = ""  # decodes demo samples: "" = the codec the dataset card names; a name or "module:factory"
 
 
@@ -239,6 +236,16 @@ def _upgrade_old_fields(data: dict) -> None:
     optim = data.get("optim")
     if isinstance(optim, dict):
         optim.setdefault("extra_ema_decays", ())
+    evaluation = data.get("eval")
+    if isinstance(evaluation, dict):
+        dropped = sorted(k for k in EVAL_FIELDS_REMOVED if k in evaluation)
+        for k in dropped:
+            evaluation.pop(k)
+        if dropped:
+            logging.warning(
+                "config: eval.%s are no longer read: demo samples during training use the sample section",
+                ", eval.".join(dropped),
+            )
     sample = data.get("sample")
     if isinstance(sample, dict):
         if "use_ema" in sample and isinstance(sample["use_ema"], bool):
@@ -253,7 +260,11 @@ def _upgrade_old_fields(data: dict) -> None:
 
 # Fields added after checkpoints were already being written, with the value that gives
 # the behaviour of the checkpoints that lack them (their default).
-FIELDS_ADDED_LATER = {"model.masked_context", "diffusion.context_none_prob", "eval.schedule"}
+FIELDS_ADDED_LATER = {"model.masked_context", "diffusion.context_none_prob"}
+
+# The eval section's own sampling settings, replaced by the sample section (one set of
+# sampling defaults): dropped, with one log line, from configs that still carry them.
+EVAL_FIELDS_REMOVED = ("guidance", "seconds", "steps", "sampler", "schedule", "sample_seed")
 
 
 # ---------------------------------------------------------------------------
@@ -479,18 +490,7 @@ def validate_eval(e: EvalConfig) -> None:
     _check(e.every_steps >= 0, f"eval.every_steps={e.every_steps} must be >= 0 (0 = off)")
     _check(e.num_examples >= 1, f"eval.num_examples={e.num_examples} must be >= 1")
     _check(e.buckets >= 1, f"eval.buckets={e.buckets} must be >= 1")
-    _check(e.steps >= 1, f"eval.steps={e.steps} must be >= 1")
-    _check(e.seconds > 0, f"eval.seconds={e.seconds} must be > 0")
-    _check(
-        e.sampler in ("ddim", "dpmpp_2m", "euler", "heun"),
-        f"eval.sampler={e.sampler!r}; one of ddim, dpmpp_2m, euler, heun",
-    )
-    _check(all(g >= 0 for g in e.guidance), f"eval.guidance={e.guidance} must be >= 0")
-    _check(e.schedule in SCHEDULES, f"eval.schedule={e.schedule!r}; one of {SCHEDULES}")
-    _check(
-        0 <= e.seed < 2**31 and 0 <= e.sample_seed < 2**31,
-        "eval.seed and eval.sample_seed must be in [0, 2^31)",
-    )
+    _check(0 <= e.seed < 2**31, f"eval.seed={e.seed} must be in [0, 2^31)")
 
 
 # -- the sample section ---------------------------------------------------------------

@@ -14,3 +14,8 @@ EXIT_PEER_LOST = 5
 
 class UserError(Exception):
     """An error in what the user gave the program; the message names what to fix."""
+
+
+class GenerationError(UserError, ValueError):
+    """Bad input to sampling: the weights source (a checkpoint or export path, step,
+    weight set), the codec, a prompt, a duration...; the message says which."""

@@ -17,6 +17,8 @@ import numpy as np
 from absl import logging
 from etils import epath
 
+from audiodiff_jax.core import paths
+
 
 class MetricWriter:
     def __init__(self, workdir: str):
@@ -29,7 +31,7 @@ class MetricWriter:
             epath.Path(workdir).mkdir(parents=True, exist_ok=True)
             self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
             path = epath.Path(workdir) / "metrics.jsonl"
-            self._jsonl = _Rewritten(path) if "://" in str(workdir) else open(path, "a")
+            self._jsonl = _Rewritten(path) if paths.is_remote(workdir) else open(path, "a")
 
     def write_step_losses(self, steps_losses: list[tuple[int, float]]) -> None:
         if not self.enabled:

@@ -26,11 +26,12 @@ from collections.abc import Sequence
 
 import jinja2
 import numpy as np
-from etils import epath
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from scipy.signal import ShortTimeFFT
 from scipy.signal.windows import hann
+
+from audiodiff_jax.core import paths
 
 
 @functools.cache
@@ -48,7 +49,7 @@ def template_env() -> jinja2.Environment:
 def render_page(template: str, path: str, **context) -> str:
     """Renders ``templates/<template>`` with ``context`` into ``path`` atomically; returns ``path``."""
     page = template_env().get_template(template).render(**context)
-    atomic_write(path, page.encode("utf-8"))
+    paths.atomic_write(path, page.encode("utf-8"))
     return path
 
 
@@ -64,19 +65,7 @@ def figure_png(fig: Figure) -> bytes:
 
 def save_figure_png(fig: Figure, path: str) -> None:
     """Writes a matplotlib figure as a PNG, atomically."""
-    atomic_write(path, figure_png(fig))
-
-
-def atomic_write(path: str, data: bytes) -> None:
-    """Writes ``data`` to ``path`` so a reader sees the old file or the new one: a rename of
-    a temporary file locally, one whole-object upload in a bucket (gs://)."""
-    if "://" in path:  # gs://: one upload replaces the object whole (a rename there is a copy)
-        epath.Path(path).write_bytes(data)
-        return
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "wb") as f:
-        f.write(data)
-    os.replace(tmp, path)
+    paths.atomic_write(path, figure_png(fig))
 
 
 def spectrogram_db(

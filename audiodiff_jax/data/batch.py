@@ -1,4 +1,4 @@
-"""The training batch (docs/DESIGN.md, contract 3): one typed structure from loader to loss.
+"""The training batch (docs/DESIGN.md, contract 2): one typed structure from loader to loss.
 
 The loader yields :class:`Batch` (numpy, one host's rows), :func:`make_global_batch`
 turns it into global ``jax.Array``s placed by :func:`batch_shardings`, the train step

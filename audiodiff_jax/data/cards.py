@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 from etils import epath
 
+from audiodiff_jax.core import paths
 from audiodiff_jax.core.errors import UserError
 
 CARD_VERSION = 1
@@ -177,15 +178,8 @@ class DatasetCard:
         """Writes the card atomically (temporary file + rename; a bucket's object is
         replaced whole by one upload); returns its path."""
         path = os.path.join(shards_dir, CARD_FILE)
-        if "://" in path:
-            text = json.dumps(self.to_dict(), indent=2, ensure_ascii=False) + "\n"
-            epath.Path(path).write_text(text, encoding="utf-8")
-            return path
-        tmp = f"{path}.tmp-{os.getpid()}"
-        with open(tmp, "w", encoding="utf-8") as f:
-            json.dump(self.to_dict(), f, indent=2, ensure_ascii=False)
-            f.write("\n")
-        os.replace(tmp, path)
+        text = json.dumps(self.to_dict(), indent=2, ensure_ascii=False) + "\n"
+        paths.atomic_write(path, text.encode("utf-8"))
         return path
 
 

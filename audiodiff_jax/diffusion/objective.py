@@ -37,12 +37,16 @@ def alpha_sigma(t: jax.Array) -> tuple[jax.Array, jax.Array]:
 def shift_time(t: jax.Array, shift: float) -> jax.Array:
     """Maps ``t`` to ``t'`` with ``tan(t' pi/2) = shift * tan(t pi/2)``.
 
-    Written with atan2 so that t = 0 and t = 1 map exactly to themselves.
+    Written with atan2 (no tan overflow at t = 1). t = 0 and t = 1 map exactly to
+    themselves for any shift: the endpoints are pinned, because float32 pi/2 exceeds
+    pi/2, so cos(1 * pi/2) is -4.4e-8 and atan2 alone maps 1 to 0.99999994 (a sampler's
+    grid would then not start at pure noise).
     """
     if shift == 1.0:
         return t
     angle = t * (math.pi / 2)
-    return jnp.arctan2(shift * jnp.sin(angle), jnp.cos(angle)) * (2 / math.pi)
+    shifted = jnp.arctan2(shift * jnp.sin(angle), jnp.cos(angle)) * (2 / math.pi)
+    return jnp.where((t == 0.0) | (t == 1.0), t, shifted)
 
 
 def log_snr(t: jax.Array) -> jax.Array:
@@ -96,14 +100,17 @@ def v_to_x_eps(z: jax.Array, v: jax.Array, t: jax.Array) -> tuple[jax.Array, jax
     return alpha * z - sigma * v, sigma * z + alpha * v
 
 
-def masked_mse(pred: jax.Array, target: jax.Array, mask_bt: jax.Array) -> jax.Array:
+def masked_mse(pred: jax.Array, target: jax.Array, mask_bt: jax.Array, *, per_row: bool = False) -> jax.Array:
     """Mean squared error over valid frames: ``pred, target [B, T, C]``, ``mask_bt [B, T]``.
 
     Padded frames (mask 0) contribute nothing, and the mean is over valid elements
     only, so a batch with padding weighs each valid frame like a batch without.
+    ``per_row``: each row's own mean ``[B]`` (validation scores examples one by one).
     """
     err = jnp.square(pred.astype(jnp.float32) - target.astype(jnp.float32))
     err = jnp.sum(err, axis=-1) * mask_bt
+    if per_row:
+        return jnp.sum(err, axis=-1) / jnp.maximum(jnp.sum(mask_bt, axis=-1) * pred.shape[-1], 1.0)
     denom = jnp.maximum(jnp.sum(mask_bt) * pred.shape[-1], 1.0)
     return jnp.sum(err) / denom
 

@@ -33,7 +33,7 @@ from absl import logging
 from tqdm import tqdm
 
 from audiodiff_jax.codec import inputs
-from audiodiff_jax.core import report
+from audiodiff_jax.core import paths
 from audiodiff_jax.core.errors import UserError
 from audiodiff_jax.evaluation import adherence, embeddings, song
 from audiodiff_jax.evaluation import notes as notes_lib
@@ -330,8 +330,8 @@ def evaluate_folder(
         result.summary_path = os.path.join(folder, SUMMARY_FILE)
         metrics_text = "".join(json.dumps(r, sort_keys=True) + "\n" for r in rows)
         summary_text = json.dumps(summary, indent=2, sort_keys=True) + "\n"
-        report.atomic_write(result.metrics_path, metrics_text.encode("utf-8"))
-        report.atomic_write(result.summary_path, summary_text.encode("utf-8"))
+        paths.atomic_write(result.metrics_path, metrics_text.encode("utf-8"))
+        paths.atomic_write(result.summary_path, summary_text.encode("utf-8"))
     return result
 
 

@@ -12,14 +12,19 @@ Every ``eval.every_steps`` steps (and at the last step) the training loop calls
   comparable across steps, and across runs with the same ``eval`` section and shards.
   The v-prediction loss of each set of weights (``raw`` and each EMA) is logged as
   ``eval/loss[_WEIGHTS]`` (mean over buckets) and ``eval/loss[_WEIGHTS]/t0.0-0.2`` etc.
-* **Demo samples.** For each caption of ``eval.prompts`` and each guidance scale of
-  ``eval.guidance``, one window of ``eval.seconds`` sampled with the EMA weights from
-  ``eval.sample_seed`` (the same noise at every evaluation), decoded with the codec the
-  dataset card names, written to TensorBoard as audio and a spectrogram image and to
-  the page.
+  The loss is the training objective itself (``dit_trainer.v_loss``), row by row.
+* **Demo samples.** For each caption of ``eval.prompts`` and each guidance scale of the
+  ``sample`` section, one song of the section's first duration (one training window at
+  most) sampled with the EMA weights from its first seed (the same noise at every
+  evaluation) by the sampler of ``audiodiff-sample`` (``audiodiff_jax/sampling/generation.py``)
+  over the weights in memory, decoded with the codec the dataset card names (or
+  ``eval.codec``), written to TensorBoard as audio and a spectrogram image and to the
+  page. For the same weights, prompt, seed and settings the song is the one
+  ``audiodiff-sample`` makes from the checkpoint of that step, bit for bit.
 
 Everything runs on the training mesh with the current state (no checkpoint round trip);
-every process computes, process 0 writes.
+every process computes, process 0 writes. The training program builds this evaluator
+(:func:`from_config`) and hands it to the loop: the trainer imports no sampling.
 """
 
 from __future__ import annotations
@@ -32,23 +37,23 @@ from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from absl import logging
 from etils import epath
 from jax.sharding import NamedSharding, PartitionSpec
 
-from audiodiff_jax.codec import limiter
-from audiodiff_jax.core import names, report, sharding
+from audiodiff_jax.codec import lookup as codec_lookup
+from audiodiff_jax.core import names, paths, report, sharding
 from audiodiff_jax.core.config import Config, ConfigError
 from audiodiff_jax.core.metrics import MetricWriter
 from audiodiff_jax.data import batch as batch_lib
+from audiodiff_jax.data import loader as loader_lib
 from audiodiff_jax.data.batch import Batch, Conditioning
 from audiodiff_jax.data.cards import DatasetCard, latent_scale
 from audiodiff_jax.data.records import ShardSource
 from audiodiff_jax.data.tokenizer import Tokenizer
-from audiodiff_jax.diffusion import objective, samplers
-from audiodiff_jax.sweeps import sweep
+from audiodiff_jax.sampling import generation
+from audiodiff_jax.training import dit_trainer
 
 _LATENTS = (names.BATCH, names.LENGTH, None)
 
@@ -145,11 +150,10 @@ def make_validation_set(
 
 
 def per_row_loss(apply_fn, params, batch: Batch, noise: jax.Array, t: jax.Array) -> jax.Array:
-    """The training objective of each row alone: masked MSE of the v prediction ``[R]``."""
-    z, v = objective.add_noise(batch.latents, noise, t)
-    pred = apply_fn(params, z, t, batch.cond)
-    err = jnp.sum(jnp.square(pred.astype(jnp.float32) - v), axis=-1) * batch.loss_mask
-    return jnp.sum(err, axis=-1) / jnp.maximum(jnp.sum(batch.loss_mask, axis=-1) * v.shape[-1], 1.0)
+    """The training objective (``dit_trainer.v_loss``) of each row alone ``[R]``."""
+    return dit_trainer.v_loss(
+        apply_fn, params, batch.latents, noise, t, batch.cond, batch.loss_mask, per_row=True
+    )
 
 
 def bucket_means(losses: np.ndarray, bucket: np.ndarray, buckets: int) -> list[float]:
@@ -210,7 +214,7 @@ class Evaluator:
         self.val = make_validation_set(cfg, card, tokenizer, self.rows_multiple) if e.shards_dir else None
         self._val_device = None
         self._loss_fn = None
-        self._sample_fn = None
+        self._gen: generation.Generator | None = None
         self._codec = codec
         self._codec_tried = codec is not None
         self.history: list[dict[str, Any]] = []
@@ -266,9 +270,10 @@ class Evaluator:
     def _codec_or_none(self):
         if not self._codec_tried:
             self._codec_tried = True
-            name = self.cfg.eval.codec or self.card.codec.name
+            given = self.cfg.eval.codec  # a config value may name code; the card's name is data
+            name = given or self.card.codec.name
             try:
-                codec = sweep.load_named_codec(name)
+                codec = codec_lookup.codec_by_name(name, allow_code=bool(given), option="--config.eval.codec")
                 want = self.card.codec.latent_channels
                 if codec.card.latent_channels != want:
                     raise ValueError(f"it has {codec.card.latent_channels} latent channels, the data {want}")
@@ -281,78 +286,53 @@ class Evaluator:
                 )
         return self._codec
 
-    def demo_samples(self, state) -> list[DemoSample]:
-        e = self.cfg.eval
-        if not e.prompts:
-            return []
-        codec = self._codec_or_none()
-        rate = (codec.card if codec is not None else self.card.codec).latent_rate
-        window = self.cfg.data.window_frames
-        frames = min(window, max(1, int(np.ceil(e.seconds * rate))))
-        pairs = [(i, p, g) for i, p in enumerate(e.prompts) for g in e.guidance]
-        rows = -(-len(pairs) // self.rows_multiple) * self.rows_multiple
-        length = self.cfg.model.text.max_len
-        tokens = np.zeros((rows, length), np.int32)
-        scale = np.ones((rows,), np.float32)
-        for i, (_, p, g) in enumerate(pairs):
-            tokens[i] = self.tokenizer.encode(p, length)
-            scale[i] = g
-        uncond = np.tile(self.tokenizer.encode("", length)[None], (rows, 1))
-        seconds = frames / rate
-        cond = Conditioning(
-            tokens=tokens,
-            seconds_start=np.zeros((rows,), np.float32),
-            seconds_total=np.full((rows,), seconds, np.float32),
-            num_frames=np.full((rows,), frames, np.int32),
-        )
-        ts = samplers.time_grid(e.steps, schedule=e.schedule, shift=self.cfg.diffusion.schedule_shift)
-        keys = jax.random.key_data(jax.random.split(jax.random.key(e.sample_seed), rows))
-        ts_bn = np.tile(ts[None], (rows, 1))
-        channels = self.card.codec.latent_channels
-        method, guided = e.sampler, any(g != 1.0 for g in e.guidance)
+    def demo_params(self) -> list[generation.SampleParams]:
+        """One output per caption of ``eval.prompts`` and guidance scale of the ``sample``
+        section, with that section's other settings (first value of each axis), one
+        training window long at most."""
+        sample = self.cfg.sample
+        window_s = self.cfg.data.window_frames / float(self.card.codec.latent_rate)
+        seconds = min(sample.seconds[0], window_s)
+        return [
+            generation.SampleParams.from_section(prompt, sample, seconds=seconds, guidance=g)
+            for prompt in self.cfg.eval.prompts
+            for g in sample.guidance
+        ]
 
-        if self._sample_fn is None:
-
-            def run(params, cond, uncond, scale, ts_bn, keys):
-                denoise = samplers.guided_denoiser(
-                    self.apply_fn,
-                    params,
-                    cond,
-                    uncond_tokens=uncond if guided else None,
-                    scale_b=scale,
-                    rescale_b=jnp.zeros_like(scale),
-                )
-                init = jnp.zeros((rows, window, channels), jnp.float32)
-                return samplers.sample(
-                    denoise,
-                    init,
-                    ts_bn,
-                    jax.random.wrap_key_data(keys),
-                    method=method,
-                    valid_frames=frames,
-                    constrain=lambda x: sharding.constrain(x, _LATENTS),
-                )
-
-            with jax.set_mesh(self.mesh):
-                self._sample_fn = jax.jit(run, out_shardings=self.replicated)
-        rows_shard = sharding.named_shardings((names.BATCH, None), self.mesh)
-        vec_shard = sharding.named_shardings((names.BATCH,), self.mesh)
-        put = lambda a: _put_global(self.mesh, a, rows_shard if np.ndim(a) > 1 else vec_shard)
-        params = self.weights_of(state)[self.sample_weights]
-        with jax.set_mesh(self.mesh):
-            out = self._sample_fn(
-                params, jax.tree.map(put, cond), put(uncond), put(scale), put(ts_bn), put(np.asarray(keys))
+    def _generator(self) -> generation.Generator:
+        """The sampler of ``audiodiff-sample`` over this run's weights in memory (built once:
+        its compiled programs are kept across evaluations)."""
+        if self._gen is None:
+            shortest = min((p.seconds for p in self.demo_params()), default=self.cfg.sample.min_seconds)
+            self._gen = generation.Generator(
+                self.cfg,
+                self.card,
+                self.tokenizer,
+                self._codec_or_none(),
+                weights=self.sample_weights,
+                mesh=self.mesh,
+                min_seconds=min(self.cfg.sample.min_seconds, shortest),
             )
-        latents = np.asarray(jax.device_get(out))
+        return self._gen
+
+    def demo_samples(self, state, step: int = 0) -> list[DemoSample]:
+        requests = self.demo_params()
+        if not requests:
+            return []
+        gen = self._generator()
+        gen.use_weights(step, self.sample_weights, self.weights_of(state)[self.sample_weights])
+        groups: dict[tuple, list[int]] = {}
+        for i, p in enumerate(requests):
+            groups.setdefault(gen.group_key(p, gen.frames_for(p.seconds)), []).append(i)
+        latents: dict[int, np.ndarray] = {}
+        for rows in groups.values():
+            out = gen.generate_latents([requests[i] for i in rows])
+            latents.update(zip(rows, out.latents, strict=True))
+        prompts = list(self.cfg.eval.prompts)
         samples = []
-        for i, (j, p, g) in enumerate(pairs):
-            raw = np.asarray(self.card.denormalize(latents[i, :frames]), np.float32)
-            audio = None
-            if codec is not None:
-                audio = np.asarray(codec.decode(raw), np.float32)
-                audio = audio[:, : int(round(e.seconds * codec.card.sample_rate))]
-                audio, _ = limiter.limit(audio, codec.card.sample_rate)
-            samples.append(DemoSample(j, p, g, audio, raw))
+        for i, p in enumerate(requests):
+            audio = gen.decode(latents[i], seconds=p.seconds) if gen.codec is not None else None
+            samples.append(DemoSample(prompts.index(p.prompt), p.prompt, p.guidance, audio, latents[i]))
         return samples
 
     # -- the hook the loop calls ----------------------------------------------------------
@@ -360,7 +340,7 @@ class Evaluator:
     def __call__(self, state, step: int, writer: MetricWriter) -> dict[str, float]:
         t0 = time.perf_counter()
         scalars = self.validation_losses(state)
-        samples = self.demo_samples(state)
+        samples = self.demo_samples(state, step)
         scalars[names.EVAL_TIME] = time.perf_counter() - t0
         writer.write_scalars(step, scalars)
         if jax.process_index() == 0:
@@ -393,7 +373,7 @@ class Evaluator:
             if s.audio is not None:
                 rate = self._codec.card.sample_rate
                 wav, png = f"{name}.wav", f"{name}.png"
-                _write_wav(os.path.join(step_dir, wav), s.audio, rate)
+                generation.write_wav(os.path.join(step_dir, wav), s.audio, rate)
                 report.write_spectrogram_png(os.path.join(step_dir, png), s.audio, rate)
                 writer.write_audio(tag, s.audio, step, rate)
                 writer.write_figure(tag + "/spectrogram", report.spectrogram_figure(s.audio, rate), step)
@@ -405,7 +385,7 @@ class Evaluator:
         self.history = [h for h in self.history if h["step"] != step]
         self.history.append({"step": step, "scalars": scalars, "samples": entries})
         self.history.sort(key=lambda h: h["step"])
-        report.atomic_write(
+        paths.atomic_write(
             os.path.join(self.page_dir, "history.json"), json.dumps(self.history, indent=1).encode("utf-8")
         )
         if self.val is not None:
@@ -455,8 +435,23 @@ def _first_line(e: BaseException) -> str:
     return (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
 
 
-def _write_wav(path: str, audio: np.ndarray, rate: int) -> None:
-    import soundfile  # noqa: PLC0415 (only where audio is written)
+def from_config(
+    cfg: Config, trainer: dit_trainer.Trainer, card: DatasetCard, workdir: str
+) -> Evaluator | None:
+    """The ``eval`` section's evaluation of a DiT run (None when ``eval.every_steps`` is 0).
 
-    with epath.Path(path).open("wb") as f:  # local or gs://
-        soundfile.write(f, np.clip(audio, -1.0, 1.0).T, rate, subtype="FLOAT", format="WAV")
+    The factory ``audiodiff-train`` hands to ``dit_trainer.train(make_evaluator=...)``,
+    which calls it once the trainer exists, with the run's dataset card and workdir.
+    """
+    if not cfg.eval.every_steps:
+        return None
+    return Evaluator(
+        cfg,
+        trainer.mesh,
+        trainer.model.apply,
+        dit_trainer.weight_sets,
+        card,
+        Tokenizer(loader_lib.resolve_tokenizer_path(cfg.data, card)),
+        workdir,
+        sample_weights="ema",
+    )

@@ -39,7 +39,9 @@ PRESETS: dict[str, Preset] = {
 }
 MLP_RATIO = 4.0
 
-# Assumptions of PARAM_COUNTS (fields that presets do not set).
+# Assumptions of PARAM_COUNTS (fields that presets do not set). Without masked context
+# (``model.masked_context``, on in configs/dit.py): it adds (latent_channels + 1) x width
+# to the input projection (the known latents and their mask).
 COUNT_ASSUMPTIONS = {"latent_channels": 64, "freq_dim": 256, "text.vocab_size": 8192}
 PARAM_COUNTS: dict[str, int] = {
     "tiny": 838_976,  # 0.84M, of which 0.52M the 8192-token embedding

@@ -19,10 +19,9 @@ from __future__ import annotations
 
 from absl import app, flags, logging
 
-from audiodiff_jax.checkpoints import checkpointing, export
+from audiodiff_jax.checkpoints import export, source
 from audiodiff_jax.core import optim
 from audiodiff_jax.programs import cli
-from audiodiff_jax.sampling import generation
 
 _CHECKPOINT = flags.DEFINE_string(
     "checkpoint", None, "Run workdir, its checkpoints folder, or a step folder."
@@ -42,19 +41,16 @@ def export_checkpoint(
     """Exports one weight set of a checkpoint step into ``out``; returns ``out``.
 
     Raises:
-      generation.GenerationError / checkpointing.WeightsNotFound / export.ExportError:
-        bad input, named.
+      GenerationError (from the weights source) / export.ExportError: bad input, named.
     """
-    if export.is_export(checkpoint):
+    src = source.WeightsSource(checkpoint, step)
+    if src.is_export:
         raise export.ExportError(f"{checkpoint} is an export already; copy the folder instead")
-    step_dir, step = generation.find_checkpoint(checkpoint, step)
-    cfg, card = generation.read_checkpoint_meta(step_dir)
-    name = weights or cfg.sample.weights[0]
-    main = optim.ema_name(cfg.optim.ema_decay)
-    canonical = main if name == optim.EMA else optim.canonical_weights(name)
-    params = checkpointing.restore_weight_sets(step_dir, [canonical], None)[canonical]
-    aliases = [optim.EMA] if canonical == main else []
-    items = {n: checkpointing.read_json_item(step_dir / n) for n in export.JSON_ITEMS}
+    canonical = src.canonical_weights(weights or src.default_weights())
+    params = src.restore(src.step, [canonical], None)[canonical]
+    aliases = [optim.EMA] if canonical == src.canonical_weights(optim.EMA) else []
+    items = source.json_items(src.step_dir)
+    step, step_dir = src.step, src.step_dir
     export.write(
         out, params, weights=canonical, aliases=aliases, step=step, source=str(step_dir), json_items=items
     )

@@ -37,7 +37,7 @@ import sys
 
 from absl import app, flags, logging
 
-from audiodiff_jax.checkpoints import export
+from audiodiff_jax.checkpoints import source
 from audiodiff_jax.core import config as config_lib
 from audiodiff_jax.core import distributed, names, sharding
 from audiodiff_jax.programs import cli
@@ -50,7 +50,7 @@ _CHECKPOINT = flags.DEFINE_string(
 _OUT = flags.DEFINE_string("out", None, "Output folder (WAVs, manifest, report).")
 _STEP = flags.DEFINE_list(
     "step",
-    [generation.LATEST],
+    [source.LATEST],
     "Checkpoint steps, numbers or 'latest' (the latest complete one), e.g. --step=2000,4000,latest.",
 )
 _RAW = flags.DEFINE_bool("raw", False, "Older flag, kept for scripts: the same as --weights=raw.")
@@ -147,8 +147,8 @@ def sample_overrides() -> dict:
 def checkpoint_steps() -> list[int | str]:
     """``--step``: numbers and ``latest``, checked on their own (ValueError names the flag)."""
     out = []
-    for v in _STEP.value or [generation.LATEST]:
-        if v == generation.LATEST:
+    for v in _STEP.value or [source.LATEST]:
+        if v == source.LATEST:
             out.append(v)
             continue
         try:
@@ -224,20 +224,19 @@ def main(argv):
                 + "".join(f"\n  {i.where}: {i.message}" for i in issues)
             )
         mesh = sharding.make_mesh(config_lib.MeshConfig(**{a: f.value for a, f in _MESH.items()}))
-        steps = generation.resolve_steps(_CHECKPOINT.value, wanted_steps)
-        step_dir, _ = generation.find_checkpoint(_CHECKPOINT.value, steps[0])
-        cfg, card = generation.read_checkpoint_meta(step_dir)
-        # The flags over the sample section saved with the checkpoint, checked
-        # together before the weights are restored.
-        sample = sweep.resolve_sample(cfg.sample, overrides, _flag_name)
-        if "weights" not in overrides and export.is_export(_CHECKPOINT.value):
-            # An export holds one weight set: that one, whatever its config's sample section says.
-            sample = dataclasses.replace(sample, weights=(export.read_meta(_CHECKPOINT.value)["weights"],))
-        codec = sweep.load_named_codec(_CODEC.value or card.codec.name)
-        gen = generation.Generator(
-            _CHECKPOINT.value,
+        steps = source.resolve_steps(_CHECKPOINT.value, wanted_steps)
+        src = source.WeightsSource(_CHECKPOINT.value, steps[0])
+        # The flags over the sample section saved with the weights, checked together
+        # before the weights are restored.
+        sample = sweep.resolve_sample(src.sample_section(), overrides, _flag_name)
+        # Only a codec typed here may name code (module:factory); the card's is data.
+        if _CODEC.value:
+            codec = sweep.load_named_codec(_CODEC.value, allow_code=True)
+        else:
+            codec = sweep.load_named_codec(src.card.codec.name, allow_code=False)
+        gen, src = generation.open_generator(
+            src,
             codec,
-            step=steps[0],
             weights=sample.weights[0],
             restore=False,  # the sweep restores each step once, all its weight sets together
             mesh=mesh,
@@ -248,7 +247,7 @@ def main(argv):
             max_seconds=sample.max_seconds,
         )
         for step in steps:  # every step holds every weight set, before anything is restored
-            gen.check_weights(step, sample.weights, what=_flag_name("weights"))
+            src.check_weights(step, sample.weights, what=_flag_name("weights"))
         edit, edit_tag = _edit(gen)
     except ValueError as e:  # GenerationError and ConfigError are ValueErrors
         _bad_input(e)
@@ -259,6 +258,7 @@ def main(argv):
         _OUT.value,
         index=index,
         count=count,
+        source=src,
         checkpoint_steps=steps,
         weights=sample.weights,
         issues=issues,

@@ -1,31 +1,33 @@
-"""Generation from a checkpoint: songs, edits and sweeps (docs/DESIGN.md, contract 5).
+"""The sampler: songs, edits and windows from weights in memory (docs/DESIGN.md, contract 5).
 
-Follow one song from the checkpoint to the WAV:
+Follow one song from the weights to the WAV:
 
-1. :func:`find_checkpoint` picks a complete step folder (or an export folder,
-   ``export.py``); :class:`Generator` reads the config and the dataset card saved in it,
-   builds the model and restores only the weight set it is asked for by name (``raw``,
-   ``ema``, ``ema0.9999``...; never the optimizer state) onto its own mesh, any device
-   count. A sweep switches between checkpoint steps and weight sets on the same
-   Generator (:meth:`Generator.restore_weights`, :meth:`Generator.use_weights`): the
+1. Whoever holds the weights builds a :class:`Generator` from them: the parameters,
+   the config and dataset card that describe them, the tokenizer and a codec. A program
+   reads them from a checkpoint or an export first (``audiodiff_jax/checkpoints/source.py``;
+   :func:`open_generator` does both steps); evaluation during training and
+   distillation hand over the arrays they already hold. A sweep switches weight sets
+   and checkpoint steps on the same Generator (:meth:`Generator.use_weights`): the
    compiled programs are kept.
 2. :meth:`Generator.generate_latents` tokenizes the prompts (and the negative prompts
    for classifier-free guidance), draws each row's noise from its own seed, and runs
-   the jitted sampler of ``samplers.py`` once per window: one window for a song that
-   fits the model's window (the whole song in one pass, sharded over the ``sequence``
-   mesh axis when the mesh has one), else window by window, each window inpainting
-   its overlap with the previous one. Timing conditioning (``seconds_start``,
-   ``seconds_total``) places each window in the song.
+   the jitted sampler of ``audiodiff_jax/diffusion/samplers.py`` once per window: one
+   window for a song that fits the model's window (the whole song in one pass, sharded
+   over the ``sequence`` mesh axis when the mesh has one), else window by window, each
+   window inpainting its overlap with the previous one (and, for models trained with
+   ``model.masked_context``, taking it as context). Timing conditioning
+   (``seconds_start``, ``seconds_total``) places each window in the song.
 3. The latents are denormalized with the dataset card (``DatasetCard.denormalize``) and
-   decoded by the codec.
+   decoded by the codec (:meth:`Generator.decode`, with the look-ahead limiter).
 
 The program of step 2 is a :class:`SampleProgram`: ``audiodiff-compile`` compiles the
-same one. Sweeps, their manifest, WAVs and report page are ``sweep.py``.
+same one. Sweeps, their manifest, WAVs and report page are ``audiodiff_jax/sweeps/sweep.py``.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import io
 import math
 import time
 from collections.abc import Callable, Sequence
@@ -33,19 +35,18 @@ from typing import Any, NamedTuple
 
 import jax
 import numpy as np
+import soundfile as sf
 from absl import logging
-from etils import epath
 from jax.sharding import NamedSharding
 
-from audiodiff_jax.checkpoints import checkpointing, export
+from audiodiff_jax.checkpoints import source as source_lib
 from audiodiff_jax.codec import limiter
 from audiodiff_jax.core import config as config_lib
-from audiodiff_jax.core import names, optim, sharding
+from audiodiff_jax.core import names, optim, paths, sharding
 from audiodiff_jax.core.config import MeshConfig
-from audiodiff_jax.core.errors import UserError
-from audiodiff_jax.data import loader
+from audiodiff_jax.core.errors import GenerationError
 from audiodiff_jax.data.batch import Conditioning
-from audiodiff_jax.data.cards import DatasetCard, ShardError
+from audiodiff_jax.data.cards import DatasetCard
 from audiodiff_jax.data.tokenizer import Tokenizer
 from audiodiff_jax.diffusion import samplers
 from audiodiff_jax.model import make_model
@@ -56,99 +57,6 @@ ISSUES = "sweep_issues.jsonl"
 _ROWS = (names.BATCH,)
 _LATENTS = (names.BATCH, names.LENGTH, None)
 _FRAMES = (names.BATCH, names.LENGTH)
-
-
-class GenerationError(UserError, ValueError):
-    """Bad input to generation (checkpoint, codec, prompt, duration...); the message says which."""
-
-
-# ---------------------------------------------------------------------------
-# Checkpoints
-
-
-def find_checkpoint(path: str, step: int | None = None) -> tuple[epath.Path, int]:
-    """Resolves ``path`` (a run workdir, its ``checkpoints`` folder, one step folder, or
-    an export folder).
-
-    Returns:
-      (step folder, step). The latest complete step unless ``step`` is given. For an
-      export: (the export folder, the step its weights came from).
-
-    Raises:
-      GenerationError: the path is missing, holds no complete checkpoint, lacks the
-        step, or the step folder lacks an item the sampler needs.
-    """
-    if export.is_export(path):
-        meta = _export_meta(path)
-        if step is not None and step != meta["step"]:
-            raise GenerationError(
-                f"{path} is an export of step {meta['step']}, not step {step}; give no step for an export"
-            )
-        return epath.Path(path), int(meta["step"])
-    try:
-        return checkpointing.find_step(path, step, required_items=("state", "config", "dataset_card"))
-    except checkpointing.CheckpointNotFound as e:
-        hint = "; train a few steps first" if "no complete checkpoint" in str(e) else ""
-        raise GenerationError(f"{e}{hint}") from e
-
-
-def _export_meta(path) -> dict:
-    try:
-        return export.read_meta(str(path))
-    except export.ExportError as e:
-        raise GenerationError(str(e)) from e
-
-
-def _read_json_item(item_dir: epath.Path) -> dict:
-    try:
-        return checkpointing.read_json_item(item_dir)
-    except checkpointing.CheckpointNotFound as e:
-        raise GenerationError(str(e)) from e
-
-
-def _item(step_dir: epath.Path, name: str) -> dict:
-    """JSON item ``name`` of a checkpoint step, or ``name.json`` of an export."""
-    if export.is_export(step_dir):
-        try:
-            return export.read_json_item(str(step_dir), name)
-        except export.ExportError as e:
-            raise GenerationError(str(e)) from e
-    return _read_json_item(step_dir / name)
-
-
-def _has_item(step_dir: epath.Path, name: str) -> bool:
-    return (step_dir / (f"{name}.json" if export.is_export(step_dir) else name)).exists()
-
-
-def read_checkpoint_meta(step_dir: epath.Path):
-    """The resolved config and the dataset card saved with a checkpoint step (or an export)."""
-    try:
-        cfg = config_lib.from_configdict(_item(step_dir, "config"))
-    except config_lib.ConfigError as e:
-        raise GenerationError(f"config saved in {step_dir / 'config'}: {e}") from e
-    try:
-        card = DatasetCard.from_dict(_item(step_dir, "dataset_card"), where=str(step_dir))
-    except ShardError as e:
-        raise GenerationError(f"dataset card saved in {step_dir / 'dataset_card'}: {e}") from e
-    return cfg, card
-
-
-LATEST = "latest"
-
-
-def resolve_steps(path: str, wanted: Sequence[int | str | None]) -> list[int]:
-    """Checkpoint steps by number or ``latest`` (None too), in order, without repeats.
-
-    Raises:
-      GenerationError: a step that is not a complete checkpoint of ``path``, listing those that are.
-    """
-    steps = []
-    for w in wanted or [None]:
-        step = None if w in (None, LATEST) else int(w)
-        _, s = find_checkpoint(path, step)
-        if s not in steps:
-            steps.append(s)
-    return steps
 
 
 # ---------------------------------------------------------------------------
@@ -182,6 +90,26 @@ class SampleParams:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+    @classmethod
+    def from_section(cls, prompt: str, sample: config_lib.SampleConfig, **changes) -> SampleParams:
+        """The output ``sample`` (a config's sample section) describes for ``prompt``: each
+        grid axis at its first value, then ``changes``."""
+        params = {}
+        for name in config_lib.SAMPLE_PARAM_FIELDS:
+            value = getattr(sample, config_lib.SAMPLE_PARAM_FIELDS[name])
+            params[name] = (
+                value[0] if config_lib.is_sample_axis(config_lib.SAMPLE_PARAM_FIELDS[name]) else value
+            )
+        return cls(prompt, **{**params, **changes})
+
+
+def write_wav(path: str, audio: np.ndarray, sample_rate: int) -> None:
+    """Writes a sampled song ``audio [channels, samples]`` as 16-bit PCM, atomically
+    (local or gs://): the one format of every song this project writes."""
+    buf = io.BytesIO()
+    sf.write(buf, np.clip(audio, -1.0, 1.0).T, sample_rate, subtype="PCM_16", format="WAV")
+    paths.atomic_write(path, buf.getvalue())
 
 
 @dataclasses.dataclass(frozen=True)
@@ -318,61 +246,55 @@ class SampleProgram(NamedTuple):
 
 
 class Generator:
-    """A checkpoint's model restored for sampling on a mesh, with its tokenizer and codec.
+    """A model's weights in memory, ready to sample on a mesh, with its tokenizer and codec.
 
     Args:
-      checkpoint: run workdir, its checkpoints folder, or a step folder.
+      cfg: the config the weights were trained with (model, data window, sample defaults).
+      card: the dataset card of the latents the model learned (normalization, codec).
+      tokenizer: the caption tokenizer of the run.
       codec: an object with the ``audiodiff_jax.codec.interface.Codec`` protocol, or
         None (latents only; :meth:`decode` then fails).
-      step: checkpoint step (default: the latest complete one).
-      weights: the weight set to restore: ``raw``, ``ema`` (the EMA of the run's
-        ``optim.ema_decay``) or ``ema<decay>`` (default: the first of the checkpoint
-        config's ``sample.weights``; an export's own set).
-      use_ema: the older way to choose: True = ``ema``, False = ``raw``.
+      params: the weights (any pytree the model's ``apply`` takes, already on ``mesh``
+        or host arrays); None: set them later with :meth:`use_weights`.
+      weights, step: the name of the weight set (``raw``, ``ema``, ``ema0.9999``...)
+        and the training step they come from: what manifests record.
+      checkpoint: where the weights came from (a path), for manifests; "" when in memory.
       mesh: the sampling mesh (default: ``sharding.make_mesh(MeshConfig())``, all
         devices on ``data``). Batches are split over ``data x fsdp``, frames over
         ``sequence``, heads over ``tensor``.
-      tokenizer_path: sentencepiece model (default: the copy saved with the checkpoint,
-        else the one the training data used).
       window_frames: longest sequence generated in one pass; longer songs go window
         by window (-1: the training window ``data.window_frames``; 0 = always one
         pass).
       overlap_frames: frames each window shares with the previous one (-1: a
         quarter of the window).
       min_seconds, max_seconds: accepted durations.
-      restore: restore the weights now (False: a sweep restores them later with
-        :meth:`restore_weights` and :meth:`use_weights`).
 
-    ``weights``, ``window_frames``, ``overlap_frames``, ``min_seconds`` and
-    ``max_seconds`` default (None) to the ``sample`` section of the checkpoint's config.
-    The weights' name is kept as :meth:`canonical_weights` gives it (``ema`` ->
-    ``ema0.999``), so manifests name them the same whichever way they were asked for.
+    ``window_frames``, ``overlap_frames``, ``min_seconds`` and ``max_seconds`` default
+    (None) to ``cfg.sample``. The weights' name is kept as :meth:`canonical_weights`
+    gives it (``ema`` -> ``ema0.999``), so manifests name them the same whichever way
+    they were asked for.
     """
 
     def __init__(
         self,
-        checkpoint: str,
+        cfg: config_lib.Config,
+        card: DatasetCard,
+        tokenizer: Tokenizer,
         codec: Any = None,
         *,
-        step: int | None = None,
-        weights: str | None = None,
-        use_ema: bool | None = None,
+        params: Any = None,
+        weights: str = optim.EMA,
+        step: int = 0,
+        checkpoint: str = "",
         mesh: jax.sharding.Mesh | None = None,
-        tokenizer_path: str | None = None,
         window_frames: int | None = None,
         overlap_frames: int | None = None,
         min_seconds: float | None = None,
         max_seconds: float | None = None,
-        restore: bool = True,
     ):
-        self.step_dir, self.step = find_checkpoint(checkpoint, step)
-        self.checkpoint = str(checkpoint)
-        self.export_meta = _export_meta(checkpoint) if export.is_export(checkpoint) else None
-        self.cfg, self.card = read_checkpoint_meta(self.step_dir)
-        cfg = self.cfg
-        # The arguments not given come from the checkpoint's sample section.
-        if weights is None and use_ema is not None:
-            weights = optim.EMA if use_ema else optim.RAW
+        self.cfg, self.card, self.tokenizer = cfg, card, tokenizer
+        self.checkpoint = checkpoint
+        self.where = f"checkpoint {checkpoint}" if checkpoint else "the weights in memory"
         given = {
             "window_frames": window_frames,
             "overlap_frames": overlap_frames,
@@ -385,19 +307,21 @@ class Generator:
         except config_lib.ConfigError as e:
             raise GenerationError(str(e)) from e
         self.sample = config_lib.replace(cfg.sample, **given)
-        if weights is None:
-            weights = self.export_meta["weights"] if self.export_meta else self.sample.weights[0]
-        self.weights = self.canonical_weights(weights)
         self.min_seconds, self.max_seconds = float(self.sample.min_seconds), float(self.sample.max_seconds)
-        if self.card.codec.latent_channels != cfg.model.latent_channels:
+        if card.codec.latent_channels != cfg.model.latent_channels:
             raise GenerationError(
-                f"checkpoint {self.step_dir}: model.latent_channels={cfg.model.latent_channels} but its "
-                f"dataset card says latent_channels={self.card.codec.latent_channels}"
+                f"{self.where}: model.latent_channels={cfg.model.latent_channels} but its "
+                f"dataset card says latent_channels={card.codec.latent_channels}"
+            )
+        if tokenizer.vocab_size > cfg.model.text.vocab_size:
+            raise GenerationError(
+                f"tokenizer {tokenizer.path} has {tokenizer.vocab_size} pieces, more than the "
+                f"model's model.text.vocab_size={cfg.model.text.vocab_size}: not the run's tokenizer"
             )
         self.codec = codec
         if codec is not None:
             self._check_codec(codec)
-        self.latent_rate = float(self.card.codec.latent_rate)
+        self.latent_rate = float(card.codec.latent_rate)
         self.channels = cfg.model.latent_channels
         w, o = self.sample.window_frames, self.sample.overlap_frames
         self.window = cfg.data.window_frames if w < 0 else w
@@ -409,33 +333,10 @@ class Generator:
             )
         self.mesh = mesh if mesh is not None else sharding.make_mesh(MeshConfig())
         self._check_mesh()
-        if tokenizer_path is not None:
-            self.tokenizer = Tokenizer(tokenizer_path)
-        elif _has_item(self.step_dir, "tokenizer"):
-            # The copy saved with the checkpoint: no need for the training shards.
-            try:
-                self.tokenizer = Tokenizer.from_json(
-                    _item(self.step_dir, "tokenizer"), where=str(self.step_dir / "tokenizer")
-                )
-            except ValueError as e:
-                raise GenerationError(str(e)) from e
-        else:  # checkpoints written before the tokenizer item existed
-            try:
-                tokenizer_path = loader.resolve_tokenizer_path(cfg.data, self.card)
-            except config_lib.ConfigError as e:
-                raise GenerationError(f"{e}; pass the tokenizer file explicitly (--tokenizer)") from e
-            self.tokenizer = Tokenizer(tokenizer_path)
-        tokenizer_path = self.tokenizer.path
-        if self.tokenizer.vocab_size > cfg.model.text.vocab_size:
-            raise GenerationError(
-                f"tokenizer {tokenizer_path} has {self.tokenizer.vocab_size} pieces, more than the "
-                f"model's model.text.vocab_size={cfg.model.text.vocab_size}: not the run's tokenizer"
-            )
         self.model = make_model(cfg.model)
-        self.params = None
-        if restore:
-            self.check_weights(self.step, [self.weights])
-            self.params = self.restore_weights(self.step, [self.weights])[self.weights]
+        self.step, self.weights, self.params = step, self.canonical_weights(weights), None
+        if params is not None:
+            self.use_weights(step, weights, params)
         self._fns: dict[tuple, Callable] = {}
 
     # -- set-up checks ---------------------------------------------------------------
@@ -445,13 +346,13 @@ class Generator:
         if cc.latent_channels != self.cfg.model.latent_channels:
             raise GenerationError(
                 f"codec {cc.name!r} has latent_channels={cc.latent_channels} but checkpoint "
-                f"{self.step_dir} was trained on {self.cfg.model.latent_channels}-channel latents "
+                f"{self.where} was trained on {self.cfg.model.latent_channels}-channel latents "
                 f"(codec {dc.name!r})"
             )
         if not math.isclose(cc.latent_rate, dc.latent_rate, rel_tol=1e-6):
             raise GenerationError(
                 f"codec {cc.name!r} runs at {cc.latent_rate:.4g} latent frames/s but checkpoint "
-                f"{self.step_dir} was trained at {dc.latent_rate:.4g} (codec {dc.name!r})"
+                f"{self.where} was trained at {dc.latent_rate:.4g} (codec {dc.name!r})"
             )
         if cc.name != dc.name:
             logging.warning(
@@ -463,76 +364,25 @@ class Generator:
         try:
             config_lib.validate_model_on_mesh(self.cfg.model, dict(self.mesh.shape))
         except config_lib.ConfigError as e:
-            raise GenerationError(f"checkpoint {self.step_dir} on this sampling mesh: {e}") from e
+            raise GenerationError(f"{self.where} on this sampling mesh: {e}") from e
 
     # -- weights: checkpoint steps and weight sets ----------------------------------
 
     def canonical_weights(self, name: str) -> str:
-        """``ema`` -> ``ema<optim.ema_decay>`` of the checkpoint's config; ``ema0.99990`` ->
-        ``ema0.9999``; ``raw`` stays."""
+        """``ema`` -> ``ema<optim.ema_decay>`` of the config; ``ema0.99990`` -> ``ema0.9999``;
+        ``raw`` stays."""
         if name == optim.EMA:
             return optim.ema_name(self.cfg.optim.ema_decay)
         return optim.canonical_weights(name)
 
-    def _step_dir(self, step: int) -> epath.Path:
-        if step == self.step:
-            return self.step_dir
-        step_dir, _ = find_checkpoint(self.checkpoint, step)
-        cfg, card = read_checkpoint_meta(step_dir)
-        if cfg.model != self.cfg.model or card.codec != self.card.codec:
-            raise GenerationError(
-                f"checkpoint {step_dir} has another model or codec than {self.step_dir}: "
-                "one sweep samples the checkpoints of one run"
-            )
-        return step_dir
-
-    def available_weights(self, step: int) -> list[str]:
-        """The weight sets checkpoint ``step`` holds, by canonical name."""
-        if self.export_meta is not None:
-            return [self.canonical_weights(n) for n in export.answers_to(self.export_meta)]
-        try:
-            paths = checkpointing.weight_paths(self._step_dir(step))
-        except Exception as e:  # noqa: BLE001 - Orbax raises many types for damaged files
-            raise GenerationError(
-                f"could not read the weights of {self._step_dir(step)} "
-                f"(half-written or damaged checkpoint?): {type(e).__name__}: {e}"
-            ) from e
-        return list(dict.fromkeys(self.canonical_weights(n) for n in paths))
-
-    def check_weights(self, step: int, names: Sequence[str], what: str = "weights") -> None:
-        """Raises GenerationError when checkpoint ``step`` lacks one of ``names`` (before
-        anything is restored), naming it and the sets the step holds."""
-        have = self.available_weights(step)
-        for name in names:
-            if self.canonical_weights(name) not in have:
-                where = f"export {self.checkpoint}" if self.export_meta else f"checkpoint step {step}"
-                raise GenerationError(
-                    f"{what}={name}: {where} holds no such weights; it holds {', '.join(have)}"
-                )
-
-    def restore_weights(self, step: int, names: Sequence[str]) -> dict[str, Any]:
-        """Restores weight sets of checkpoint ``step`` onto this mesh in one read (no
-        optimizer state); returns canonical name -> params."""
+    def abstract_params(self) -> Any:
+        """The model's params as ShapeDtypeStructs sharded on this mesh: the restore target
+        of weights that are to be sampled here."""
         shardings = sharding.named_shardings(self.model.logical_axes(), self.mesh)
-        abstract = sharding.with_shardings(self.model.abstract_params(), shardings)
-        wanted = list(dict.fromkeys(self.canonical_weights(n) for n in names))
-        step_dir = self._step_dir(step)
-        try:
-            if self.export_meta is not None:
-                params = export.load_params(self.checkpoint, abstract)
-                return dict.fromkeys(wanted, params)
-            return checkpointing.restore_weight_sets(step_dir, wanted, abstract)
-        except checkpointing.WeightsNotFound as e:
-            raise GenerationError(str(e)) from e
-        except Exception as e:  # noqa: BLE001 - Orbax raises many types for damaged files
-            raise GenerationError(
-                f"could not restore the weights {', '.join(wanted)} of {step_dir} "
-                f"(half-written or damaged checkpoint?): {type(e).__name__}: {e}"
-            ) from e
+        return sharding.with_shardings(self.model.abstract_params(), shardings)
 
     def use_weights(self, step: int, name: str, params: Any) -> None:
-        """Samples from now on with ``params``, the weight set ``name`` of checkpoint ``step``."""
-        self.step_dir = self._step_dir(step)
+        """Samples from now on with ``params``: the weight set ``name`` of training step ``step``."""
         self.step, self.weights, self.params = step, self.canonical_weights(name), params
 
     # -- requests --------------------------------------------------------------------
@@ -768,3 +618,59 @@ class Generator:
         if reduction_db > 0:
             logging.info("decode: peaks above full scale limited by up to %.1f dB", reduction_db)
         return audio
+
+
+def open_generator(
+    checkpoint: str | source_lib.WeightsSource,
+    codec: Any = None,
+    *,
+    step: int | None = None,
+    weights: str | None = None,
+    use_ema: bool | None = None,
+    tokenizer_path: str | None = None,
+    restore: bool = True,
+    **kwargs,
+) -> tuple[Generator, source_lib.WeightsSource]:
+    """Reads weights from a checkpoint or an export (the weights source), then builds the
+    :class:`Generator` over them: the two steps a program takes, in one call.
+
+    Args:
+      checkpoint: run workdir, its checkpoints folder, a step folder, or an export
+        folder; or a source opened already.
+      codec: see :class:`Generator`.
+      step: checkpoint step (default: the latest complete one).
+      weights: the weight set to restore: ``raw``, ``ema`` or ``ema<decay>`` (default:
+        the first of the saved config's ``sample.weights``; an export's own set).
+      use_ema: the older way to choose: True = ``ema``, False = ``raw``.
+      tokenizer_path: a tokenizer file (default: the copy saved with the weights).
+      restore: restore the weights now (False: a sweep restores them later, every
+        weight set of a step in one read, through the returned source).
+      **kwargs: more :class:`Generator` arguments (mesh, window_frames, ...).
+
+    Returns:
+      (the generator, the weights source it was read from).
+    """
+    if isinstance(checkpoint, source_lib.WeightsSource):
+        src = checkpoint
+        step = src.step if step is None else step
+        src.step_dir_of(step)  # the same model and codec
+    else:
+        src = source_lib.WeightsSource(checkpoint, step)
+        step = src.step
+    if weights is None and use_ema is not None:
+        weights = optim.EMA if use_ema else optim.RAW
+    name = src.canonical_weights(weights or src.default_weights())
+    gen = Generator(
+        src.cfg,
+        src.card,
+        src.tokenizer(tokenizer_path),
+        codec,
+        weights=name,
+        step=step,
+        checkpoint=src.path,
+        **kwargs,
+    )
+    if restore:
+        src.check_weights(step, [name])
+        gen.use_weights(step, name, src.restore(step, [name], gen.abstract_params())[name])
+    return gen, src

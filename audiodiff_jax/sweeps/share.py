@@ -33,7 +33,7 @@ import jax
 from absl import logging
 from etils import epath
 
-from audiodiff_jax.core import report
+from audiodiff_jax.core import paths, report
 from audiodiff_jax.core.errors import UserError
 from audiodiff_jax.sampling.generation import ISSUES, MANIFEST, Generator
 from audiodiff_jax.sweeps import sweep
@@ -126,7 +126,7 @@ def run_share(
         "issues": [i.to_dict() for i in result.issues],
         "generated": result.generated,
     }
-    epath.Path(part, DONE).write_text(json.dumps(done))
+    paths.atomic_write(os.path.join(part, DONE), json.dumps(done).encode())
     if index != 0:
         return result
     return _merge(gen, items, out_dir, count, title, wait_timeout_s, sweep_kwargs)
@@ -171,8 +171,10 @@ def _merge(gen, items, out_dir, count, title, wait_timeout_s, sweep_kwargs) -> s
         generated += done["generated"]
     rows.sort(key=lambda r: r["index"])
     text = "".join(json.dumps(r, sort_keys=True) + "\n" for r in rows + others)
-    epath.Path(out_dir, MANIFEST).write_text(text)
-    epath.Path(out_dir, ISSUES).write_text("".join(json.dumps(i.to_dict()) + "\n" for i in issues))
+    paths.atomic_write(os.path.join(out_dir, MANIFEST), text.encode())
+    paths.atomic_write(
+        os.path.join(out_dir, ISSUES), "".join(json.dumps(i.to_dict()) + "\n" for i in issues).encode()
+    )
     m = gen.cfg.model
     facts = {
         "checkpoint": gen.checkpoint,

@@ -16,8 +16,6 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import importlib
-import io
 import itertools
 import json
 import os
@@ -28,14 +26,13 @@ from typing import Any, NamedTuple
 
 import jax
 import numpy as np
-import soundfile as sf
 from absl import logging
 from etils import epath
 
-from audiodiff_jax.checkpoints import export
-from audiodiff_jax.codec import load_codec
+from audiodiff_jax.checkpoints import source as source_lib
+from audiodiff_jax.codec import lookup
 from audiodiff_jax.core import config as config_lib
-from audiodiff_jax.core import report
+from audiodiff_jax.core import paths, report
 from audiodiff_jax.evaluation import folder as eval_folder
 from audiodiff_jax.evaluation import page as eval_page
 from audiodiff_jax.evaluation import song as eval_song
@@ -47,10 +44,9 @@ from audiodiff_jax.sampling.generation import (
     GenerationError,
     Generator,
     SampleParams,
-    find_checkpoint,
-    read_checkpoint_meta,
-    resolve_steps,
+    open_generator,
     window_seams,
+    write_wav,
 )
 
 _SAMPLE = config_lib.SampleConfig()
@@ -207,19 +203,12 @@ def read_manifest(path: str) -> tuple[dict[str, dict], int]:
 def _append_text(path: str, text: str) -> None:
     """Appends to a file. A bucket's objects cannot be appended to: there the object is
     read and replaced whole (readers see the old or the new one)."""
-    if "://" in path:
+    if paths.is_remote(path):
         p = epath.Path(path)
         p.write_text((p.read_text() if p.exists() else "") + text, encoding="utf-8")
         return
     with open(path, "a", encoding="utf-8") as f:
         f.write(text)
-
-
-def write_wav(path: str, audio: np.ndarray, sample_rate: int) -> None:
-    """Writes ``audio [channels, samples]`` as 16-bit PCM, atomically."""
-    buf = io.BytesIO()
-    sf.write(buf, np.clip(audio, -1.0, 1.0).T, sample_rate, subtype="PCM_16", format="WAV")
-    report.atomic_write(path, buf.getvalue())
 
 
 class SweepResult(NamedTuple):
@@ -234,6 +223,7 @@ def run_sweep(
     items: Sequence[SweepItem],
     out_dir: str,
     *,
+    source: source_lib.WeightsSource | None = None,
     checkpoint_steps: Sequence[int] | None = None,
     weights: Sequence[str] | None = None,
     issues: Sequence[SweepIssue] = (),
@@ -264,6 +254,8 @@ def run_sweep(
       gen: the generator (with a codec).
       items: from :func:`expand_grid`.
       out_dir: output folder (WAVs, PNGs, manifest, issues, report.html).
+      source: where the weight sets and checkpoint steps come from; None: only the
+        generator's own weights are sampled.
       checkpoint_steps: checkpoint steps to sample (default: the generator's step).
       weights: weight set names (default: the generator's).
       issues: problems found before (bad prompt rows), reported with the rest.
@@ -337,8 +329,13 @@ def run_sweep(
         if step == gen.step and needed == [gen.weights] and gen.params is not None:
             restored = {gen.weights: gen.params}  # the generator holds them already
         else:
+            if source is None:
+                raise GenerationError(
+                    f"weights {', '.join(needed)} of step {step} asked for, but the generator holds only "
+                    f"{gen.weights} of step {gen.step} and no weights source was given"
+                )
             t0 = time.perf_counter()
-            restored = gen.restore_weights(step, needed)
+            restored = source.restore(step, needed, gen.abstract_params())
             logging.info(
                 "sweep: restored weights %s of checkpoint step %d in %.2fs",
                 ", ".join(needed),
@@ -376,8 +373,8 @@ def run_sweep(
     report_path = ""
     if primary:
         text = "".join(json.dumps(r, sort_keys=True) + "\n" for r in rows + others)
-        report.atomic_write(manifest_path, text.encode("utf-8"))
-        report.atomic_write(
+        paths.atomic_write(manifest_path, text.encode("utf-8"))
+        paths.atomic_write(
             os.path.join(out_dir, ISSUES), "".join(json.dumps(i.to_dict()) + "\n" for i in issues).encode()
         )
         if write_report:
@@ -414,7 +411,7 @@ def evaluate_outputs(out_dir: str, reference: str | None = None) -> dict | None:
     metrics into ``metrics.jsonl`` beside the manifest, a summary, plots against the grid
     axes); returns the report's evaluation section, or None (with a warning) where it
     cannot run: the ``eval`` extra is not installed, or the folder is in a bucket."""
-    if "://" in str(out_dir):
+    if paths.is_remote(out_dir):
         logging.warning("evaluation: %s is not a local folder; run audiodiff-eval on a copy", out_dir)
         return None
     try:
@@ -564,8 +561,7 @@ def generate_songs(
     (all values of a grid axis). The parameters are checked before the weights are
     restored; a bad one raises :class:`GenerationError`.
     """
-    step_dir, _ = find_checkpoint(checkpoint)
-    cfg, card = read_checkpoint_meta(step_dir)
+    src = source_lib.WeightsSource(checkpoint)
     given = {
         "seconds": None if seconds is None else (seconds,),
         "seeds": None if seeds is None else tuple(seeds),
@@ -578,14 +574,12 @@ def generate_songs(
     given |= {k: generator_kwargs.pop(k) for k in list(generator_kwargs) if k in _SAMPLE_FIELDS}
     if use_ema is not None and weights is None:
         given["weights"] = ("ema",) if use_ema else ("raw",)
-    sample = resolve_sample(cfg.sample, {k: v for k, v in given.items() if v is not None})
-    if given["weights"] is None and export.is_export(checkpoint):  # an export holds one set: that one
-        sample = dataclasses.replace(sample, weights=(export.read_meta(checkpoint)["weights"],))
-    steps = resolve_steps(checkpoint, checkpoint_steps or [None])
+    sample = resolve_sample(src.sample_section(), {k: v for k, v in given.items() if v is not None})
+    steps = source_lib.resolve_steps(checkpoint, checkpoint_steps or [None])
     if codec is None:
-        codec = load_named_codec(codec_name or card.codec.name)
-    gen = Generator(
-        checkpoint,
+        codec = load_named_codec(codec_name or src.card.codec.name, allow_code=bool(codec_name))
+    gen, src = open_generator(
+        src,
         codec,
         step=steps[0],
         weights=sample.weights[0],
@@ -605,11 +599,12 @@ def generate_songs(
         except GenerationError as e:
             issues.append(SweepIssue(where, str(e)))
     for step in steps:  # before anything is restored
-        gen.check_weights(step, sample.weights)
+        src.check_weights(step, sample.weights)
     return run_sweep(
         gen,
         expand_grid(rows, Grid.from_config(sample)),
         out_dir,
+        source=src,
         checkpoint_steps=steps,
         weights=sample.weights,
         issues=issues,
@@ -648,16 +643,11 @@ def resolve_sample(
     return sample
 
 
-def load_named_codec(name: str):
-    """The codec called ``name``: ``audiodiff_jax.codec.load_codec(name)``.
+def load_named_codec(name: str, *, allow_code: bool = True):
+    """The codec called ``name``: :func:`audiodiff_jax.codec.lookup.codec_by_name`.
 
     ``name`` may also be ``"package.module:factory"``, a callable returning a codec
-    object (custom codecs, tests).
+    object (custom codecs, tests), but only with ``allow_code`` (the user gave the name);
+    pass ``allow_code=False`` for a name read from a dataset card.
     """
-    if ":" in name:
-        module, _, attr = name.partition(":")
-        try:
-            return getattr(importlib.import_module(module), attr)()
-        except (ImportError, AttributeError) as e:
-            raise GenerationError(f"codec factory {name!r} cannot be loaded: {e}") from e
-    return load_codec(name)
+    return lookup.codec_by_name(name, allow_code=allow_code)

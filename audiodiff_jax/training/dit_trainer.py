@@ -16,6 +16,7 @@ and ``tokenizer`` (``audiodiff_jax/checkpoints/checkpointing.py``).
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from typing import Any
 
 import flax
@@ -34,7 +35,6 @@ from audiodiff_jax.data.batch import Batch
 from audiodiff_jax.data.cards import DatasetCard
 from audiodiff_jax.data.tokenizer import Tokenizer
 from audiodiff_jax.diffusion import objective
-from audiodiff_jax.evaluators import train_eval
 from audiodiff_jax.model import make_model
 from audiodiff_jax.training import loop
 
@@ -58,6 +58,15 @@ def weight_sets(state: TrainState) -> dict[str, Any]:
 CONTEXT_STREAM = 7  # fold_in index of the masked-context draws within a step's key
 
 
+def v_loss(apply_fn, params, x0, noise, t, cond, loss_mask, *, per_row: bool = False) -> jax.Array:
+    """The DiT's objective: ``x0`` noised to time ``t`` with ``noise``, the v prediction's
+    masked MSE (``objective.masked_mse``). The train step minimizes it; the validation
+    loss (``audiodiff_jax/evaluators/train_eval.py``) scores each row with ``per_row=True``."""
+    z, v_target = objective.add_noise(x0, noise, t)
+    v_pred = apply_fn(params, z, t, cond)
+    return objective.masked_mse(v_pred, v_target, loss_mask, per_row=per_row)
+
+
 def make_train_step(cfg: Config, model_fns, tx: optax.GradientTransformation, schedule):
     """Builds the pure ``train_step(state, batch) -> (state, metrics)``."""
     dcfg = cfg.diffusion
@@ -79,7 +88,6 @@ def make_train_step(cfg: Config, model_fns, tx: optax.GradientTransformation, sc
         )
         noise = jax.random.normal(noise_rng, x0.shape, dtype=jnp.float32)
         noise = sharding.constrain(noise, (names.BATCH, names.LENGTH, None))
-        z, v_target = objective.add_noise(x0, noise, t)
         cond, loss_mask = batch.cond, batch.loss_mask
         if cfg.model.masked_context:
             # Its own stream (fold_in), so the time and noise draws stay those of a run without.
@@ -94,8 +102,7 @@ def make_train_step(cfg: Config, model_fns, tx: optax.GradientTransformation, sc
             loss_mask = loss_mask * (1.0 - known_mask)  # the known frames are given, not learned
 
         def loss_fn(params):
-            v_pred = model_fns.apply(params, z, t, cond)
-            return objective.masked_mse(v_pred, v_target, loss_mask)
+            return v_loss(model_fns.apply, params, x0, noise, t, cond, loss_mask)
 
         loss, grads = jax.value_and_grad(loss_fn)(state.params)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
@@ -236,6 +243,11 @@ class Trainer:
         return out
 
 
+# Builds the evaluation during training from (config, trainer, dataset card, workdir);
+# the program hands it to ``train`` (``audiodiff_jax/evaluators/train_eval.py:from_config``).
+EvaluatorFactory = Callable[[Config, Trainer, DatasetCard, str], loop.Evaluator | None]
+
+
 def train(
     cfg: Config,
     workdir: str,
@@ -243,6 +255,7 @@ def train(
     mesh: jax.sharding.Mesh | None = None,
     process_start: float | None = None,
     step_timeout_s: float = 0.0,
+    make_evaluator: EvaluatorFactory | None = None,
 ) -> loop.TrainResult:
     """Trains ``cfg`` in ``workdir``, resuming as ``audiodiff_jax/training/loop.py`` says.
 
@@ -254,6 +267,10 @@ def train(
         start-up time (default: now).
       step_timeout_s: exit (status ``loop.StepWatchdog.EXIT_CODE``) when no step finishes
         for this long after the first one; 0 = never.
+      make_evaluator: builds the evaluation during training once the trainer exists,
+        called as ``make_evaluator(cfg, trainer, dataset_card, workdir)`` (None: no
+        evaluation). The trainer imports no evaluator: the program hands one in, e.g.
+        ``audiodiff_jax.evaluators.train_eval.from_config``.
     """
     # Shapes are checked against the mesh that will run them (a given mesh may use
     # fewer devices than the process sees, e.g. resuming on one device).
@@ -311,21 +328,25 @@ def train(
         json_items=json_items,
         data_iter=data_iter,
         process_start=process_start,
-        evaluator=_evaluator(cfg, trainer, card, workdir),
+        evaluator=_evaluator(cfg, trainer, card, workdir, make_evaluator),
     )
 
 
-def _evaluator(cfg: Config, trainer: Trainer, card: DatasetCard, workdir: str) -> train_eval.Evaluator | None:
-    """The ``eval`` section's evaluation during training (None when ``eval.every_steps`` is 0)."""
-    if not cfg.eval.every_steps:
+def _evaluator(
+    cfg: Config,
+    trainer: Trainer,
+    card: DatasetCard,
+    workdir: str,
+    make_evaluator: EvaluatorFactory | None,
+) -> loop.Evaluator | None:
+    """``make_evaluator``'s evaluator; None, with a warning when the ``eval`` section asks
+    for evaluation, when no factory was handed in."""
+    if make_evaluator is None:
+        if cfg.eval.every_steps > 0:
+            logging.warning(
+                "eval.every_steps=%d but no evaluator was handed to the trainer: no evaluation "
+                "during this run (audiodiff-train builds one from the eval section)",
+                cfg.eval.every_steps,
+            )
         return None
-    return train_eval.Evaluator(
-        cfg,
-        trainer.mesh,
-        trainer.model.apply,
-        weight_sets,
-        card,
-        Tokenizer(loader_lib.resolve_tokenizer_path(cfg.data, card)),
-        workdir,
-        sample_weights="ema",
-    )
+    return make_evaluator(cfg, trainer, card, workdir)

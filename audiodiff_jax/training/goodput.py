@@ -26,6 +26,8 @@ import time
 
 from etils import epath
 
+from audiodiff_jax.core import paths
+
 FILENAME = "goodput.json"
 CATEGORIES = ("startup", "restore", "compile", "checkpoint", "eval", "restart")
 
@@ -194,9 +196,4 @@ class GoodputRecorder:
     def _write(self) -> None:
         data = {"incarnations": [dataclasses.asdict(i) for i in (*self.previous, self.current)]}
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        if "://" in str(self.path):  # a bucket replaces an object whole; a rename there is a copy
-            self.path.write_text(json.dumps(data, indent=1))
-            return
-        tmp = self.path.parent / (self.path.name + ".tmp")
-        tmp.write_text(json.dumps(data, indent=1))
-        tmp.replace(self.path)  # atomic on POSIX (os.replace): a reader never sees half a file
+        paths.atomic_write(self.path, json.dumps(data, indent=1).encode("utf-8"))  # never half a file

@@ -54,7 +54,7 @@ from absl import logging
 from etils import epath
 from jax.experimental import multihost_utils
 
-from audiodiff_jax.checkpoints import checkpointing
+from audiodiff_jax.checkpoints import checkpointing, source
 from audiodiff_jax.core import names
 from audiodiff_jax.core.config import ConfigError
 from audiodiff_jax.core.errors import EXIT_PEER_LOST, UserError
@@ -154,7 +154,7 @@ def start_state(
     """
     if train_cfg.init_from:
         try:
-            params, src_step = checkpointing.restore_params(
+            params, src_step = source.restore_params(
                 train_cfg.init_from, abstract_params(), required_items=required_items
             )
         except checkpointing.CheckpointNotFound as e:

@@ -1,0 +1,283 @@
+"""The weights source: where sampling's weights come from (docs/DESIGN.md, contract 4).
+
+One place turns a run's checkpoint step or an export folder (``export.py``), local or
+``gs://``, into what a sampler needs in memory: the resolved config, the dataset card,
+the tokenizer, and weight sets by name (``raw``, ``ema``, ``ema0.9999``...), restored
+onto whatever shardings the caller asks for. Every "checkpoint or export?" question of
+the project is asked here, and nowhere else:
+
+- :func:`find_checkpoint` resolves a path (run workdir, checkpoints folder, step folder
+  or export) to a step;
+- :class:`WeightsSource` reads a step's config, card and tokenizer, says which weight
+  sets each step holds, and restores them (sweeps restore several steps of one run);
+- :func:`restore_params` restores one weight set of a run or an export for training's
+  ``train.init_from``.
+
+The sampler itself (``audiodiff_jax/sampling/generation.py``) takes the result as
+arrays and objects and never reads a path.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from absl import logging
+from etils import epath
+
+from audiodiff_jax.checkpoints import checkpointing, export
+from audiodiff_jax.core import config as config_lib
+from audiodiff_jax.core import optim
+from audiodiff_jax.core.errors import GenerationError
+from audiodiff_jax.data import loader
+from audiodiff_jax.data.cards import DatasetCard, ShardError
+from audiodiff_jax.data.tokenizer import Tokenizer
+
+LATEST = "latest"
+
+
+def _export_meta(path) -> dict:
+    try:
+        return export.read_meta(str(path))
+    except export.ExportError as e:
+        raise GenerationError(str(e)) from e
+
+
+def find_checkpoint(path: str, step: int | None = None) -> tuple[epath.Path, int]:
+    """Resolves ``path`` (a run workdir, its ``checkpoints`` folder, one step folder, or
+    an export folder).
+
+    Returns:
+      (step folder, step). The latest complete step unless ``step`` is given. For an
+      export: (the export folder, the step its weights came from).
+
+    Raises:
+      GenerationError: the path is missing, holds no complete checkpoint, lacks the
+        step, or the step folder lacks an item sampling needs.
+    """
+    if export.is_export(path):
+        meta = _export_meta(path)
+        if step is not None and step != meta["step"]:
+            raise GenerationError(
+                f"{path} is an export of step {meta['step']}, not step {step}; give no step for an export"
+            )
+        return epath.Path(path), int(meta["step"])
+    try:
+        return checkpointing.find_step(path, step, required_items=("state", "config", "dataset_card"))
+    except checkpointing.CheckpointNotFound as e:
+        hint = "; train a few steps first" if "no complete checkpoint" in str(e) else ""
+        raise GenerationError(f"{e}{hint}") from e
+
+
+def _item(step_dir: epath.Path, name: str) -> dict:
+    """JSON item ``name`` of a checkpoint step, or ``name.json`` of an export."""
+    try:
+        if export.is_export(step_dir):
+            return export.read_json_item(str(step_dir), name)
+        return checkpointing.read_json_item(step_dir / name)
+    except (export.ExportError, checkpointing.CheckpointNotFound) as e:
+        raise GenerationError(str(e)) from e
+
+
+def _has_item(step_dir: epath.Path, name: str) -> bool:
+    return (step_dir / (f"{name}.json" if export.is_export(step_dir) else name)).exists()
+
+
+def json_items(step_dir: epath.Path) -> dict[str, dict]:
+    """The JSON items an export carries (``export.JSON_ITEMS``) of a checkpoint step or an export."""
+    return {name: _item(step_dir, name) for name in export.JSON_ITEMS}
+
+
+def read_checkpoint_meta(step_dir: epath.Path) -> tuple[config_lib.Config, DatasetCard]:
+    """The resolved config and the dataset card saved with a checkpoint step (or an export)."""
+    try:
+        cfg = config_lib.from_configdict(_item(step_dir, "config"))
+    except config_lib.ConfigError as e:
+        raise GenerationError(f"config saved in {step_dir / 'config'}: {e}") from e
+    try:
+        card = DatasetCard.from_dict(_item(step_dir, "dataset_card"), where=str(step_dir))
+    except ShardError as e:
+        raise GenerationError(f"dataset card saved in {step_dir / 'dataset_card'}: {e}") from e
+    return cfg, card
+
+
+def resolve_steps(path: str, wanted: Sequence[int | str | None]) -> list[int]:
+    """Checkpoint steps by number or ``latest`` (None too), in order, without repeats.
+
+    Raises:
+      GenerationError: a step that is not a complete checkpoint of ``path``, listing those that are.
+    """
+    steps = []
+    for w in wanted or [None]:
+        step = None if w in (None, LATEST) else int(w)
+        _, s = find_checkpoint(path, step)
+        if s not in steps:
+            steps.append(s)
+    return steps
+
+
+class WeightsSource:
+    """The checkpoints of one run, or one export, opened for sampling.
+
+    Args:
+      path: run workdir, its checkpoints folder, a step folder, or an export folder
+        (local or ``gs://``).
+      step: the step whose config and card describe the model (default: the latest
+        complete one; an export has one step).
+
+    Attributes:
+      path: ``path`` as given (what manifests record as the checkpoint).
+      step, step_dir: the step opened and its folder (the export folder for an export).
+      cfg, card: the config and dataset card saved with it.
+      export_meta: ``export.json`` of an export, None for a run's checkpoints.
+    """
+
+    def __init__(self, path: str, step: int | None = None):
+        self.path = str(path)
+        self.step_dir, self.step = find_checkpoint(self.path, step)
+        self.export_meta = _export_meta(self.path) if export.is_export(self.path) else None
+        self.cfg, self.card = read_checkpoint_meta(self.step_dir)
+
+    @property
+    def is_export(self) -> bool:
+        return self.export_meta is not None
+
+    def describe(self, step: int | None = None) -> str:
+        """How errors name what holds the weights of ``step``."""
+        if self.is_export:
+            return f"export {self.path}"
+        return f"checkpoint step {self.step if step is None else step}"
+
+    # -- what it holds --------------------------------------------------------------
+
+    def canonical_weights(self, name: str) -> str:
+        """``ema`` -> ``ema<optim.ema_decay>`` of the saved config; ``ema0.99990`` ->
+        ``ema0.9999``; ``raw`` stays."""
+        if name == optim.EMA:
+            return optim.ema_name(self.cfg.optim.ema_decay)
+        return optim.canonical_weights(name)
+
+    def default_weights(self) -> str:
+        """An export's own weight set, else the first of the saved config's ``sample.weights``."""
+        return self.export_meta["weights"] if self.is_export else self.cfg.sample.weights[0]
+
+    def sample_section(self) -> config_lib.SampleConfig:
+        """The saved ``sample`` section; an export's weights replace its ``weights`` axis
+        (an export holds one set: that one, whatever its config's section says)."""
+        sample = self.cfg.sample
+        if self.is_export:
+            sample = config_lib.replace(sample, weights=(self.export_meta["weights"],))
+        return sample
+
+    def step_dir_of(self, step: int) -> epath.Path:
+        """The folder of checkpoint ``step`` of the same run (same model and codec)."""
+        if step == self.step:
+            return self.step_dir
+        step_dir, _ = find_checkpoint(self.path, step)
+        cfg, card = read_checkpoint_meta(step_dir)
+        if cfg.model != self.cfg.model or card.codec != self.card.codec:
+            raise GenerationError(
+                f"checkpoint {step_dir} has another model or codec than {self.step_dir}: "
+                "one sweep samples the checkpoints of one run"
+            )
+        return step_dir
+
+    def available_weights(self, step: int | None = None) -> list[str]:
+        """The weight sets checkpoint ``step`` holds, by canonical name."""
+        if self.is_export:
+            return [self.canonical_weights(n) for n in export.answers_to(self.export_meta)]
+        step_dir = self.step_dir_of(self.step if step is None else step)
+        try:
+            paths = checkpointing.weight_paths(step_dir)
+        except Exception as e:  # noqa: BLE001 - Orbax raises many types for damaged files
+            raise GenerationError(
+                f"could not read the weights of {step_dir} "
+                f"(half-written or damaged checkpoint?): {type(e).__name__}: {e}"
+            ) from e
+        return list(dict.fromkeys(self.canonical_weights(n) for n in paths))
+
+    def check_weights(self, step: int | None, names: Sequence[str], what: str = "weights") -> None:
+        """Raises GenerationError when checkpoint ``step`` lacks one of ``names`` (before
+        anything is restored), naming it and the sets the step holds."""
+        have = self.available_weights(step)
+        for name in names:
+            if self.canonical_weights(name) not in have:
+                raise GenerationError(
+                    f"{what}={name}: {self.describe(step)} holds no such weights; it holds {', '.join(have)}"
+                )
+
+    # -- reading --------------------------------------------------------------------
+
+    def tokenizer(self, path: str | None = None) -> Tokenizer:
+        """``path`` if given, else the copy saved with the weights, else (checkpoints
+        written before the tokenizer item existed) the one the training data used."""
+        if path:
+            tokenizer = Tokenizer(path)
+        elif _has_item(self.step_dir, "tokenizer"):
+            try:
+                tokenizer = Tokenizer.from_json(
+                    _item(self.step_dir, "tokenizer"), where=str(self.step_dir / "tokenizer")
+                )
+            except ValueError as e:
+                raise GenerationError(str(e)) from e
+        else:
+            try:
+                tokenizer = Tokenizer(loader.resolve_tokenizer_path(self.cfg.data, self.card))
+            except config_lib.ConfigError as e:
+                raise GenerationError(f"{e}; pass the tokenizer file explicitly (--tokenizer)") from e
+        if tokenizer.vocab_size > self.cfg.model.text.vocab_size:
+            raise GenerationError(
+                f"tokenizer {tokenizer.path} has {tokenizer.vocab_size} pieces, more than the "
+                f"model's model.text.vocab_size={self.cfg.model.text.vocab_size}: not the run's tokenizer"
+            )
+        return tokenizer
+
+    def restore(self, step: int | None, names: Sequence[str], abstract_params: Any) -> dict[str, Any]:
+        """Restores weight sets of checkpoint ``step`` in one read (no optimizer state) onto
+        the shardings of ``abstract_params`` (None: host arrays); returns canonical name -> params."""
+        wanted = list(dict.fromkeys(self.canonical_weights(n) for n in names))
+        step_dir = self.step_dir_of(self.step if step is None else step)
+        try:
+            if self.is_export:
+                params = export.load_params(self.path, abstract_params)
+                return dict.fromkeys(wanted, params)
+            return checkpointing.restore_weight_sets(step_dir, wanted, abstract_params)
+        except (checkpointing.WeightsNotFound, export.ExportError) as e:
+            raise GenerationError(str(e)) from e
+        except Exception as e:  # noqa: BLE001 - Orbax raises many types for damaged files
+            raise GenerationError(
+                f"could not restore the weights {', '.join(wanted)} of {step_dir} "
+                f"(half-written or damaged checkpoint?): {type(e).__name__}: {e}"
+            ) from e
+
+
+def restore_params(
+    path: str,
+    abstract_params: Any,
+    *,
+    use_ema: bool = False,
+    weights: str | None = None,
+    required_items: tuple[str, ...] = ("state",),
+) -> tuple[Any, int]:
+    """One weight set (no optimizer state) of a run's checkpoint (any trainer's: the
+    DiT's, the codec's) or of an export, for ``train.init_from``.
+
+    Returns:
+      (params, step they came from).
+
+    Raises:
+      checkpointing.CheckpointNotFound: no checkpoint at ``path``, it lacks the weights,
+        or an export's names or shapes differ from ``abstract_params``
+        (:class:`checkpointing.WeightsUnusable`).
+    """
+    if export.is_export(path):
+        try:
+            meta = export.read_meta(path)
+            params = export.load_params(path, abstract_params)
+        except export.ExportError as e:
+            raise checkpointing.WeightsUnusable(str(e)) from e
+        logging.info("restored weights %s of step %d from the export %s", meta["weights"], meta["step"], path)
+        return params, int(meta["step"])
+    return checkpointing.restore_params(
+        path, abstract_params, use_ema=use_ema, weights=weights, required_items=required_items
+    )
