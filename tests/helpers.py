@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import subprocess
 import sys
 import time
 
@@ -92,3 +93,28 @@ def wait_then_sigterm(proc, workdir: str, at_step: int, timeout: float = 300) ->
         time.sleep(0.05)
     proc.send_signal(signal.SIGTERM)
     return proc.wait(timeout=timeout)
+
+
+def run_side_by_side(
+    commands: dict[str, list[str]], *, cwd: str, timeout: float
+) -> dict[str, subprocess.CompletedProcess]:
+    """Runs the commands at once (each mostly imports, so they overlap well) on CPU;
+    name -> finished process. A command still running after ``timeout`` is killed."""
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    procs = {
+        name: subprocess.Popen(
+            cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        )
+        for name, cmd in commands.items()
+    }
+    done = {}
+    try:
+        for name, proc in procs.items():
+            out, err = proc.communicate(timeout=timeout)
+            done[name] = subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+    finally:
+        for proc in procs.values():
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    return done

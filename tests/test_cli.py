@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import write_shards
+from tests.helpers import run_side_by_side, write_shards
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -66,24 +66,7 @@ def defined_flags(module: str) -> list[str]:
 
 
 def _run_all(commands: dict[str, list[str]]) -> dict[str, subprocess.CompletedProcess]:
-    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
-    procs = {
-        key: subprocess.Popen(
-            cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
-        )
-        for key, cmd in commands.items()
-    }
-    done = {}
-    try:
-        for key, proc in procs.items():
-            out, err = proc.communicate(timeout=TIMEOUT_S)
-            done[key] = subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
-    finally:
-        for proc in procs.values():
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait()
-    return done
+    return run_side_by_side(commands, cwd=ROOT, timeout=TIMEOUT_S)
 
 
 @pytest.fixture(scope="module")

@@ -9,7 +9,7 @@ import os
 import subprocess
 import sys
 
-from tests.helpers import REPO, bin_path
+from tests.helpers import REPO, bin_path, run_side_by_side
 
 TIMEOUT_S = 120
 NOT_LOADED = (
@@ -33,24 +33,7 @@ def _env() -> dict[str, str]:
 
 
 def _run_all(commands: dict[str, list[str]], cwd: str) -> dict[str, subprocess.CompletedProcess]:
-    """Runs the commands side by side (each mostly imports); name -> finished process."""
-    procs = {
-        name: subprocess.Popen(
-            cmd, cwd=cwd, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
-        )
-        for name, cmd in commands.items()
-    }
-    done = {}
-    try:
-        for name, proc in procs.items():
-            out, err = proc.communicate(timeout=TIMEOUT_S)
-            done[name] = subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
-    finally:
-        for proc in procs.values():
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait()
-    return done
+    return run_side_by_side(commands, cwd=cwd, timeout=TIMEOUT_S)
 
 
 def test_the_training_program_and_trainers_load_no_sampling_or_evaluation():
