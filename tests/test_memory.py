@@ -151,6 +151,21 @@ def test_out_of_memory_in_a_step_gives_the_compiled_size_and_the_device_size(tmp
     assert "\n" not in text
 
 
+def test_out_of_memory_restoring_a_checkpoint_keeps_the_checkpoint(tmp_path, monkeypatch):
+    """A state too big for the devices is not a damaged checkpoint: nothing is set aside."""
+    monkeypatch.setattr(memory, "_local_devices", lambda: [])
+    _run(StandInTrainer(), tmp_path)  # saves step 2
+
+    def no_room():  # the restore target's arrays cannot be allocated
+        raise jax.errors.JaxRuntimeError(GPU_RUN_OOM)
+
+    too_big = StandInTrainer()
+    too_big.abstract_state = no_room
+    with pytest.raises(memory.OutOfMemory, match=r"^out of device memory creating the train state: "):
+        _run(too_big, tmp_path, num_steps=4)
+    assert (tmp_path / "checkpoints" / "2").is_dir() and not (tmp_path / "checkpoints.unreadable").exists()
+
+
 @pytest.mark.parametrize(
     "message,wanted,has,what",
     [

@@ -424,6 +424,8 @@ def restore_newest_readable(
                 state = ckpt.restore(step, trainer.abstract_state())
             jax.block_until_ready(state)
         except Exception as e:  # noqa: BLE001 - Orbax/TensorStore raise many types for damaged files
+            if memory.is_out_of_memory(e):
+                raise  # the state does not fit the devices: the files are fine, keep them
             error = e
         ok = error is None
         if jax.process_count() > 1:  # every process moves on if any one could not read the step
@@ -448,8 +450,20 @@ def restore_newest_readable(
     )
 
 
+def _out_of_memory(
+    trainer: Trainer, error: Exception, where: str, compiled: memory.CompiledMemory | None = None
+) -> memory.OutOfMemory:
+    return memory.out_of_memory(
+        error,
+        where=where,
+        advice=trainer.memory_advice(),
+        compiled=compiled,
+        capacity=memory.device_capacity(),
+    )
+
+
 @contextlib.contextmanager
-def out_of_memory_as_error(trainer: Trainer, where: str, compiled: memory.CompiledMemory | None = None):
+def out_of_memory_as_error(trainer: Trainer, where: str):
     """Turns XLA running out of device memory inside the block into one
     :class:`~audiodiff_jax.core.memory.OutOfMemory` line (the backend's text stays chained)."""
     try:
@@ -457,13 +471,7 @@ def out_of_memory_as_error(trainer: Trainer, where: str, compiled: memory.Compil
     except jax.errors.JaxRuntimeError as e:
         if not memory.is_out_of_memory(e):
             raise
-        raise memory.out_of_memory(
-            e,
-            where=where,
-            advice=trainer.memory_advice(),
-            compiled=compiled,
-            capacity=memory.device_capacity(),
-        ) from e
+        raise _out_of_memory(trainer, e, where) from e
 
 
 def compile_step(trainer: Trainer, state: Any, batch: Any, writer: MetricWriter, step: int):
@@ -635,13 +643,7 @@ def run(
         writer.write_scalars(step, summary.scalars())
     except jax.errors.JaxRuntimeError as e:
         if memory.is_out_of_memory(e):  # a step (or its save, or evaluation) ran out: say what to change
-            raise memory.out_of_memory(
-                e,
-                where=f"running the train step near step {step}",
-                advice=trainer.memory_advice(),
-                compiled=compiled,
-                capacity=memory.device_capacity(),
-            ) from e
+            raise _out_of_memory(trainer, e, f"running the train step near step {step}", compiled) from e
         if jax.process_count() == 1:
             raise
         # A collective failed: a peer process died or its host went away. Closing the
