@@ -8,8 +8,10 @@ r"""The accelerator benchmark suite: every figure of BENCHMARKS.md's GPU rows in
 Runs the existing benchmarks as parts, in one process, in this order:
 
 1. ``train``: ``train_bench.run``: the DiT train step (step time, model TFLOP/s, MFU
-   against ``flops.PEAK_BF16_FLOPS``, peak memory) and the blocking part of
-   asynchronous checkpoint saves of the real train state against the step time;
+   against ``flops.PEAK_BF16_FLOPS``, peak memory), a profile of a few more steps
+   (``OUT_DIR/profile``: ``tensorboard --logdir=OUT_DIR/profile`` shows where a step's
+   time goes) and the blocking part of asynchronous checkpoint saves of the real train
+   state against the step time;
 2. ``sample``: ``sample_bench.run``: one song through ``generation.Generator``
    (compilation apart), real-time factor with and without the codec decode;
 3. ``codec``: ``codec_bench.speed``: encode / decode throughput of the codec;
@@ -69,6 +71,7 @@ PROFILES: dict[str, dict[str, Any]] = {
             "overrides": {"data.window_frames": 6460, "data.global_batch_size": 4},
             "steps": 10,
             "warmup": 2,
+            "profile_steps": 2,
             "saves": 2,
         },
         "sample": {"seconds": [300.0], "steps": 50, "guidance": 5.0, "repeats": 2, "codec": "random:stable"},
@@ -94,7 +97,7 @@ PROFILES: dict[str, dict[str, Any]] = {
         "config": (tiny.get_config, None),
         "overrides": {},
         "fallback": None,
-        "train": {"overrides": {}, "steps": 2, "warmup": 1, "saves": 1},
+        "train": {"overrides": {}, "steps": 2, "warmup": 1, "profile_steps": 1, "saves": 1},
         "sample": {"seconds": [1.0], "steps": 2, "guidance": 5.0, "repeats": 1, "codec": "random:tiny"},
         "codec": {"codec": "random:tiny", "seconds": 2.0},
         "loader": {"window_frames": 32, "batch": 8, "channels": 8, "workers": [0], "batches": 5},
@@ -138,7 +141,14 @@ def run_part(name: str, profile: dict, out_dir: str, deadline: float, peak_tflop
         if peak_tflops:
             extra["train.peak_tflops_per_device"] = peak_tflops
         cfg = make_cfg(profile, extra, fallback)
-        return train_bench.run(cfg, steps=p["steps"], warmup=p["warmup"], saves=p["saves"])
+        return train_bench.run(
+            cfg,
+            steps=p["steps"],
+            warmup=p["warmup"],
+            saves=p["saves"],
+            profile_dir=os.path.join(out_dir, "profile"),
+            profile_steps=p["profile_steps"],
+        )
     if name == "sample":
         cfg = make_cfg(profile, fallback=fallback)
         codec = sample_bench.open_codec(p["codec"], cfg.model.latent_channels)
@@ -212,6 +222,9 @@ def table(report: dict) -> str:
             add(name, "model TFLOP/s per device", r["tflops_per_s_per_device"])
             add(name, f"MFU (peak {_fmt(r['peak_tflops_per_device'])} TF/s)", r["mfu"])
             add(name, f"peak memory (GiB, {r['peak_memory_kind']})", r["peak_memory_gib"])
+            if r.get("profile"):
+                pr = r["profile"]
+                add(name, f"profile: {pr['steps']} steps traced (s), {pr['trace']}", pr["traced_s"])
             if "checkpoint" in r:
                 c = r["checkpoint"]
                 add(name, f"checkpoint blocking (s), state {c['state_gib']} GiB", c["save_blocking_median_s"])

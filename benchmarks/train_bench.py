@@ -12,6 +12,11 @@ the peak is the device's dense bf16 peak (``flops.PEAK_BF16_FLOPS``, sources the
 ``--config.train.peak_tflops_per_device``. Peak memory is the device allocator's peak
 (``memory_stats``) where the backend reports one, else the process's peak resident set.
 
+With ``--profile_dir=DIR`` it then traces ``--profile_steps`` more steps
+(``jax.profiler``, each step marked ``train`` with its number) into
+``DIR/plugins/profile/train_PRESET_BxT/HOST.xplane.pb``, for TensorBoard's profile plugin
+(``tensorboard --logdir=DIR``); the figures name the file.
+
 With ``--saves=N`` it then saves the real train state N times through the training
 loop's own ``checkpointing.RunCheckpointer`` (asynchronous, as ``checkpoint.async_save``),
 a few steps apart, and reports the blocking part of each save (what the loop waits for
@@ -37,7 +42,7 @@ from ml_collections import config_flags
 
 from audiodiff_jax.checkpoints import checkpointing
 from audiodiff_jax.core import config as config_lib
-from audiodiff_jax.core import flops, sharding
+from audiodiff_jax.core import flops, profiler, sharding
 from audiodiff_jax.core.config import Config
 from audiodiff_jax.data import batch as batch_lib
 from audiodiff_jax.data.batch import Batch, Conditioning
@@ -106,9 +111,42 @@ def checkpoint_cost(trainer: Trainer, state, batch: Batch, saves: int, save_dir:
     }
 
 
-def run(cfg: Config, *, steps: int, warmup: int, saves: int = 0, save_dir: str = "") -> dict:
-    """Times ``steps`` train steps of ``cfg`` (after ``warmup``) and optionally ``saves``
-    checkpoint saves; returns the figures (see the module docstring)."""
+def trace_steps(trainer: Trainer, state, batch: Batch, steps: int, logdir: str, run: str):
+    """Traces ``steps`` train steps into ``logdir`` (run ``run``); returns (state, figures)."""
+    jax.block_until_ready(state)  # the steps before stay out of the trace
+    trace = profiler.Trace(logdir, run)
+    t0 = time.perf_counter()
+    trace.start()
+    for i in range(steps):
+        with jax.profiler.StepTraceAnnotation("train", step_num=i + 1):
+            state, metrics = trainer.step(state, batch)
+    jax.block_until_ready((state, metrics))
+    traced_s = time.perf_counter() - t0
+    write_s = trace.stop()
+    print(f"[train_bench] profile of {steps} steps: {trace.path}", flush=True)
+    return state, {
+        "steps": steps,
+        "logdir": logdir,
+        "run": run,
+        "trace": str(trace.path) if trace.path else None,
+        "traced_s": round(traced_s, 3),
+        "write_s": round(write_s, 3),
+    }
+
+
+def run(
+    cfg: Config,
+    *,
+    steps: int,
+    warmup: int,
+    saves: int = 0,
+    save_dir: str = "",
+    profile_dir: str = "",
+    profile_steps: int = 2,
+) -> dict:
+    """Times ``steps`` train steps of ``cfg`` (after ``warmup``), optionally traces
+    ``profile_steps`` more into ``profile_dir`` and times ``saves`` checkpoint saves;
+    returns the figures (see the module docstring)."""
     config_lib.validate(cfg, num_devices=jax.device_count())
     mesh = sharding.make_mesh(cfg.mesh)
     trainer = Trainer(cfg, mesh)
@@ -159,6 +197,11 @@ def run(cfg: Config, *, steps: int, warmup: int, saves: int = 0, save_dir: str =
         "peak_memory_kind": mem_kind,
         "loss": float(jnp.asarray(metrics["train/loss"])),
     }
+    if profile_dir:
+        run_name = (
+            f"train_{cfg.model.preset or 'custom'}_{cfg.data.global_batch_size}x{cfg.data.window_frames}"
+        )
+        state, report["profile"] = trace_steps(trainer, state, batch, profile_steps, profile_dir, run_name)
     if saves:
         own_dir = not save_dir
         save_dir = save_dir or tempfile.mkdtemp(prefix="train_bench_ckpt_")
@@ -180,7 +223,15 @@ def run(cfg: Config, *, steps: int, warmup: int, saves: int = 0, save_dir: str =
 def main(argv):
     del argv
     cfg = config_lib.from_configdict(_CONFIG.value)
-    report = run(cfg, steps=_STEPS.value, warmup=_WARMUP.value, saves=_SAVES.value, save_dir=_SAVE_DIR.value)
+    report = run(
+        cfg,
+        steps=_STEPS.value,
+        warmup=_WARMUP.value,
+        saves=_SAVES.value,
+        save_dir=_SAVE_DIR.value,
+        profile_dir=_PROFILE_DIR.value,
+        profile_steps=_PROFILE_STEPS.value,
+    )
     print(json.dumps(report))
     if _OUT.value:
         with open(_OUT.value, "w") as f:
@@ -194,5 +245,7 @@ if __name__ == "__main__":
     _WARMUP = flags.DEFINE_integer("warmup", 2, "Untimed steps (compile included).")
     _SAVES = flags.DEFINE_integer("saves", 0, "Asynchronous checkpoint saves to time (0 = none).")
     _SAVE_DIR = flags.DEFINE_string("save_dir", "", "Where the saves go (default: a temporary folder).")
+    _PROFILE_DIR = flags.DEFINE_string("profile_dir", "", "Trace --profile_steps steps into this log folder.")
+    _PROFILE_STEPS = flags.DEFINE_integer("profile_steps", 2, "Steps traced with --profile_dir.")
     _OUT = flags.DEFINE_string("out_json", "", "Also write the figures here.")
     app.run(main)

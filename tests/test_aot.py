@@ -8,13 +8,14 @@ compile tests are skipped with a message; pod-name parsing runs everywhere.
 
 import json
 import os
+import re
 import subprocess
 
 import pytest
 
 from audiodiff_jax.compilation import aot
 from audiodiff_jax.core import config as config_lib
-from audiodiff_jax.core import topology
+from audiodiff_jax.core import memory, topology
 from audiodiff_jax.core.config import ConfigError
 from configs import tiny
 from tests.helpers import REPO, bin_path
@@ -112,8 +113,14 @@ def test_tiny_train_step_compiles_with_splash_and_reports_memory():
     assert report.biggest_inputs[0].what.startswith("argument state.")
     sizes = [b.bytes for b in report.biggest]
     assert sizes == sorted(sizes, reverse=True) and sizes[0] > 0
+    # The one line a user gets: what the program needs, what the chip has, what to change.
+    assert report.out_of_memory
+    line = str(report.memory_error())
+    assert "\n" not in line and line.startswith("out of device memory in train_step: the program needs ")
+    assert f"{memory.fmt_bytes(report.total_bytes)} per device, the device has 1.00 MiB" in line
+    assert "data.global_batch_size=8 (" in line and "model.remat='none' (" in line and "mesh.fsdp=1 (" in line
     report.hbm_bytes = spec.generation.hbm_bytes
-    assert report.fits and "FITS" in report.format()
+    assert report.fits and "FITS" in report.format() and not report.out_of_memory
 
 
 @needs_libtpu
@@ -197,6 +204,38 @@ def test_compile_cli_sample_step_multislice(tmp_path):
     assert report["fits"] and report["mesh"]["data"] == 8 and report["config"]["mesh"]["dcn_data"] == 2
     (prog,) = report["programs"]
     assert prog["compiled"] and prog["total_bytes"] <= prog["hbm_bytes"]
+
+
+@needs_libtpu
+def test_compile_cli_oversized_config_ends_in_one_memory_line():
+    """XLA attention over 16,384 frames x 64 rows: the TPU compiler refuses the program
+    (about 97 GiB of temporaries per 16 GiB chip); the output ends in one line that says
+    so and names the fields to change, with the compiler's own text only at -v=1."""
+    res = subprocess.run(
+        [
+            bin_path("audiodiff-compile"),
+            f"--config={os.path.join(REPO, 'configs', 'tiny.py')}",
+            "--topology=v5e-4",
+            "--programs=train",
+            "--attention=config",
+            "--config.data.window_frames=16384",
+            "--config.data.global_batch_size=64",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**os.environ, "JAX_PLATFORMS": "cpu"},
+    )
+    assert res.returncode == 1, res.stdout + res.stderr[-3000:]
+    last = res.stderr.strip().splitlines()[-1]
+    assert re.fullmatch(
+        r"audiodiff-compile: out of device memory in train_step: it needs [0-9.]+ GiB per device "
+        r"\(HLO temporaries\), the device has [0-9.]+ GiB; to fit, change data\.global_batch_size=64 "
+        r"\(fewer rows per step\), data\.window_frames=16384 \(shorter windows\), model\.remat='none' "
+        r"\(.*\), mesh\.fsdp=1 \(.*\)",
+        last,
+    ), last
+    assert "DOES NOT COMPILE: RESOURCE_EXHAUSTED" in res.stdout and "RESULT: does not fit" in res.stdout
 
 
 def test_compile_cli_rejects_bad_topology():

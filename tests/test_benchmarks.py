@@ -14,7 +14,7 @@ import sys
 import pytest
 
 from audiodiff_jax.core import config as config_lib
-from audiodiff_jax.core import flops
+from audiodiff_jax.core import flops, profiler
 from configs import tiny
 from tests.helpers import REPO
 
@@ -86,6 +86,23 @@ def test_every_part_reports_every_figure(suite):
         assert f.read(8) == b"\x89PNG\r\n\x1a\n"
     with open(os.path.join(out, "suite.md")) as f:
         assert f.read() in stdout  # the table printed is the one written
+
+
+def test_train_part_saves_a_profile_of_the_step(suite):
+    """One traced step, where TensorBoard's profile plugin finds it (``OUT/profile``)."""
+    out, report, _ = suite
+    prof = report["parts"]["train"]["profile"]
+    (trace,) = profiler.xplane_files(os.path.join(out, "profile"))
+    assert str(trace) == prof["trace"] and trace.parent.name == prof["run"] == "train_tiny_8x32"
+    steps = [
+        dict(e.stats)["step_num"]
+        for p in profiler.load(trace).planes
+        for line in p.lines
+        for e in line.events
+        if e.name == "train"
+    ]
+    assert steps == [1] == list(range(1, prof["steps"] + 1))
+    _positive(prof["traced_s"], "train.profile.traced_s")
 
 
 def test_derived_figures_follow_from_the_measured_ones(suite):

@@ -6,6 +6,7 @@ import json
 import pytest
 from ml_collections import config_flags  # noqa: F401  (the config files are loaded like the CLI does)
 
+from audiodiff_jax.codec import config as codec_config
 from audiodiff_jax.core import config as config_lib
 from audiodiff_jax.core.config import ConfigError
 from audiodiff_jax.diffusion import samplers
@@ -155,6 +156,31 @@ def test_config_saved_before_the_sample_section_gets_its_defaults():
     saved = json.loads(config_lib.to_json(config_lib.Config()))
     del saved["sample"]
     assert config_lib.from_json(json.dumps(saved)).sample == config_lib.SampleConfig()
+
+
+def test_config_saved_before_the_profile_section_gets_its_defaults():
+    """DiT and codec configs saved before the profile section existed still load, with
+    no profile asked for (``profile.start_step=0``)."""
+    saved = json.loads(config_lib.to_json(config_lib.Config()))
+    del saved["profile"]
+    assert config_lib.from_json(json.dumps(saved)).profile == config_lib.ProfileConfig()
+    assert config_lib.ProfileConfig().start_step == 0
+    codec_saved = json.loads(codec_config.to_json(codec_config.CodecConfig()))
+    del codec_saved["profile"]
+    assert codec_config.from_configdict(codec_saved).profile == config_lib.ProfileConfig()
+
+
+@pytest.mark.parametrize(
+    "changes,pattern",
+    [
+        ({"profile.num_steps": 0}, r"profile\.num_steps=0 must be >= 1"),
+        ({"profile.start_step": -2}, r"profile\.start_step=-2 must be >= 0"),
+        ({"profile.hosts": "some"}, r"profile\.hosts='some'; one of \('first', 'all'\)"),
+    ],
+)
+def test_bad_profile_field_is_named(changes, pattern):
+    with pytest.raises(ConfigError, match=pattern):
+        config_lib.validate(_cfg(**changes))
 
 
 @pytest.mark.parametrize(

@@ -26,6 +26,7 @@ import numpy as np
 import pytest
 import soundfile as sf
 
+from audiodiff_jax.core import profiler
 from audiodiff_jax.core.metrics import read_loss_history
 from audiodiff_jax.sampling import generation
 from tests.helpers import REPO, assert_trees_equal, bin_path, read_state, write_shards
@@ -34,6 +35,7 @@ pytestmark = pytest.mark.slow
 
 BUCKET = "audiodiff-test"
 NUM_STEPS = 24
+PROFILED_STEP = 20  # traced by the resumed gs:// run
 
 
 def emulator_env(url: str) -> dict[str, str]:
@@ -209,7 +211,11 @@ def gs_run(gcs, shards):
     _forget_listings()
     root = epath.Path(workdir) / "checkpoints"
     stopped_at = max(int(d.name) for d in root.iterdir() if d.name.isdigit())
-    subprocess.run(_train_cmd(shards_url, workdir) + evaluation, env=_env(), check=True, timeout=600)
+    # The resumed run also traces one step into the bucket (and must still train the same weights).
+    profile = [f"--config.profile.start_step={PROFILED_STEP}", "--config.profile.num_steps=1"]
+    subprocess.run(
+        _train_cmd(shards_url, workdir) + evaluation + profile, env=_env(), check=True, timeout=600
+    )
     _forget_listings()
     return workdir, stopped_at
 
@@ -230,6 +236,11 @@ def test_train_stopped_and_resumed_on_gcs_matches_a_local_run_bit_for_bit(gs_run
     assert "<html" in epath.Path(workdir, "eval", "index.html").read_text().lower()
     assert epath.Path(workdir, "goodput.json").exists()
     assert [p.name for p in epath.Path(workdir, "tensorboard").iterdir()]  # event files in the bucket
+    # The profile of one step, in the bucket where the profile plugin reads it, parses.
+    (trace,) = profiler.xplane_files(os.path.join(workdir, "tensorboard"))
+    assert trace.parent.name == f"train_steps_{PROFILED_STEP}-{PROFILED_STEP}"
+    events = [e.name for p in profiler.load(trace).planes for line in p.lines for e in line.events]
+    assert "train" in events
 
 
 def test_init_from_reads_a_gcs_checkpoint(gs_run, local_full):

@@ -19,7 +19,7 @@ import soundfile as sf
 from audiodiff_jax.checkpoints import source
 from audiodiff_jax.compilation import aot
 from audiodiff_jax.core import config as config_lib
-from audiodiff_jax.core import sharding
+from audiodiff_jax.core import profiler, sharding
 from audiodiff_jax.core.config import MeshConfig
 from audiodiff_jax.data.cards import CodecCard
 from audiodiff_jax.sampling import generation
@@ -337,7 +337,7 @@ def test_cli_writes_songs_and_rejects_bad_input(run_dir, tmp_path):
     # No --seconds, --steps, --min_seconds: the sample section of configs/tiny.py,
     # saved in the checkpoint, gives them (1 s, 2 steps, 0.5 s).
     ok = subprocess.run(
-        base + [f"--out={tmp_path / 'o'}", "--prompt=a slow harp", "--seeds=0,1"],
+        base + [f"--out={tmp_path / 'o'}", "--prompt=a slow harp", "--seeds=0,1", "--profile_songs=1"],
         capture_output=True,
         text=True,
         timeout=300,
@@ -349,6 +349,12 @@ def test_cli_writes_songs_and_rejects_bad_input(run_dir, tmp_path):
     assert [r["seed"] for r in rows] == [0, 1] and all((tmp_path / "o" / r["file"]).exists() for r in rows)
     assert {(r["seconds"], r["steps"]) for r in rows} == {(1.0, 2)}
     assert (tmp_path / "o" / "report.html").exists()
+    # --profile_songs=1: the batch that made the first song, traced for the profile plugin,
+    # with the compilation, the denoising window and the decoding marked.
+    (trace,) = profiler.xplane_files(str(tmp_path / "o" / "profile"))
+    assert trace.parent.name == "sample_first_1_songs"
+    marks = {e.name for p in profiler.load(trace).planes for line in p.lines for e in line.events}
+    assert {"compile_sampling_program", "sample_window", "decode"} <= marks
     bad = subprocess.run(
         base + [f"--out={tmp_path / 'b'}", "--prompt= ", "--seconds=1"],
         capture_output=True,

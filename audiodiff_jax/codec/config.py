@@ -4,7 +4,7 @@ Follows :mod:`audiodiff_jax.core.config`: config files (``configs/codec.py:PRESE
 from :func:`default_configdict`, override fields, and programs convert the resulting
 ConfigDict with :func:`from_configdict`, which refuses unknown and missing keys and
 names them. :func:`validate` checks the shapes against the mesh before anything
-compiles. The mesh, optimizer and checkpoint sections reuse the DiT's dataclasses.
+compiles. The mesh, optimizer, checkpoint and profile sections reuse the DiT's dataclasses.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import math
 import ml_collections
 
 from audiodiff_jax.core import config as base
-from audiodiff_jax.core.config import CheckpointConfig, ConfigError, MeshConfig, OptimConfig
+from audiodiff_jax.core.config import CheckpointConfig, ConfigError, MeshConfig, OptimConfig, ProfileConfig
 
 
 @dataclasses.dataclass(frozen=True)
@@ -109,9 +109,19 @@ class CodecConfig:
     optim: OptimConfig = dataclasses.field(default_factory=OptimConfig)
     train: CodecTrainConfig = dataclasses.field(default_factory=CodecTrainConfig)
     checkpoint: CheckpointConfig = dataclasses.field(default_factory=CheckpointConfig)
+    profile: ProfileConfig = dataclasses.field(default_factory=ProfileConfig)
 
 
 TRAINABLE = ("all", "decoder")
+# Sections added after codec runs were already being saved: a saved config without one
+# (a codec run that train.init_from or the codec lookup reads) gets its defaults.
+SECTIONS_ADDED_LATER = {"profile": ProfileConfig}
+# The fields that change the codec step's device memory (see config.MEMORY_FIELDS).
+MEMORY_FIELDS = {
+    "data.global_batch_size": "fewer crops per step",
+    "data.crop_samples": "shorter crops",
+    "mesh.fsdp": "shard weights and optimizer state over more devices",
+}
 
 
 def hop_of(m: CodecModelConfig) -> int:
@@ -135,6 +145,8 @@ def _tuplify(cls, data):
 def from_configdict(cd: ml_collections.ConfigDict | dict) -> CodecConfig:
     """ConfigDict -> typed CodecConfig, refusing unknown and missing keys (named)."""
     data = cd.to_dict() if isinstance(cd, ml_collections.ConfigDict) else dict(cd)
+    for name, cls in SECTIONS_ADDED_LATER.items():
+        data.setdefault(name, dataclasses.asdict(cls()))
     for f in dataclasses.fields(CodecConfig):
         if isinstance(data.get(f.name), dict | ml_collections.ConfigDict):
             data[f.name] = _tuplify(f.default_factory, dict(data[f.name]))
@@ -227,6 +239,7 @@ def validate(cfg: CodecConfig, num_devices: int | None = None) -> None:
     )
     _check(c.every_steps > 0, f"checkpoint.every_steps={c.every_steps} must be > 0")
     _check(c.keep_last >= 1, f"checkpoint.keep_last={c.keep_last} must be >= 1")
+    base.validate_profile(cfg.profile)
     if num_devices is None:
         return
     sizes = base.resolve_mesh_shape(cfg.mesh, num_devices)

@@ -42,7 +42,7 @@ import jax.numpy as jnp
 from absl import logging
 
 from audiodiff_jax.core import config as config_lib
-from audiodiff_jax.core import flops, sharding
+from audiodiff_jax.core import flops, memory, sharding
 from audiodiff_jax.core.config import Config, ConfigError
 from audiodiff_jax.core.topology import GiB, TopologySpec
 from audiodiff_jax.data import batch as batch_lib
@@ -130,6 +130,8 @@ class StepReport:
     kernels: dict[str, int] = dataclasses.field(default_factory=dict)  # Pallas kernels in the program
     # The attention kernel the config asks for ("splash_mha"): its absence is reported loudly.
     expect_kernel: str = ""
+    # The config fields (or flags) that change this program's memory, with their values.
+    advice: str = ""
 
     @property
     def kernel_missing(self) -> bool:
@@ -146,6 +148,29 @@ class StepReport:
     def fits(self) -> bool:
         return self.compiled and self.total_bytes <= self.hbm_bytes
 
+    @property
+    def out_of_memory(self) -> bool:
+        """Compiled but over the chip's HBM, or refused by the compiler for lack of memory."""
+        return (self.compiled and not self.fits) or (
+            not self.compiled and memory.is_out_of_memory(self.error)
+        )
+
+    def memory_error(self) -> memory.OutOfMemory:
+        """The one-line error of a program that does not fit: what it wants, what the
+        chip has, the fields to change (``advice``)."""
+        analysis = None
+        if self.compiled:
+            analysis = memory.CompiledMemory(
+                self.argument_bytes, self.output_bytes, self.alias_bytes, self.temp_bytes, self.code_bytes
+            )
+        return memory.out_of_memory(
+            self.error,
+            where=f"in {self.name.split()[0]}",
+            advice=self.advice,
+            compiled=analysis,
+            capacity=self.hbm_bytes,
+        )
+
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
         d.update(total_bytes=self.total_bytes, fits=self.fits)
@@ -155,7 +180,9 @@ class StepReport:
         gib = lambda b: f"{b / GiB:8.2f} GiB"  # noqa: E731
         lines = [f"== {self.name}"]
         if not self.compiled:
-            lines.append(f"   DOES NOT COMPILE: {self.error}")
+            first, *rest = self.error.splitlines() or [""]
+            more = " (the compiler's whole message is in the log at -v=1)" if rest else ""
+            lines.append(f"   DOES NOT COMPILE: {first}{more}")
             return "\n".join(lines)
         lines += [
             f"   compile time   {self.compile_s:8.1f} s",
@@ -186,23 +213,16 @@ class StepReport:
             lines.append("   FITS")
         else:
             over = self.total_bytes - self.hbm_bytes
-            lines.append(f"   DOES NOT FIT: {_fmt_bytes(over)} over the chip's HBM.")
+            lines.append(f"   DOES NOT FIT: {memory.fmt_bytes(over)} over the chip's HBM.")
         if not self.fits or self.error:
             lines.append("   largest inputs per chip:")
-            lines += [f"     {_fmt_bytes(b.bytes):>10}  {b.what}" for b in self.biggest_inputs]
+            lines += [f"     {memory.fmt_bytes(b.bytes):>10}  {b.what}" for b in self.biggest_inputs]
         if self.biggest:
             lines.append("   largest arrays the program creates, per chip:")
-            lines += [f"     {_fmt_bytes(b.bytes):>10}  {b.what}" for b in self.biggest]
+            lines += [f"     {memory.fmt_bytes(b.bytes):>10}  {b.what}" for b in self.biggest]
         if self.error:
             lines.append("   compiler message:\n" + _indent(self.error, 5))
         return "\n".join(lines)
-
-
-def _fmt_bytes(b: float) -> str:
-    for unit, size in (("GiB", GiB), ("MiB", 2**20), ("KiB", 2**10)):
-        if abs(b) >= size:
-            return f"{b / size:.2f} {unit}"
-    return f"{b:.0f} B"
 
 
 def _indent(text: str, n: int) -> str:
@@ -299,18 +319,20 @@ def compile_and_report(
             compiled = jitted.lower(*args).compile()
     except Exception as e:  # noqa: BLE001 - XLA raises JaxRuntimeError/ValueError; all mean "no"
         msg = str(e)
+        logging.vlog(1, "%s: compiler message:\n%s", report.name, msg)
         report.error = _trim_compiler_error(msg)
         report.biggest_inputs = arg_buffers
         report.compile_s = time.perf_counter() - start
         return report
     report.compile_s = time.perf_counter() - start
     report.compiled = True
-    mem = compiled.memory_analysis()
-    report.argument_bytes = int(mem.argument_size_in_bytes)
-    report.output_bytes = int(mem.output_size_in_bytes)
-    report.alias_bytes = int(mem.alias_size_in_bytes)
-    report.temp_bytes = int(mem.temp_size_in_bytes)
-    report.code_bytes = int(mem.generated_code_size_in_bytes)
+    mem = memory.CompiledMemory.of(compiled)
+    if mem is not None:
+        report.argument_bytes = mem.argument_bytes
+        report.output_bytes = mem.output_bytes
+        report.alias_bytes = mem.alias_bytes
+        report.temp_bytes = mem.temp_bytes
+        report.code_bytes = mem.code_bytes
     cost = compiled.cost_analysis()
     if isinstance(cost, list | tuple):  # older jax: one dict per program
         cost = cost[0] if cost else {}
@@ -333,12 +355,6 @@ def _trim_compiler_error(msg: str, max_lines: int = 40) -> str:
     return "\n".join(lines)
 
 
-def is_out_of_memory(report: StepReport) -> bool:
-    return (not report.compiled and "RESOURCE_EXHAUSTED" in report.error) or (
-        report.compiled and not report.fits
-    )
-
-
 def _expected_kernel(cfg: Config) -> str:
     return "splash_mha" if cfg.model.attention == "splash" else ""
 
@@ -354,6 +370,7 @@ def compile_train_step(cfg: Config, mesh, hbm_bytes: int, peak_flops: float = 0.
         model_flops=flops.train_flops_per_step(cfg.model, b, t, cfg.model.text.max_len) / mesh.size,
         peak_flops=peak_flops,
         expect_kernel=_expected_kernel(cfg),
+        advice=memory.config_advice(cfg, config_lib.MEMORY_FIELDS),
     )
     return compile_and_report(trainer.train_step, args, ("state", "batch"), report, mesh)
 
@@ -404,6 +421,11 @@ def compile_sample_step(
         model_flops=forward * evals / mesh.size,
         peak_flops=peak_flops,
         expect_kernel=_expected_kernel(cfg),
+        advice=(
+            f"--sample_songs={songs} (fewer songs at once; sample.batch_size when sampling), "
+            f"--sample_frames={frames} (shorter windows; sample.window_frames when sampling), "
+            + memory.config_advice(cfg, {"mesh.fsdp": config_lib.MEMORY_FIELDS["mesh.fsdp"]})
+        ),
     )
     return compile_and_report(jitted, args, ("params", "cond", "inputs"), report, mesh)
 

@@ -210,6 +210,23 @@ class EvalConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class ProfileConfig:
+    """Profiles of chosen training steps (``audiodiff_jax/training/profiling.py``).
+
+    A trace covers ``num_steps`` steps from ``start_step`` (the step numbers the log
+    shows; the first step of a process, which compiles, is never traced) and is written
+    to ``WORKDIR/tensorboard/plugins/profile/train_steps_A-B/HOST.xplane.pb``, where
+    TensorBoard's profile plugin finds it. A running job also traces ``num_steps`` steps
+    (or the number the file holds) when a file ``WORKDIR/PROFILE`` appears, from the
+    step after the next log step, on every host together.
+    """
+
+    start_step: int = 0  # first step of the trace; 0 = none (a WORKDIR/PROFILE file still works)
+    num_steps: int = 3  # steps per trace
+    hosts: str = "first"  # first: process 0 traces; all: every process writes its own trace
+
+
+@dataclasses.dataclass(frozen=True)
 class Config:
     model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
     diffusion: DiffusionConfig = dataclasses.field(default_factory=DiffusionConfig)
@@ -220,12 +237,13 @@ class Config:
     checkpoint: CheckpointConfig = dataclasses.field(default_factory=CheckpointConfig)
     sample: SampleConfig = dataclasses.field(default_factory=SampleConfig)
     eval: EvalConfig = dataclasses.field(default_factory=EvalConfig)
+    profile: ProfileConfig = dataclasses.field(default_factory=ProfileConfig)
 
 
 # Sections added after checkpoints were already being written: reading a config that
 # lacks one (the config saved in an older checkpoint, which sampling reads) fills the
 # section's defaults instead of refusing it as a missing key.
-SECTIONS_ADDED_LATER = {"sample": SampleConfig, "eval": EvalConfig}
+SECTIONS_ADDED_LATER = {"sample": SampleConfig, "eval": EvalConfig, "profile": ProfileConfig}
 
 
 def _upgrade_old_fields(data: dict) -> None:
@@ -486,6 +504,25 @@ def validate_checkpoint(c: CheckpointConfig) -> None:
     _check(c.keep_last >= 1, f"checkpoint.keep_last={c.keep_last} must be >= 1")
 
 
+PROFILE_HOSTS = ("first", "all")
+
+
+def validate_profile(p: ProfileConfig) -> None:
+    _check(p.start_step >= 0, f"profile.start_step={p.start_step} must be >= 0 (0 = no profile at start)")
+    _check(p.num_steps >= 1, f"profile.num_steps={p.num_steps} must be >= 1")
+    _check(p.hosts in PROFILE_HOSTS, f"profile.hosts={p.hosts!r}; one of {PROFILE_HOSTS}")
+
+
+# The fields that change a DiT train step's device memory, and which way to turn them:
+# an out-of-memory error names them with their values (core/memory.py).
+MEMORY_FIELDS = {
+    "data.global_batch_size": "fewer rows per step",
+    "data.window_frames": "shorter windows",
+    "model.remat": "'dots_saveable' or 'full' keep fewer activations",
+    "mesh.fsdp": "shard weights and optimizer state over more devices",
+}
+
+
 def validate_eval(e: EvalConfig) -> None:
     _check(e.every_steps >= 0, f"eval.every_steps={e.every_steps} must be >= 0 (0 = off)")
     _check(e.num_examples >= 1, f"eval.num_examples={e.num_examples} must be >= 1")
@@ -715,6 +752,7 @@ def validate(cfg: Config, num_devices: int | None = None) -> None:
     validate_checkpoint(cfg.checkpoint)
     validate_sample(cfg.sample)
     validate_eval(cfg.eval)
+    validate_profile(cfg.profile)
     if num_devices is None:
         return
     sizes = resolve_mesh_shape(cfg.mesh, num_devices)

@@ -39,3 +39,19 @@ PERF_TFLOPS = "perf/model_tflops_per_s_per_device"
 PERF_MFU = "perf/mfu"
 EVAL_LOSS = "eval/loss"  # validation v-loss of the sampling weights, mean over time buckets
 EVAL_TIME = "eval/seconds"
+
+# Device memory (core/memory.py): per local device of process 0, where the backend
+# reports it (``Device.memory_stats``; absent, never zero, where it does not), with the
+# device's id in place of {}; and the largest of them.
+MEMORY_IN_USE = "memory/bytes_in_use/device_{}"
+MEMORY_PEAK = "memory/peak_bytes_in_use/device_{}"
+MEMORY_IN_USE_MAX = "memory/bytes_in_use_max"
+MEMORY_PEAK_MAX = "memory/peak_bytes_in_use_max"
+MEMORY_LIMIT = "memory/bytes_limit"  # what one device has (the smallest of them)
+# The compiled train step's own memory analysis, per device, written once at start-up.
+COMPILED_ARGUMENTS = "memory/compiled_step/argument_bytes"
+COMPILED_OUTPUTS = "memory/compiled_step/output_bytes"
+COMPILED_ALIASED = "memory/compiled_step/alias_bytes"
+COMPILED_TEMPORARIES = "memory/compiled_step/temp_bytes"
+COMPILED_CODE = "memory/compiled_step/generated_code_bytes"
+COMPILED_TOTAL = "memory/compiled_step/total_bytes"

@@ -10,6 +10,11 @@ slice this machine does not have (``audiodiff_jax/compilation/aot.py``), and pri
 memory (arguments, outputs, temporaries, generated code) against the chip's HBM,
 FLOPs, and the largest buffers when the program does not fit.
 
+A program that does not fit, compiled or refused by the compiler for lack of memory,
+ends the output with one line on stderr: the memory it wants per chip, what the chip has,
+and the config fields (or flags) that change it, with their values. The compiler's own
+message is in the log at ``-v=1``.
+
 Exit status: 0 when every compiled program fits, 1 when one does not fit or fails to
 compile, 2 for a config or topology error.
 """
@@ -104,7 +109,7 @@ def main(argv):
         print(r.format(), flush=True)
         reports.append(r)
     ok = all(r.fits for r in reports)
-    print("RESULT: " + ("every program fits" if ok else "does not fit (see above)"))
+    print("RESULT: " + ("every program fits" if ok else "does not fit (see above)"), flush=True)
     if _JSON_OUT.value:
         with open(_JSON_OUT.value, "w") as f:
             json.dump(
@@ -120,6 +125,9 @@ def main(argv):
                 f,
                 indent=2,
             )
+    for r in reports:
+        if r.out_of_memory:
+            print(f"audiodiff-compile: {r.memory_error()}", file=sys.stderr, flush=True)
     sys.exit(0 if ok else EXIT_DOES_NOT_FIT)
 
 

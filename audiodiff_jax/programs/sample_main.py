@@ -22,6 +22,10 @@ Every combination of the grid flags is generated for every prompt; a prompts fil
 Writes WAVs, spectrograms, ``manifest.jsonl``, ``sweep_issues.jsonl`` and
 ``report.html`` into ``--out``; run again to finish an interrupted sweep.
 
+``--profile_songs=N`` traces the sampling of the first N songs (the batches that make
+them; a first batch's compilation is in the trace, marked) into ``OUT/profile``:
+``tensorboard --logdir=OUT/profile`` opens it in the profile plugin.
+
 Edits: ``--continue_audio=a.wav`` continues a recording, ``--inpaint_audio=a.wav
 --inpaint_range=30,45`` regenerates seconds 30-45 of it, ``--init_audio=a.wav
 --strength=0.6`` makes a variation.
@@ -33,6 +37,7 @@ batches; listed in the log and on the page), 2 for bad input that stops everythi
 from __future__ import annotations
 
 import dataclasses
+import os
 import sys
 
 from absl import app, flags, logging
@@ -79,6 +84,13 @@ _INIT_AUDIO = flags.DEFINE_string("init_audio", "", "Audio for a variation (with
 _CONTINUE_AUDIO = flags.DEFINE_string("continue_audio", "", "Audio whose continuation to generate.")
 _INPAINT_AUDIO = flags.DEFINE_string("inpaint_audio", "", "Audio to inpaint (with --inpaint_range).")
 _INPAINT_RANGE = flags.DEFINE_list("inpaint_range", [], "start,end seconds to regenerate.")
+_PROFILE_SONGS = flags.DEFINE_integer(
+    "profile_songs",
+    0,
+    "Trace the sampling of the first N songs (jax.profiler) into OUT/profile for TensorBoard's "
+    "profile plugin; 0 = no trace.",
+    lower_bound=0,
+)
 
 # One flag per field of the config's sample section (config.SampleConfig), with its
 # help text and built-in default. A flag that is not given leaves the field to the
@@ -267,6 +279,8 @@ def main(argv):
         edit_tag=edit_tag,
         evaluate=_EVAL.value,
         eval_reference=_EVAL_REFERENCE.value or None,
+        profile_songs=_PROFILE_SONGS.value,
+        profile_dir=os.path.join(_OUT.value, "profile"),
     )
     print(
         f"audiodiff-sample: {len(result.rows)} output(s) in {_OUT.value} ({result.generated} new), "

@@ -462,8 +462,9 @@ class Generator:
         if program in self._fns:
             return self._fns[program], 0.0
         t0 = time.perf_counter()
-        jitted = jax.jit(program.fn(self.model.apply), out_shardings=program.out_shardings(self.mesh))
-        self._fns[program] = jitted.lower(*args).compile()
+        with jax.profiler.TraceAnnotation("compile_sampling_program"):  # named in a profile
+            jitted = jax.jit(program.fn(self.model.apply), out_shardings=program.out_shardings(self.mesh))
+            self._fns[program] = jitted.lower(*args).compile()
         return self._fns[program], time.perf_counter() - t0
 
     def _put(self, x: np.ndarray, logical_axes: tuple) -> jax.Array:
@@ -599,7 +600,8 @@ class Generator:
                 fn, seconds = self._sample_fn(program, args)
                 compile_s += seconds
                 compiled_any |= seconds > 0
-                out[:, a:b] = self._get(fn(*args))[:, :win]
+                with jax.profiler.TraceAnnotation("sample_window", window=w, frames=win):
+                    out[:, a:b] = self._get(fn(*args))[:, :win]
         denoise_s = time.perf_counter() - t0 - compile_s
         raw = [self.card.denormalize(out[i]) for i in range(len(requests))]
         return Generated(raw, denoise_s, len(starts), compiled_any, compile_s)

@@ -120,7 +120,16 @@ def run_share(
     # A marker of an earlier run of this same share goes first, so that process 0 waits
     # for this run's (process 0 reads markers only after making its own share).
     epath.Path(part, DONE).unlink(missing_ok=True)
-    result = sweep.run_sweep(gen, mine, part, issues=issues, write_report=False, title=title, **sweep_kwargs)
+    result = sweep.run_sweep(
+        gen,
+        mine,
+        part,
+        issues=issues,
+        write_report=False,
+        title=title,
+        profile_process=(index, count),
+        **sweep_kwargs,
+    )
     done = {
         "digest": _digest(mine, gen, sweep_kwargs),
         "issues": [i.to_dict() for i in result.issues],

@@ -32,7 +32,7 @@ from etils import epath
 from audiodiff_jax.checkpoints import source as source_lib
 from audiodiff_jax.codec import lookup
 from audiodiff_jax.core import config as config_lib
-from audiodiff_jax.core import paths, report
+from audiodiff_jax.core import paths, profiler, report
 from audiodiff_jax.evaluation import folder as eval_folder
 from audiodiff_jax.evaluation import page as eval_page
 from audiodiff_jax.evaluation import song as eval_song
@@ -235,6 +235,9 @@ def run_sweep(
     write_report: bool = True,
     evaluate: bool = False,
     eval_reference: str | None = None,
+    profile_songs: int = 0,
+    profile_dir: str = "",
+    profile_process: tuple[int, int] | None = None,
 ) -> SweepResult:
     """Generates every item not already in ``out_dir/manifest.jsonl``, for every
     checkpoint step and weight set.
@@ -268,6 +271,13 @@ def run_sweep(
         ``metrics.jsonl``, ``metrics_summary.json``, the report's evaluation section).
       eval_reference: a folder of reference audio for the set distance.
       write_report: write ``report.html`` at the end.
+      profile_songs: trace the batches that make the first this many songs (whole
+        batches; a first batch's compilation is in the trace, marked
+        ``compile_sampling_program``, beside each ``sample_window`` and ``decode``) into
+        ``profile_dir/plugins/profile/sample_first_N_songs/`` for TensorBoard's profile
+        plugin (default ``out_dir/profile``).
+      profile_process: (index, count) of this share of a sweep split over processes
+        (names each process's trace file); default jax's.
     """
     epath.Path(out_dir).mkdir(parents=True, exist_ok=True)  # local or gs://
     manifest_path = os.path.join(out_dir, MANIFEST)
@@ -322,49 +332,55 @@ def run_sweep(
     )
     made = 0
     batches_done = 0
-    for step in steps:
-        needed = [w for w in names if (step, w) in plan]
-        if not needed:
-            continue
-        if step == gen.step and needed == [gen.weights] and gen.params is not None:
-            restored = {gen.weights: gen.params}  # the generator holds them already
-        else:
-            if source is None:
-                raise GenerationError(
-                    f"weights {', '.join(needed)} of step {step} asked for, but the generator holds only "
-                    f"{gen.weights} of step {gen.step} and no weights source was given"
+    songs_trace = _SongsTrace(profile_songs, profile_dir or os.path.join(out_dir, "profile"), profile_process)
+    try:
+        for step in steps:
+            needed = [w for w in names if (step, w) in plan]
+            if not needed:
+                continue
+            if step == gen.step and needed == [gen.weights] and gen.params is not None:
+                restored = {gen.weights: gen.params}  # the generator holds them already
+            else:
+                if source is None:
+                    raise GenerationError(
+                        f"weights {', '.join(needed)} of step {step} asked for, but the generator holds only "
+                        f"{gen.weights} of step {gen.step} and no weights source was given"
+                    )
+                t0 = time.perf_counter()
+                restored = source.restore(step, needed, gen.abstract_params())
+                logging.info(
+                    "sweep: restored weights %s of checkpoint step %d in %.2fs",
+                    ", ".join(needed),
+                    step,
+                    time.perf_counter() - t0,
                 )
-            t0 = time.perf_counter()
-            restored = source.restore(step, needed, gen.abstract_params())
-            logging.info(
-                "sweep: restored weights %s of checkpoint step %d in %.2fs",
-                ", ".join(needed),
-                step,
-                time.perf_counter() - t0,
-            )
-        for w in needed:
-            gen.use_weights(step, w, restored.pop(w))
-            for batch in plan[step, w]:
-                made += _run_batch(
-                    gen,
-                    batch,
-                    out_dir,
-                    manifest_path,
-                    done,
-                    issues,
-                    primary,
-                    ids,
-                    order,
-                    (step, w),
-                    batch_size,
-                    edit,
-                    edit_tag,
-                )
-                batches_done += 1
-                logging.info("sweep: %d/%d batches done", batches_done, num_batches)
-                if on_batch_done is not None:
-                    on_batch_done(batches_done)
-        del restored
+            for w in needed:
+                gen.use_weights(step, w, restored.pop(w))
+                for batch in plan[step, w]:
+                    songs_trace.before_batch()
+                    made += _run_batch(
+                        gen,
+                        batch,
+                        out_dir,
+                        manifest_path,
+                        done,
+                        issues,
+                        primary,
+                        ids,
+                        order,
+                        (step, w),
+                        batch_size,
+                        edit,
+                        edit_tag,
+                    )
+                    songs_trace.after_batch(len(batch))
+                    batches_done += 1
+                    logging.info("sweep: %d/%d batches done", batches_done, num_batches)
+                    if on_batch_done is not None:
+                        on_batch_done(batches_done)
+            del restored
+    finally:
+        songs_trace.close()  # fewer songs than asked, or a failure
 
     rows = sorted((done[i] for i in order if i in done), key=lambda r: r["index"])
     # Rows of other grids sweeping into the same folder stay, after this grid's rows.
@@ -396,6 +412,33 @@ def run_sweep(
     for i in issues:
         logging.warning("sweep issue: %s: %s", i.where, i.message)
     return SweepResult(rows, issues, made, report_path)
+
+
+class _SongsTrace:
+    """Traces the batches that make a sweep's first ``songs`` songs (nothing when 0)."""
+
+    def __init__(self, songs: int, logdir: str, process: tuple[int, int] | None):
+        self.songs, self.made, self.started = songs, 0, False
+        self.trace = (
+            profiler.Trace(logdir, f"sample_first_{songs}_songs", process=process) if songs > 0 else None
+        )
+
+    def before_batch(self) -> None:
+        if self.trace is not None and not self.started:
+            self.started = True
+            self.trace.start()
+
+    def after_batch(self, rows: int) -> None:
+        self.made += rows
+        if self.made >= self.songs:
+            self.close()
+
+    def close(self) -> None:
+        if self.trace is not None and self.trace.active:
+            self.trace.stop()
+            logging.info(
+                "sweep: the sampling of the first %d song(s) is traced in %s", self.songs, self.trace.path
+            )
 
 
 def _batches(gen: Generator, items: Sequence[SweepItem], batch_size: int) -> list[list[SweepItem]]:
@@ -458,7 +501,8 @@ def _run_batch(
         res = gen.generate_latents([it.params for it in batch], edit=edit, batch_size=batch_size)
         for it, lat in zip(batch, res.latents, strict=True):
             t0 = time.perf_counter()
-            audio = gen.decode(lat, seconds=it.params.seconds)
+            with jax.profiler.TraceAnnotation("decode"):
+                audio = gen.decode(lat, seconds=it.params.seconds)
             decode_s = time.perf_counter() - t0
             iid = ids[cell, it.index]
             stem = f"{_slug(it.params.prompt)}-s{it.params.seed}-{iid[:10]}"

@@ -25,9 +25,9 @@ from absl import logging
 from audiodiff_jax.codec import codec as codec_lib
 from audiodiff_jax.codec import losses
 from audiodiff_jax.codec import model as model_lib
-from audiodiff_jax.codec.config import CodecConfig, card_dict, validate
+from audiodiff_jax.codec.config import MEMORY_FIELDS, CodecConfig, card_dict, validate
 from audiodiff_jax.codec.data import CropSource
-from audiodiff_jax.core import names, optim, sharding
+from audiodiff_jax.core import memory, names, optim, sharding
 from audiodiff_jax.core.config import ConfigError
 from audiodiff_jax.training import loop
 
@@ -208,6 +208,13 @@ class CodecTrainer:
     def step(self, state: dict, audio_btc: jax.Array):
         with jax.set_mesh(self.mesh):
             return self.train_step(state, audio_btc)
+
+    def compile(self, state: dict, audio_btc: jax.Array) -> jax.stages.Compiled:
+        with jax.set_mesh(self.mesh):
+            return self.train_step.lower(state, audio_btc).compile()
+
+    def memory_advice(self) -> str:
+        return memory.config_advice(self.cfg, MEMORY_FIELDS)
 
     # -- the loop's Trainer protocol (audiodiff_jax/training/loop.py) -------------------------
 

@@ -27,7 +27,7 @@ from absl import logging
 
 from audiodiff_jax.checkpoints import checkpointing
 from audiodiff_jax.core import config as config_lib
-from audiodiff_jax.core import flops, names, optim, sharding
+from audiodiff_jax.core import flops, memory, names, optim, sharding
 from audiodiff_jax.core.config import Config
 from audiodiff_jax.data import batch as batch_lib
 from audiodiff_jax.data import loader as loader_lib
@@ -206,6 +206,13 @@ class Trainer:
     def step(self, state: TrainState, batch: Batch):
         with jax.set_mesh(self.mesh):
             return self.train_step(state, batch)
+
+    def compile(self, state: TrainState, batch: Batch) -> jax.stages.Compiled:
+        with jax.set_mesh(self.mesh):
+            return self.train_step.lower(state, batch).compile()
+
+    def memory_advice(self) -> str:
+        return memory.config_advice(self.cfg, config_lib.MEMORY_FIELDS)
 
     # -- the loop's Trainer protocol (audiodiff_jax/training/loop.py) -------------------------
 

@@ -8,6 +8,10 @@ Wall time of a run = time in productive training steps + time lost to
 - ``compile``: the first step call (tracing, lowering, XLA compilation);
 - ``checkpoint``: the part of checkpoint saves the loop waits for (the copy to host
   memory of an async save, and the final wait for the last write);
+- ``eval``: evaluation during training;
+- ``profile``: starting the profiler and writing its traces
+  (``audiodiff_jax/training/profiling.py``); the traced steps themselves train and
+  count as productive;
 - ``restart``: the gap between one incarnation of the job and the next (the job was
   dead or being rescheduled), plus the steps a dead incarnation ran after its last
   checkpoint, which the next one has to run again.
@@ -29,7 +33,9 @@ from etils import epath
 from audiodiff_jax.core import paths
 
 FILENAME = "goodput.json"
-CATEGORIES = ("startup", "restore", "compile", "checkpoint", "eval", "restart")
+CATEGORIES = ("startup", "restore", "compile", "checkpoint", "eval", "profile", "restart")
+# What the loop reports through GoodputRecorder.add (startup and restart are derived).
+ADDED = ("restore", "compile", "checkpoint", "eval", "profile")
 
 # Metric names (TensorBoard / metrics.jsonl).
 GOODPUT_FRACTION = "goodput/productive_fraction"
@@ -52,6 +58,7 @@ class Incarnation:
     compile_s: float = 0.0
     checkpoint_s: float = 0.0
     eval_s: float = 0.0  # evaluation during training (audiodiff_jax/evaluators/train_eval.py)
+    profile_s: float = 0.0  # tracer start and trace writing (audiodiff_jax/training/profiling.py)
     productive_s: float = 0.0
     finished: bool = False  # reached its end (num_steps or a preemption save)
 
@@ -105,10 +112,8 @@ def summarize(incarnations: list[Incarnation]) -> Summary:
     for i, inc in enumerate(incarnations):
         wall += max(inc.last_update - inc.start, 0.0)
         lost["startup"] += inc.startup_s
-        lost["restore"] += inc.restore_s
-        lost["compile"] += inc.compile_s
-        lost["checkpoint"] += inc.checkpoint_s
-        lost["eval"] += inc.eval_s
+        for c in ADDED:
+            lost[c] += getattr(inc, f"{c}_s")
         productive += inc.productive_s
         if i + 1 < len(incarnations):
             nxt = incarnations[i + 1]
@@ -139,7 +144,7 @@ def load(workdir: str) -> list[Incarnation]:
 class GoodputRecorder:
     """Accounts the time of this incarnation and writes it beside the earlier ones.
 
-    The loop calls :meth:`add` for time lost (restore, compile, checkpoint),
+    The loop calls :meth:`add` for time lost (``ADDED``: restore, compile, checkpoint...),
     :meth:`loop_started` once before the first step and :meth:`update` at log steps
     and checkpoints. Productive time is the loop's wall time minus what was lost in it.
     """
@@ -161,7 +166,7 @@ class GoodputRecorder:
 
     def add(self, category: str, seconds: float) -> None:
         """Counts ``seconds`` lost to ``category`` (one of ``CATEGORIES`` except restart)."""
-        if category not in ("restore", "compile", "checkpoint", "eval"):
+        if category not in ADDED:
             raise ValueError(f"unknown goodput category {category!r}")
         setattr(self.current, f"{category}_s", getattr(self.current, f"{category}_s") + seconds)
         if self._loop_start is not None:

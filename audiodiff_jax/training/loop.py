@@ -2,7 +2,8 @@
 
 A trainer (:class:`Trainer`) owns the math: its state, its jitted step, how a fresh
 state is made. :func:`run` owns everything else, the same for every model: resume,
-checkpoints, logging, NaN checks, preemption, the step watchdog and goodput.
+checkpoints, logging (device memory included), NaN checks, preemption, the step
+watchdog, profiles on request (``audiodiff_jax/training/profiling.py``) and goodput.
 
 Resume order (the only place it is written down):
 
@@ -25,6 +26,13 @@ are a pure function of the step (the codec's crops) need no iterator state at al
 Orbax writes a step into a temporary directory that is renamed once complete, so a save
 cut short by a crash is never resumed from.
 
+Memory: the step is compiled ahead of its first call and its memory analysis
+(arguments, outputs, temporaries per device) logged once; every log step writes each
+local device's bytes in use and peak where the backend reports them
+(``audiodiff_jax/core/memory.py``). A step or compilation that runs out of device memory
+ends in one line (:class:`~audiodiff_jax.core.memory.OutOfMemory`, exit 2 through the
+program) naming what it wanted, what the device has and the config fields to change.
+
 Failures: SIGTERM (preemption) saves the current step and returns; a step watchdog
 (``step_timeout_s``) ends a process whose loop makes no progress (a hung peer blocks
 every collective); a NaN or Inf in the metrics stops the run without saving
@@ -34,6 +42,7 @@ across restarts.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import faulthandler
 import json
@@ -55,11 +64,11 @@ from etils import epath
 from jax.experimental import multihost_utils
 
 from audiodiff_jax.checkpoints import checkpointing, source
-from audiodiff_jax.core import names
-from audiodiff_jax.core.config import ConfigError
+from audiodiff_jax.core import memory, names
+from audiodiff_jax.core.config import ConfigError, ProfileConfig
 from audiodiff_jax.core.errors import EXIT_PEER_LOST, UserError
 from audiodiff_jax.core.metrics import MetricWriter, log_line
-from audiodiff_jax.training import goodput
+from audiodiff_jax.training import goodput, profiling
 
 
 class TrainingDiverged(RuntimeError):
@@ -82,6 +91,14 @@ class Trainer(Protocol):
 
     def step(self, state: Any, batch: Any) -> tuple[Any, dict[str, jax.Array]]:
         """One jitted, donated training step."""
+
+    def compile(self, state: Any, batch: Any) -> jax.stages.Compiled:
+        """The step lowered and compiled for these arguments (the loop calls it once,
+        before the first step, for its memory analysis; the jitted step reuses it)."""
+
+    def memory_advice(self) -> str:
+        """The config fields that change the step's device memory, with their values
+        (``memory.config_advice``), for an out-of-memory error."""
 
     def perf_scalars(self, seconds_per_step: float) -> dict[str, float]:
         """Throughput figures logged with every log step (e.g. frames/s, MFU)."""
@@ -106,10 +123,11 @@ class LoopConfig:
     keep_every: int = 0
     async_save: bool = True
     step_timeout_s: float = 0.0  # exit (StepWatchdog.EXIT_CODE) when no step finishes this long; 0 = never
+    profile: ProfileConfig = ProfileConfig()  # steps to trace (profiling.py)
 
     @classmethod
     def from_config(cls, cfg, step_timeout_s: float = 0.0) -> LoopConfig:
-        """From a config with ``train`` and ``checkpoint`` sections (the DiT's or the codec's)."""
+        """From a config with ``train``, ``checkpoint`` and ``profile`` sections (DiT's or codec's)."""
         return cls(
             num_steps=cfg.train.num_steps,
             log_every=cfg.train.log_every,
@@ -118,6 +136,7 @@ class LoopConfig:
             keep_every=cfg.checkpoint.keep_every,
             async_save=cfg.checkpoint.async_save,
             step_timeout_s=step_timeout_s,
+            profile=cfg.profile,
         )
 
 
@@ -405,6 +424,8 @@ def restore_newest_readable(
                 state = ckpt.restore(step, trainer.abstract_state())
             jax.block_until_ready(state)
         except Exception as e:  # noqa: BLE001 - Orbax/TensorStore raise many types for damaged files
+            if memory.is_out_of_memory(e):
+                raise  # the state does not fit the devices: the files are fine, keep them
             error = e
         ok = error is None
         if jax.process_count() > 1:  # every process moves on if any one could not read the step
@@ -427,6 +448,45 @@ def restore_newest_readable(
         f"no checkpoint in {ckpt.directory} can be read ({'; '.join(failures)}); "
         "move the folder away to start fresh"
     )
+
+
+def _out_of_memory(
+    trainer: Trainer, error: Exception, where: str, compiled: memory.CompiledMemory | None = None
+) -> memory.OutOfMemory:
+    return memory.out_of_memory(
+        error,
+        where=where,
+        advice=trainer.memory_advice(),
+        compiled=compiled,
+        capacity=memory.device_capacity(),
+    )
+
+
+@contextlib.contextmanager
+def out_of_memory_as_error(trainer: Trainer, where: str):
+    """Turns XLA running out of device memory inside the block into one
+    :class:`~audiodiff_jax.core.memory.OutOfMemory` line (the backend's text stays chained)."""
+    try:
+        yield
+    except jax.errors.JaxRuntimeError as e:
+        if not memory.is_out_of_memory(e):
+            raise
+        raise _out_of_memory(trainer, e, where) from e
+
+
+def compile_step(trainer: Trainer, state: Any, batch: Any, writer: MetricWriter, step: int):
+    """Compiles the step before its first call; logs (and writes at ``step``) its memory analysis."""
+    with out_of_memory_as_error(trainer, "compiling the train step"):
+        compiled = trainer.compile(state, batch)
+    analysis = memory.CompiledMemory.of(compiled)
+    if analysis is not None:
+        logging.info("compiled train step: %s", analysis.describe(memory.device_capacity()))
+        writer.write_scalars(step, analysis.scalars())
+    return analysis
+
+
+# Per-device memory figures go to TensorBoard and metrics.jsonl, not into the log line.
+_PER_DEVICE = (names.MEMORY_IN_USE.format(""), names.MEMORY_PEAK.format(""))
 
 
 def run(
@@ -469,13 +529,14 @@ def run(
     )
     _warn_incomplete_checkpoints(ckpt)
     restore_s = 0.0
-    if ckpt.all_steps():
-        t0 = time.perf_counter()
-        latest, state = restore_newest_readable(ckpt, trainer, data_iter)
-        restore_s = time.perf_counter() - t0
-    else:
-        latest = None
-        state = trainer.initial_state()
+    with out_of_memory_as_error(trainer, "creating the train state"):
+        if ckpt.all_steps():
+            t0 = time.perf_counter()
+            latest, state = restore_newest_readable(ckpt, trainer, data_iter)
+            restore_s = time.perf_counter() - t0
+        else:
+            latest = None
+            state = trainer.initial_state()
 
     step = trainer.state_step(state)
     num_steps = loop.num_steps
@@ -489,11 +550,14 @@ def run(
     if step == 0 and jax.process_index() == 0 and "config" in json_items:
         writer.write_text("config", "```\n" + json.dumps(json_items["config"], indent=2) + "\n```")
     watcher = PreemptionWatcher()
+    profiles = profiling.StepProfiler(loop.profile, workdir, first_step=step)
     pending: list[tuple[int, dict]] = []  # device metrics not yet fetched (no sync per step)
     last_saved = latest
     preempted = False
     t_last, step_last = time.perf_counter(), step
+    profile_s = 0.0  # profiler time since t_last, left out of the step time
     first_call = True
+    compiled = None
 
     def flush():
         nonlocal pending
@@ -511,14 +575,21 @@ def run(
         while step < num_steps:
             batch = next_batch(step)
             if first_call:
-                # The first call traces and compiles before it dispatches (execution stays async).
+                # Compiled before the first call, which then dispatches (execution stays async).
                 t0 = time.perf_counter()
+                compiled = compile_step(trainer, state, batch, writer, step)
                 state, metrics = trainer.step(state, batch)
                 gp.add("compile", time.perf_counter() - t0)
                 first_call = False
                 t_last = time.perf_counter()
             else:
-                state, metrics = trainer.step(state, batch)
+                seconds = profiles.before_step(step + 1, state)
+                with jax.profiler.StepTraceAnnotation("train", step_num=step + 1):
+                    state, metrics = trainer.step(state, batch)
+                seconds += profiles.after_step(step + 1, (state, metrics))
+                if seconds:
+                    gp.add("profile", seconds)
+                    profile_s += seconds
             watchdog.pet()
             step += 1
             pending.append((step, metrics))
@@ -529,17 +600,21 @@ def run(
                 rows = flush()
                 if is_log and rows:
                     now = time.perf_counter()
-                    dt = (now - t_last) / max(step - step_last, 1)
-                    t_last, step_last = now, step
+                    dt = max(now - t_last - profile_s, 1e-9) / max(step - step_last, 1)
+                    t_last, step_last, profile_s = now, step, 0.0
                     scalars = dict(rows[-1][1])
                     scalars[names.TRAIN_LOSS] = float(np.mean([m[names.TRAIN_LOSS] for _, m in rows]))
                     scalars[names.PERF_STEP_TIME] = dt
                     scalars.update(trainer.perf_scalars(dt))
+                    scalars.update(memory.device_scalars())
                     summary = gp.update(step)
                     scalars.update(summary.scalars())
                     writer.write_scalars(step, scalars)
-                    log_line(step, num_steps, scalars, 1.0 / dt)
+                    shown = {k: v for k, v in scalars.items() if not k.startswith(_PER_DEVICE)}
+                    log_line(step, num_steps, shown, 1.0 / dt)
                     logging.info("%s", summary.line())
+            if is_log and not stop:
+                profiles.poll(step)
             if evaluator is not None and evaluator.due(step, num_steps) and not stop:
                 watchdog.pause(True)
                 t0 = time.perf_counter()
@@ -558,6 +633,7 @@ def run(
                 logging.warning("preemption: saved step %d, exiting", step)
                 preempted = True
                 break
+        gp.add("profile", profiles.close())  # a window past the last step
         watchdog.pause(True)
         t0 = time.perf_counter()
         ckpt.wait()  # the last save must be complete before the run counts as done
@@ -566,6 +642,8 @@ def run(
         logging.info("%s", summary.line())
         writer.write_scalars(step, summary.scalars())
     except jax.errors.JaxRuntimeError as e:
+        if memory.is_out_of_memory(e):  # a step (or its save, or evaluation) ran out: say what to change
+            raise _out_of_memory(trainer, e, f"running the train step near step {step}", compiled) from e
         if jax.process_count() == 1:
             raise
         # A collective failed: a peer process died or its host went away. Closing the
@@ -576,6 +654,7 @@ def run(
             f"a peer process died or was cut off. The last complete checkpoint is step {last_saved}."
         ) from e
     finally:
+        profiles.close()
         watchdog.close()
         watcher.close()
         if not peer_lost:
