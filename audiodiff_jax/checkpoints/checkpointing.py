@@ -61,7 +61,10 @@ class RunCheckpointer:
         keep_every: int,
         async_save: bool,
         item_names: tuple[str, ...] = ITEMS,
+        content_hashes: bool = True,
     ):
+        """``content_hashes=False`` writes steps without the ``hashes`` item, as before
+        they existed (``benchmarks/integrity_bench.py`` compares the two)."""
         options = ocp.CheckpointManagerOptions(
             max_to_keep=keep_last,
             keep_period=keep_every or None,
@@ -69,7 +72,8 @@ class RunCheckpointer:
             create=True,
         )
         self.directory = checkpoint_dir(workdir)
-        if integrity.ITEM not in item_names:
+        self.content_hashes = content_hashes
+        if content_hashes and integrity.ITEM not in item_names:
             item_names = (*item_names, integrity.ITEM)
         self.manager = ocp.CheckpointManager(self.directory, options=options, item_names=item_names)
 
@@ -93,19 +97,22 @@ class RunCheckpointer:
         ``tokenizer`` = ``audiodiff_jax.data.tokenizer.Tokenizer.to_json()``). The
         hashes of ``state`` are computed in the background from Orbax's host copy and
         written with the step (``integrity.py``)."""
-        collector = integrity.begin(state)
         items = {"state": ocp.args.StandardSave(state)}
         if data_iter is not None:
             items["data_iter"] = grain.checkpoint.CheckpointSave(data_iter)
         for name, value in (json_items or {}).items():
             items[name] = ocp.args.JsonSave(value)
-        items[integrity.ITEM] = integrity.HashesSave(collector)
+        collector = integrity.begin(state) if self.content_hashes else None
+        if collector is not None:
+            items[integrity.ITEM] = integrity.HashesSave(collector)
         try:
             saved = self.manager.save(step, args=ocp.args.Composite(**items), force=True)
         except BaseException as e:
-            integrity.end(collector, started=False, error=e)
+            if collector is not None:
+                integrity.end(collector, started=False, error=e)
             raise
-        integrity.end(collector, started=saved)
+        if collector is not None:
+            integrity.end(collector, started=saved)
         if saved:
             logging.info("checkpoint: saving step %d to %s (async)", step, self.directory)
         return saved
