@@ -301,12 +301,13 @@ def test_scrub_checks_every_step_in_a_bucket_and_names_the_damage(gs_run):
     src = epath.Path(workdir) / "checkpoints" / str(NUM_STEPS)
     copy = epath.Path(f"gs://{BUCKET}/runs/damaged/checkpoints/{NUM_STEPS}")
     data = []
-    for root, _, files in src.walk():
+    for root, _, files in src.walk():  # roots come back without their gs:// scheme
         for name in files:
-            (copy / (root / name).relative_to(src)).parent.mkdir(parents=True, exist_ok=True)
-            (root / name).copy(copy / (root / name).relative_to(src))
+            rel = str(root / name).split(f"/checkpoints/{NUM_STEPS}/", 1)[1]
+            (copy / rel).parent.mkdir(parents=True, exist_ok=True)
+            (src / rel).copy(copy / rel)
             if root.name == "d":
-                data.append(copy / (root / name).relative_to(src))
+                data.append(copy / rel)
     big = max(data, key=lambda p: len(p.read_bytes()))
     raw = bytearray(big.read_bytes())
     mid = len(raw) // 2
