@@ -73,6 +73,7 @@ class RunCheckpointer:
         )
         self.directory = checkpoint_dir(workdir)
         self.content_hashes = content_hashes
+        self.async_save = async_save
         if content_hashes and integrity.ITEM not in item_names:
             item_names = (*item_names, integrity.ITEM)
         self.manager = ocp.CheckpointManager(self.directory, options=options, item_names=item_names)
@@ -102,7 +103,8 @@ class RunCheckpointer:
             items["data_iter"] = grain.checkpoint.CheckpointSave(data_iter)
         for name, value in (json_items or {}).items():
             items[name] = ocp.args.JsonSave(value)
-        collector = integrity.begin(state) if self.content_hashes else None
+        # Asynchronous saves hash once the call returned, beside the training steps.
+        collector = integrity.begin(state, defer=self.async_save) if self.content_hashes else None
         if collector is not None:
             items[integrity.ITEM] = integrity.HashesSave(collector)
         try:

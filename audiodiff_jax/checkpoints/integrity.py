@@ -161,13 +161,20 @@ class Collector:
     """The hashes of one save of one pytree on this process.
 
     Created before the save with the tree being saved; the hook hands it Orbax's host
-    copy of each array (:meth:`on_transfer`) and hashing starts in the background;
-    :meth:`result` waits for every hash (in the save's commit thread).
+    copy of each array (:meth:`on_transfer`), which it hashes in the background;
+    :meth:`result` waits for every hash (in the save's commit thread). With ``defer``
+    (asynchronous saves) hashing starts only once the save call returned
+    (:meth:`release`), so that it never competes with the part of the save the
+    training loop waits for.
     """
 
-    def __init__(self, tree: Any):
+    def __init__(self, tree: Any, defer: bool = False):
         self._lock = threading.Lock()
         self._done = threading.Event()
+        self._released = threading.Event()
+        self._pending: list[tuple[concurrent.futures.Future, Any]] | None = [] if defer else None
+        if not defer:
+            self._released.set()
         self._error: str | None = None
         self._entries: dict[KeyPath, _Entry] = {}
         self._by_id: dict[int, list[KeyPath]] = {}
@@ -213,11 +220,24 @@ class Collector:
             parts = []
             for rslice in rslices.replica_slices:
                 data = rslice.data()
-                parts.append((_bounds(rslice.index, tuple(arr.shape)), pool().submit(digest, data)))
+                if self._pending is None:
+                    job = pool().submit(digest, data)
+                else:
+                    job = concurrent.futures.Future()
+                    self._pending.append((job, data))
+                parts.append((_bounds(rslice.index, tuple(arr.shape)), job))
             for path in paths_:
                 self._entries[path].parts.extend(parts)
             if not self._by_id:
                 self._done.set()
+
+    def release(self) -> None:
+        """Starts hashing what the hook handed over (a deferred collector)."""
+        with self._lock:
+            pending, self._pending = self._pending or [], None
+        for job, data in pending:
+            pool().submit(_fill, job, data)
+        self._released.set()
 
     def abandon(self, why: str) -> None:
         with self._lock:
@@ -225,10 +245,11 @@ class Collector:
             self._by_id.clear()
             self._leaves.clear()
             self._done.set()
+        self.release()
 
     def result(self) -> dict:
         """The JSON of this process's hashes file, once every part is hashed."""
-        if not self._done.wait(_WAIT_S):
+        if not (self._done.wait(_WAIT_S) and self._released.wait(_WAIT_S)):
             missing = [describe(p) for ps in self._by_id.values() for p in ps]
             raise RuntimeError(
                 f"checkpoint hashes: Orbax's host copy of {len(missing)} array(s) never reached the hook "
@@ -275,10 +296,19 @@ def install_hook() -> None:
         replica_slices.transfer_arrays_to_host = _transfer_and_hash
 
 
-def begin(tree: Any) -> Collector:
-    """A collector for the save of ``tree`` that is about to start; :func:`end` it after."""
+def _fill(job: concurrent.futures.Future, data: Any) -> None:
+    try:
+        job.set_result(digest(data))
+    except BaseException as e:  # noqa: BLE001 - handed to whoever waits for the hash
+        job.set_exception(e)
+
+
+def begin(tree: Any, *, defer: bool = False) -> Collector:
+    """A collector for the save of ``tree`` that is about to start; :func:`end` it after.
+    ``defer``: hash only once :func:`end` is called (asynchronous saves; a synchronous
+    save waits for its hashes inside the call, so it must not defer)."""
     install_hook()
-    collector = Collector(tree)
+    collector = Collector(tree, defer=defer)
     with _ACTIVE_LOCK:
         for i in collector.array_ids():
             _ACTIVE[i] = collector
@@ -307,6 +337,7 @@ def end(collector: Collector, *, started: bool, error: BaseException | None = No
     with collector._lock:
         if not collector._by_id:
             collector._done.set()
+    collector.release()
 
 
 @dataclasses.dataclass
