@@ -90,7 +90,7 @@ def pool() -> concurrent.futures.ThreadPoolExecutor:
     with _POOL_LOCK:
         if _POOL is None:
             _POOL = concurrent.futures.ThreadPoolExecutor(
-                max_workers=max(1, min(4, os.cpu_count() or 1)), thread_name_prefix="audiodiff-hash"
+                max_workers=max(1, min(8, os.cpu_count() or 1)), thread_name_prefix="audiodiff-hash"
             )
         return _POOL
 
