@@ -127,12 +127,16 @@ def main(argv):
     del state, leaves
     gc.collect()
     workdir = os.path.join(root, "hashes")
-    ckpt = checkpointing.RunCheckpointer(workdir, keep_last=1, keep_every=0, async_save=True, item_names=("state",))
+    ckpt = checkpointing.RunCheckpointer(
+        workdir, keep_last=1, keep_every=0, async_save=True, item_names=("state",)
+    )
     step = ckpt.latest_step()
     restores, checks = [], []
     for _ in range(_REPEATS.value):
         t0 = time.perf_counter()
-        restored = ckpt.manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract)))
+        restored = ckpt.manager.restore(
+            step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract))
+        )
         jax.block_until_ready(restored.state)
         restores.append(time.perf_counter() - t0)
         t0 = time.perf_counter()
