@@ -33,8 +33,8 @@ read everything a step or an export holds and list what does not match
 
 SHA-256 was measured against BLAKE2b, SHA-1, MD5 and CRC-32 (``benchmarks/
 integrity_bench.py``, BENCHMARKS.md): on CPUs with SHA extensions it is the fastest
-cryptographic hash of the standard library (1.8 GB/s per core on this machine) and
-releases the GIL, so hashing runs beside training.
+cryptographic hash of the standard library (1.8 GB/s per core on the development
+machine when idle) and releases the GIL, so hashing runs beside training.
 """
 
 from __future__ import annotations
