@@ -27,9 +27,9 @@ the restored array that holds it (the same region of another mesh's shards; in a
 multi-process job a part spread over several processes' shards is gathered first). A
 part that differs raises :class:`IntegrityError` naming the step, the array and the
 part. A step written before hashes existed (no ``hashes`` item) restores as before,
-with one log line saying it carries none. :func:`scrub_step` and :func:`scrub_export`
-read everything a step or an export holds and list what does not match
-(``audiodiff-scrub``).
+with one log line saying it carries none. :func:`scrub_step` reads
+everything a step holds and lists what does not match; ``scrub.py`` runs it over a run,
+and checks exports with :func:`check_export_hashes` (``audiodiff-scrub``).
 
 SHA-256 was measured against BLAKE2b, SHA-1, MD5 and CRC-32 (``benchmarks/
 integrity_bench.py``, BENCHMARKS.md): on CPUs with SHA extensions it is the fastest
