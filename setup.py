@@ -98,6 +98,7 @@ setup(
             "audiodiff-sample=audiodiff_jax.programs.sample_main:run",
             "audiodiff-export=audiodiff_jax.programs.export_main:run",
             "audiodiff-eval=audiodiff_jax.programs.eval_main:run",
+            "audiodiff-scrub=audiodiff_jax.programs.scrub_main:run",
         ]
     },
 )

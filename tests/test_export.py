@@ -17,7 +17,7 @@ import orbax.checkpoint as ocp
 import pytest
 from safetensors.numpy import load_file
 
-from audiodiff_jax.checkpoints import checkpointing, export, source
+from audiodiff_jax.checkpoints import checkpointing, export, integrity, source
 from audiodiff_jax.core import config as config_lib
 from audiodiff_jax.core import optim, sharding
 from audiodiff_jax.core.config import MeshConfig
@@ -290,5 +290,11 @@ def test_init_from_an_export_imports_the_weights_and_refuses_another_model(shard
     from safetensors.numpy import save_file
 
     save_file(arrays, str(broken / export.PARAMS))
+    # An export of another model describes its own tensors (else it is refused as damaged).
+    meta = json.loads((broken / export.META).read_text())
+    meta["params"]["renamed"] = meta["params"].pop(first)
+    for name, digest in integrity.tensor_hashes(str(broken / export.PARAMS)).items():
+        meta["params"][name]["hash"] = digest
+    (broken / export.META).write_text(json.dumps(meta))
     with pytest.raises(export.ExportError, match=f"parameter {first} .* of the model is not in the export"):
         export.load_params(str(broken), trainer.model.abstract_params())

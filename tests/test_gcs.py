@@ -295,6 +295,42 @@ def test_sample_from_a_gcs_checkpoint_into_gcs(gs_run):
     assert all(r["file"] in page for r in rows)
 
 
+def _scrub(path: str) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "audiodiff_jax.programs.scrub_main", f"--checkpoint={path}"]
+    return subprocess.run(cmd, env=_env(), cwd=REPO, capture_output=True, text=True, timeout=300)
+
+
+def test_scrub_checks_every_step_in_a_bucket_and_names_the_damage(gs_run):
+    """``audiodiff-scrub`` on a gs:// run: clean, then 16 bytes flipped in the middle of a
+    data object of a copy of its last step are named (the run itself stays intact)."""
+    from etils import epath
+
+    workdir, _ = gs_run
+    res = _scrub(workdir)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert res.stdout.strip().endswith(f"of {workdir}: no damage"), res.stdout
+    src = epath.Path(workdir) / "checkpoints" / str(NUM_STEPS)
+    copy = epath.Path(f"gs://{BUCKET}/runs/damaged/checkpoints/{NUM_STEPS}")
+    data = []
+    for root, _, files in src.walk():  # roots come back without their gs:// scheme
+        for name in files:
+            rel = str(root / name).split(f"/checkpoints/{NUM_STEPS}/", 1)[1]
+            (copy / rel).parent.mkdir(parents=True, exist_ok=True)
+            (src / rel).copy(copy / rel)
+            if root.name == "d":
+                data.append(copy / rel)
+    big = max(data, key=lambda p: len(p.read_bytes()))
+    raw = bytearray(big.read_bytes())
+    mid = len(raw) // 2
+    raw[mid : mid + 16] = bytes(b ^ 0xFF for b in raw[mid : mid + 16])
+    big.write_bytes(bytes(raw))
+    _forget_listings()
+    res = _scrub(str(copy))
+    assert res.returncode == 1, res.stderr[-3000:]
+    damaged = [line for line in res.stdout.splitlines() if line.startswith("DAMAGED ")]
+    assert len(damaged) >= 1 and all(line.startswith(f"DAMAGED {copy}: ") for line in damaged), res.stdout
+
+
 def test_precompute_two_processes_into_gcs_matches_a_local_run(gcs, tmp_path):
     """``audiodiff-precompute --out_dir=gs://...`` launched as two processes (their shared
     work folder in the bucket) makes the same dataset, byte for byte, as one local process."""

@@ -13,12 +13,16 @@ saved step, each holding these items:
 - ``config``: the resolved config as JSON;
 - ``dataset_card``: the dataset card of the latents the run trained on;
 - ``tokenizer``: the run's sentencepiece model (base64 in JSON, with its sha256), so
-  sampling needs only the checkpoint, not the shards folder it was trained from.
+  sampling needs only the checkpoint, not the shards folder it was trained from;
+- ``hashes``: the SHA-256 of every part of every array of ``state``, one file per
+  process (``integrity.py``). Every restore checks what it read against them; steps
+  written before they existed restore unchecked, with one log line.
 
 Saves are asynchronous: ``save`` returns once device arrays are copied to host memory
 and the write goes on in the background. Orbax writes each step into a temporary
 directory and renames it when every process has finished, so a step that was being
-written when a job died is never listed as complete.
+written when a job died is never listed as complete. The hashes are written by a
+commit future of the same save, so a complete step always has them.
 """
 
 from __future__ import annotations
@@ -34,10 +38,11 @@ import orbax.checkpoint as ocp
 from absl import logging
 from etils import epath
 
+from audiodiff_jax.checkpoints import integrity
 from audiodiff_jax.core import optim
 from audiodiff_jax.core.errors import UserError
 
-ITEMS = ("state", "data_iter", "config", "dataset_card", "tokenizer")
+ITEMS = ("state", "data_iter", "config", "dataset_card", "tokenizer", integrity.ITEM)
 
 
 def checkpoint_dir(workdir: str) -> epath.Path:
@@ -56,7 +61,10 @@ class RunCheckpointer:
         keep_every: int,
         async_save: bool,
         item_names: tuple[str, ...] = ITEMS,
+        content_hashes: bool = True,
     ):
+        """``content_hashes=False`` writes steps without the ``hashes`` item, as before
+        they existed (``benchmarks/integrity_bench.py`` compares the two)."""
         options = ocp.CheckpointManagerOptions(
             max_to_keep=keep_last,
             keep_period=keep_every or None,
@@ -64,6 +72,10 @@ class RunCheckpointer:
             create=True,
         )
         self.directory = checkpoint_dir(workdir)
+        self.content_hashes = content_hashes
+        self.async_save = async_save
+        if content_hashes and integrity.ITEM not in item_names:
+            item_names = (*item_names, integrity.ITEM)
         self.manager = ocp.CheckpointManager(self.directory, options=options, item_names=item_names)
 
     def latest_step(self) -> int | None:
@@ -83,24 +95,46 @@ class RunCheckpointer:
         """Starts saving ``step``; returns whether a save was started.
 
         ``json_items`` maps item names to JSON objects (e.g. ``config``, ``dataset_card``,
-        ``tokenizer`` = ``audiodiff_jax.data.tokenizer.Tokenizer.to_json()``)."""
+        ``tokenizer`` = ``audiodiff_jax.data.tokenizer.Tokenizer.to_json()``). The
+        hashes of ``state`` are computed in the background from Orbax's host copy and
+        written with the step (``integrity.py``)."""
         items = {"state": ocp.args.StandardSave(state)}
         if data_iter is not None:
             items["data_iter"] = grain.checkpoint.CheckpointSave(data_iter)
         for name, value in (json_items or {}).items():
             items[name] = ocp.args.JsonSave(value)
-        saved = self.manager.save(step, args=ocp.args.Composite(**items), force=True)
+        # Asynchronous saves hash once the call returned, beside the training steps.
+        collector = integrity.begin(state, defer=self.async_save) if self.content_hashes else None
+        if collector is not None:
+            items[integrity.ITEM] = integrity.HashesSave(collector)
+        try:
+            saved = self.manager.save(step, args=ocp.args.Composite(**items), force=True)
+        except BaseException as e:
+            if collector is not None:
+                integrity.end(collector, started=False, error=e)
+            raise
+        if collector is not None:
+            integrity.end(collector, started=saved)
         if saved:
             logging.info("checkpoint: saving step %d to %s (async)", step, self.directory)
         return saved
 
     def restore(self, step: int, abstract_state: Any, data_iter: grain.DatasetIterator | None = None) -> Any:
-        """Restores the train state onto the shardings of ``abstract_state``, and the
-        iterator (if given) in place. Returns the state."""
+        """Restores the train state onto the shardings of ``abstract_state`` (the
+        state's fields or a subset of them), and the iterator (if given) in place.
+        Returns the state, checked against the step's hashes.
+
+        Raises:
+          integrity.IntegrityError: an array differs from its hash (named).
+        """
         items = {"state": ocp.args.StandardRestore(abstract_state)}
         if data_iter is not None:
             items["data_iter"] = grain.checkpoint.CheckpointRestore(data_iter)
-        return self.manager.restore(step, args=ocp.args.Composite(**items)).state
+        state = self.manager.restore(step, args=ocp.args.Composite(**items)).state
+        integrity.verify_step(
+            self.directory / str(step), state, where=f"checkpoint step {step} in {self.directory}"
+        )
+        return state
 
     def wait(self) -> None:
         self.manager.wait_until_finished()
@@ -221,6 +255,7 @@ def restore_weight_sets(
 
     Raises:
       WeightsNotFound: a name the step does not hold, listing those it does.
+      integrity.IntegrityError: restored weights differ from the step's hashes (named).
     """
     paths = weight_paths(step_dir)
     wanted = {}
@@ -251,6 +286,7 @@ def restore_weight_sets(
             step_dir / "state",
             args=ocp.args.PyTreeRestore(item=item, restore_args=args, partial_restore=True),
         )
+    integrity.verify_step(step_dir, restored, where=f"checkpoint {step_dir}")
     out = {}
     for name, path in wanted.items():
         sub = restored
@@ -290,7 +326,8 @@ def restore_params(
       (params, step of the checkpoint they came from).
 
     Raises:
-      CheckpointNotFound: no checkpoint at ``path``, or it lacks the weights.
+      CheckpointNotFound: no checkpoint at ``path``, or it lacks the weights;
+        :class:`WeightsUnusable` when they differ from the step's hashes.
     """
     step_dir, step = find_step(path, required_items=required_items)
     name = weights or (optim.EMA if use_ema else optim.RAW)
@@ -298,6 +335,8 @@ def restore_params(
         params = restore_weight_sets(step_dir, [name], abstract_params)[name]
     except WeightsNotFound as e:
         raise CheckpointNotFound(str(e)) from e
+    except integrity.IntegrityError as e:
+        raise WeightsUnusable(str(e)) from e
     return params, step
 
 

@@ -6,14 +6,16 @@ train state, readable with any safetensors reader. The folder holds
 - ``params.safetensors``: the arrays, one tensor per parameter, named by its path in
   the params tree joined with ``.`` (``blocks.0.cross_attn.key``);
 - ``export.json``: what the weights are (the set's name, e.g. ``ema0.9999``, the names
-  it answers to, the checkpoint step and folder it came from, each tensor's shape and
-  dtype);
+  it answers to, the checkpoint step and folder it came from, each tensor's shape,
+  dtype and SHA-256 of its bytes in ``params.safetensors``, under ``hash``);
 - ``config.json``: the resolved config of the run; ``dataset_card.json``: the card of
   its latents; ``tokenizer.json``: its sentencepiece model (base64, with its sha256).
 
 ``audiodiff-sample --checkpoint=EXPORT`` samples from it and ``train.init_from=EXPORT``
-starts a run from it (``checkpointing.restore_params``). Loading checks every name and
-shape against the model that receives the weights and names the first that differs.
+starts a run from it (``checkpointing.restore_params``). Loading checks every tensor's
+bytes against its hash (an export written before hashes existed loads with one log line
+saying so) and every name and shape against the model that receives the weights, and
+names the first that differs.
 Each process reads only the slices of each tensor its devices hold (safetensors slices
 of a memory-mapped file), so an export restores onto any mesh without a full host copy.
 """
@@ -33,6 +35,7 @@ from flax import traverse_util
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
+from audiodiff_jax.checkpoints import integrity
 from audiodiff_jax.core.errors import UserError
 
 FORMAT = "audiodiff-jax export"
@@ -98,6 +101,7 @@ def write(
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir(parents=True)
+    hashes = integrity.pool().map(integrity.digest, flat.values())  # beside the write
     save_file(flat, str(tmp / PARAMS), metadata={"format": FORMAT, "weights": weights})
     meta = {
         "format": FORMAT,
@@ -106,7 +110,11 @@ def write(
         "aliases": list(aliases),
         "step": int(step),
         "source": str(source),
-        "params": {k: {"shape": list(v.shape), "dtype": str(v.dtype)} for k, v in flat.items()},
+        "params": {
+            k: {"shape": list(v.shape), "dtype": str(v.dtype), "hash": h}
+            for (k, v), h in zip(flat.items(), hashes, strict=True)
+        },
+        "hash_algorithm": integrity.ALGORITHM,
     }
     for name in JSON_ITEMS:
         (tmp / f"{name}.json").write_text(json.dumps(json_items[name], indent=1, sort_keys=True))
@@ -147,6 +155,38 @@ def read_json_item(path: str, name: str) -> dict:
     return data
 
 
+def check_hashes(path: str, meta: dict | None = None) -> list[str]:
+    """Tensors of an export whose bytes differ from the hashes in its ``export.json``,
+    described ([] when all match). An export written before hashes existed: [] and one
+    log line saying it carries none.
+
+    Raises:
+      ExportError: ``params.safetensors`` cannot be read.
+    """
+    meta = read_meta(path) if meta is None else meta
+    want = {k: v["hash"] for k, v in meta.get("params", {}).items() if isinstance(v, dict) and "hash" in v}
+    if not want or meta.get("hash_algorithm") != integrity.ALGORITHM:
+        logging.warning(
+            "export %s carries no content hashes (written before they existed): loaded without checking them",
+            path,
+        )
+        return []
+    try:
+        return integrity.check_export_hashes(str(epath.Path(path) / PARAMS), want, str(path))
+    except integrity.IntegrityError as e:
+        raise ExportError(str(e)) from e
+
+
+def verify(path: str, meta: dict | None = None) -> None:
+    """Raises ExportError naming the first tensor of the export that differs from its hash."""
+    problems = check_hashes(path, meta)
+    if problems:
+        more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+        raise ExportError(
+            f"export {path}: {problems[0]}{more}; the file changed since it was exported, refusing it"
+        )
+
+
 def answers_to(meta: dict) -> list[str]:
     """The names an export's weights answer to: its own and its aliases."""
     return [meta["weights"], *meta.get("aliases", [])]
@@ -177,9 +217,10 @@ def load_params(path: str, abstract_params: Any) -> Any:
         numpy arrays).
 
     Raises:
-      ExportError: a name or shape differs from ``abstract_params``'s, naming the first.
+      ExportError: a tensor differs from its hash, or a name or shape differs from
+        ``abstract_params``'s, naming the first.
     """
-    read_meta(path)
+    verify(path, read_meta(path))
     want = flatten(abstract_params)
     file = str(epath.Path(path) / PARAMS)
     try:

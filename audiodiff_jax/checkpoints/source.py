@@ -25,7 +25,7 @@ from typing import Any
 from absl import logging
 from etils import epath
 
-from audiodiff_jax.checkpoints import checkpointing, export
+from audiodiff_jax.checkpoints import checkpointing, export, integrity
 from audiodiff_jax.core import config as config_lib
 from audiodiff_jax.core import optim
 from audiodiff_jax.core.errors import GenerationError
@@ -234,7 +234,12 @@ class WeightsSource:
 
     def restore(self, step: int | None, names: Sequence[str], abstract_params: Any) -> dict[str, Any]:
         """Restores weight sets of checkpoint ``step`` in one read (no optimizer state) onto
-        the shardings of ``abstract_params`` (None: host arrays); returns canonical name -> params."""
+        the shardings of ``abstract_params`` (None: host arrays), checked against the
+        hashes written with them; returns canonical name -> params.
+
+        Raises:
+          GenerationError: weights the step lacks, or that differ from their hashes (named).
+        """
         wanted = list(dict.fromkeys(self.canonical_weights(n) for n in names))
         step_dir = self.step_dir_of(self.step if step is None else step)
         try:
@@ -242,7 +247,7 @@ class WeightsSource:
                 params = export.load_params(self.path, abstract_params)
                 return dict.fromkeys(wanted, params)
             return checkpointing.restore_weight_sets(step_dir, wanted, abstract_params)
-        except (checkpointing.WeightsNotFound, export.ExportError) as e:
+        except (checkpointing.WeightsNotFound, export.ExportError, integrity.IntegrityError) as e:
             raise GenerationError(str(e)) from e
         except Exception as e:  # noqa: BLE001 - Orbax raises many types for damaged files
             raise GenerationError(

@@ -13,8 +13,12 @@ Wall time of a run = time in productive training steps + time lost to
   (``audiodiff_jax/training/profiling.py``); the traced steps themselves train and
   count as productive;
 - ``restart``: the gap between one incarnation of the job and the next (the job was
-  dead or being rescheduled), plus the steps a dead incarnation ran after its last
-  checkpoint, which the next one has to run again.
+  dead or being rescheduled, or a launcher waited before starting it again), plus the
+  steps a dead incarnation ran after its last checkpoint, which the next one has to run
+  again.
+
+An incarnation that a launcher started again by itself (``launch/local.py
+--restarts``) records why, from the :data:`RESTART_ENV` variable the launcher sets.
 
 Each incarnation appends its own record to ``WORKDIR/goodput.json`` (process 0 writes
 it, atomically, at every log step and checkpoint), so a restarted job accounts for
@@ -26,6 +30,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import time
 
 from etils import epath
@@ -33,6 +38,8 @@ from etils import epath
 from audiodiff_jax.core import paths
 
 FILENAME = "goodput.json"
+# Set by a launcher that started the job again after a failure: "restart K of N after ...".
+RESTART_ENV = "AUDIODIFF_RESTART"
 CATEGORIES = ("startup", "restore", "compile", "checkpoint", "eval", "profile", "restart")
 # What the loop reports through GoodputRecorder.add (startup and restart are derived).
 ADDED = ("restore", "compile", "checkpoint", "eval", "profile")
@@ -61,6 +68,7 @@ class Incarnation:
     profile_s: float = 0.0  # tracer start and trace writing (audiodiff_jax/training/profiling.py)
     productive_s: float = 0.0
     finished: bool = False  # reached its end (num_steps or a preemption save)
+    restarted: str = ""  # why a launcher started this incarnation again by itself ("" = not)
 
     @property
     def step_time_s(self) -> float:
@@ -74,6 +82,7 @@ class Summary:
     productive_s: float
     lost_s: dict[str, float]
     restarts: int
+    automatic_restarts: int = 0  # restarts a launcher made by itself (launch.local --restarts)
 
     @property
     def fraction(self) -> float:
@@ -92,7 +101,9 @@ class Summary:
         lost = ", ".join(f"{c} {_fmt(self.lost_s[c])}" for c in CATEGORIES)
         return (
             f"goodput {100 * self.fraction:.1f}%: {_fmt(self.productive_s)} in productive steps of "
-            f"{_fmt(self.wall_s)} wall over {self.restarts + 1} incarnation(s); lost to {lost}"
+            f"{_fmt(self.wall_s)} wall over {self.restarts + 1} incarnation(s)"
+            + (f" ({self.automatic_restarts} restarted by the launcher)" if self.automatic_restarts else "")
+            + f"; lost to {lost}"
         )
 
 
@@ -125,7 +136,13 @@ def summarize(incarnations: list[Incarnation]) -> Summary:
             redo_s = min(redone * inc.step_time_s, inc.productive_s)
             productive -= redo_s
             lost["restart"] += redo_s
-    return Summary(wall_s=wall, productive_s=productive, lost_s=lost, restarts=len(incarnations) - 1)
+    return Summary(
+        wall_s=wall,
+        productive_s=productive,
+        lost_s=lost,
+        restarts=len(incarnations) - 1,
+        automatic_restarts=sum(1 for inc in incarnations[1:] if inc.restarted),
+    )
 
 
 def load(workdir: str) -> list[Incarnation]:
@@ -160,6 +177,7 @@ class GoodputRecorder:
             first_step=first_step,
             last_step=first_step,
             last_checkpoint=-1,
+            restarted=os.environ.get(RESTART_ENV, ""),
         )
         self._loop_start: float | None = None
         self._lost_in_loop = 0.0

@@ -58,7 +58,6 @@ from typing import Any, Protocol
 import grain
 import jax
 import numpy as np
-import orbax.checkpoint as ocp
 from absl import logging
 from etils import epath
 from jax.experimental import multihost_utils
@@ -336,8 +335,7 @@ def restore_for_mesh(ckpt: checkpointing.RunCheckpointer, step: int, trainer: Tr
     target, finish = _restore_target(ckpt, step, trainer)
     if saved["count"] == count:
         return finish(ckpt.restore(step, target, data_iter))
-    restored = ckpt.manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target)))
-    state = finish(restored.state)
+    state = finish(ckpt.restore(step, target))
     step_now = trainer.state_step(state)
     positions = {s.get("next_index") for s in saved["states"].values() if isinstance(s, dict)}
     # Every process consumed one local batch per step: the saved positions agree with
