@@ -169,11 +169,18 @@ def test_flipped_bytes_are_named_by_the_scrubber_export_and_sampling(damaged, en
     # The intact step still exports.
     export_main.export_checkpoint(workdir, str(out), step=4, weights="raw")
 
-    # Sampling reads through the weights source (audiodiff-sample turns its error into
-    # one line and status 2; the same program refuses a damaged export below).
+    # Sampling reads through the weights source: the library error, and the program's
+    # one line and status 2, with no song written.
     src = source.WeightsSource(workdir)
     with pytest.raises(GenerationError, match=re.escape(f"{step8}: array {part} does not match")):
         src.restore(None, ["raw"], None)
+    songs = tmp_path / "songs"
+    cmd = [bin_path("audiodiff-sample"), f"--checkpoint={workdir}", f"--out={songs}", "--weights=raw"]
+    res = _run([*cmd, "--prompt=a slow harp", "--noeval", CODEC], env)
+    assert res.returncode == 2, res.stderr[-3000:]
+    errors = [line for line in res.stderr.splitlines() if line.startswith("audiodiff-sample: error:")]
+    assert len(errors) == 1 and f"array {part} does not match" in errors[0], res.stderr[-3000:]
+    assert not list(songs.glob("*.wav"))
 
     # A missing or empty path is bad input.
     res = _run([sys.executable, "-m", "audiodiff_jax.programs.scrub_main", f"--checkpoint={tmp_path}/x"], env)
