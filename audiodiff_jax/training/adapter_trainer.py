@@ -122,7 +122,9 @@ def _place(host_params: Any, shardings: Any) -> Any:
 class AdapterTrainer:
     """Holds the mesh, the base on it, the shardings and the jitted functions of an adapter run."""
 
-    def __init__(self, cfg: Config, mesh: jax.sharding.Mesh, base_params: Any):
+    def __init__(self, cfg: Config, mesh: jax.sharding.Mesh, base_params: Any = None):
+        """``base_params``: the base's weights as host arrays, placed on ``mesh`` here;
+        None builds the jitted functions only (ahead-of-time compiles: :meth:`abstract_base`)."""
         self.cfg = cfg
         self.mesh = mesh
         self.model = make_model(cfg.model)
@@ -141,7 +143,7 @@ class AdapterTrainer:
         replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
         self.param_shardings = sharding.named_shardings(self.adapter.logical_axes(), mesh)
         self.base_shardings = sharding.named_shardings(self.model.logical_axes(), mesh)
-        self.base = _place(base_params, self.base_shardings)
+        self.base = None if base_params is None else _place(base_params, self.base_shardings)
         abstract = self.adapter.abstract_params()
         opt_shardings = loop.opt_state_shardings(
             jax.eval_shape(self.tx.init, abstract), abstract, self.param_shardings, replicated
@@ -200,6 +202,10 @@ class AdapterTrainer:
     def abstract_state(self) -> TrainState:
         shapes = jax.eval_shape(self._init_fn, jax.random.key_data(jax.random.key(0)))
         return sharding.with_shardings(shapes, self.state_shardings)
+
+    def abstract_base(self) -> Any:
+        """The base's weights as sharded ShapeDtypeStructs: the step's second argument."""
+        return sharding.with_shardings(self.model.abstract_params(), self.base_shardings)
 
     @staticmethod
     def state_step(state: TrainState) -> int:
