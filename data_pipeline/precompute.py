@@ -5,6 +5,12 @@ The same command on every host (or process)::
     audiodiff-precompute --corpus=/data/scores --out_dir=/data/latents/scores \
         [--codec=default] [--files_per_shard=64]
 
+For data that trains on top of an existing model (adapters, ``train.init_from``),
+``--like=BASE`` (a run, checkpoint step or export) encodes with the codec the base's
+data was encoded with and gives the dataset the base's latent statistics and tokenizer
+(:func:`adopt_base_card`), so the base sees the new latents and captions as it saw its
+own. A folder with no usable audio stops with one line and nothing written.
+
 Each process takes its index and count from its launcher (``launch.local``, SLURM, a
 TPU VM's worker id; ``--distributed=on`` asks jax.distributed) unless
 ``--process_index``/``--process_count`` are given.
@@ -71,11 +77,12 @@ import jax
 import numpy as np
 from etils import epath
 
+from audiodiff_jax.checkpoints import source
 from audiodiff_jax.codec import lookup
 from audiodiff_jax.core import distributed, paths
 from audiodiff_jax.core.errors import UserError
 from audiodiff_jax.data.cards import CARD_FILE, CodecCard, DatasetCard, ShardError, ShardInfo
-from audiodiff_jax.data.records import SHARD_PREFIX, SHARD_SUFFIX, ShardSource, shard_file_name
+from audiodiff_jax.data.records import SHARD_PREFIX, SHARD_SUFFIX, ShardSource, read_captions, shard_file_name
 from audiodiff_jax.programs import cli
 from data_pipeline import audio_folder, tokenizer
 from data_pipeline.audio_folder import AudioError, Problem
@@ -642,7 +649,14 @@ def merge(
         reports.append(_read_json(path))
     full = [r for r in reports if r["ids"]]
     if not full:
-        raise PrecomputeError(f"{out_dir}: no file of the corpus could be encoded; see {SUMMARY_FILE}")
+        # Nothing usable: the work folder goes, and the dataset folder if this run made it.
+        problems = [Problem(**p) for r in reports for p in r["skipped"]] + list(scan_problems)
+        epath.Path(work).rmtree(missing_ok=True)
+        if epath.Path(out_dir).is_dir() and not any(epath.Path(out_dir).iterdir()):
+            epath.Path(out_dir).rmdir()
+        raise PrecomputeError(
+            f"{out_dir}: no usable audio, no file could be encoded: {_problems_line(problems)}"
+        )
     names = [shard_file_name(i, len(full)) for i in range(len(full))]
     unit_cards = []
     for report in full:
@@ -765,6 +779,10 @@ def precompute(
     if latent_dtype not in ("float32", "float16"):
         raise ValueError(f"latent_dtype={latent_dtype!r}: use float32 or float16")
     batch_size = max(1, int(batch_size))
+    if not corpus.entries:  # before anything is written
+        raise PrecomputeError(
+            f"{_corpus_name(corpus)}: no usable audio, nothing written: {_problems_line(corpus.problems)}"
+        )
     card = codec_card(codec)
     work = os.path.join(out_dir, WORK_DIR)
     if overwrite:
@@ -876,6 +894,59 @@ def precompute(
     return summary
 
 
+def _corpus_name(corpus) -> str:
+    return str(corpus.description.get("path") or corpus.description.get("name") or corpus.description)
+
+
+def _problems_line(problems: Sequence[Problem]) -> str:
+    """One line about why nothing could be used: the count and the first reason."""
+    skipped = [p for p in problems if p.severity == "skipped"]
+    if not skipped:
+        return f"no audio files ({', '.join(audio_folder.AUDIO_EXTENSIONS)})"
+    return (
+        f"{len(skipped)} file(s) or caption row(s) skipped, the first {skipped[0].path}: {skipped[0].reason}"
+    )
+
+
+# Dataset card metadata: the base model whose latent statistics and tokenizer the
+# dataset took (adopt_base_card).
+ADOPTED = "latent_stats_and_tokenizer_from"
+
+
+def adopt_base_card(shards_dir: str, base: str) -> DatasetCard:
+    """Gives a finished dataset the latent statistics and the tokenizer of the base model
+    ``base`` (a run, a checkpoint step or an export), so that a model trained from that
+    base (an adapter run, ``train.init_from``, ``make demo``) sees the new data as it saw
+    its own: latents normalized alike, captions in the same tokens. Returns the new card.
+
+    Raises:
+      PrecomputeError: the dataset was encoded with another codec than the base's data.
+    """
+    card = DatasetCard.load(shards_dir)
+    try:
+        src = source.WeightsSource(base)
+        theirs, tok = src.card, src.tokenizer()
+    except UserError as e:
+        raise PrecomputeError(f"--like={base}: {e}") from e
+    if theirs.codec != card.codec:
+        raise PrecomputeError(
+            f"{shards_dir}: encoded with codec {card.codec.name!r}, but {base} was trained on codec "
+            f"{theirs.codec.name!r} latents; encode with its codec (--like picks it)"
+        )
+    paths.atomic_write(os.path.join(shards_dir, tokenizer.DEFAULT_FILE), tok.model_bytes)
+    stats = tokenizer.caption_token_stats(read_captions(shards_dir), tok)
+    card = dataclasses.replace(
+        card,
+        latent_mean=theirs.latent_mean,
+        latent_std=theirs.latent_std,
+        tokenizer=tokenizer.DEFAULT_FILE,
+        tokenizer_vocab_size=tok.vocab_size,
+        metadata={**card.metadata, **stats, ADOPTED: base},
+    )
+    card.save(shards_dir)
+    return card
+
+
 def _finish(out_dir: str, tokenizer_vocab_size: int) -> None:
     """After the card: the tokenizer (if asked and missing), then the work folder goes."""
     if tokenizer_vocab_size > 0 and not DatasetCard.load(out_dir).tokenizer:
@@ -956,6 +1027,12 @@ def run() -> None:
     flags.DEFINE_string(
         "codec", "default", "codec name for audiodiff_jax.codec.load_codec, or module:factory"
     )
+    flags.DEFINE_string(
+        "like",
+        "",
+        "a base model (run, checkpoint step or export): encode with the codec its data was encoded "
+        "with, and give the dataset its latent statistics and tokenizer (for adapters on that base)",
+    )
     flags.DEFINE_integer("files_per_shard", 64, "files per work unit and shard")
     flags.DEFINE_integer(
         "process_index", -1, "this process (0 merges); -1: from launch.local, SLURM or the TPU VM, else 0"
@@ -981,7 +1058,18 @@ def run() -> None:
         index, count = f.process_index, f.process_count
         if index < 0 or count < 1:  # the same command on every host: ask the launcher
             index, count = distributed.work_share()
-        codec = load_codec(f.codec)
+        codec_name, vocab = f.codec, f.tokenizer_vocab_size
+        if f.like:
+            try:
+                base_codec = source.WeightsSource(f.like).card.codec.name
+            except UserError as e:
+                raise PrecomputeError(f"--like={f.like}: {e}") from e
+            if f["codec"].present and f.codec != base_codec:
+                raise PrecomputeError(
+                    f"--codec={f.codec} but --like={f.like} was trained on codec {base_codec!r} latents"
+                )
+            codec_name, vocab = base_codec, 0  # the base's tokenizer is adopted below
+        codec = load_codec(codec_name)
         batch = f.batch_size
         if batch <= 0:
             batch = 1
@@ -1001,11 +1089,13 @@ def run() -> None:
             batch_size=batch,
             read_threads=f.read_threads,
             latent_dtype=f.latent_dtype,
-            tokenizer_vocab_size=f.tokenizer_vocab_size,
+            tokenizer_vocab_size=vocab,
             overwrite=f.overwrite,
             wait_timeout_s=f.wait_timeout_s,
             progress=f.progress,
         )
+        if f.like and index == 0:
+            adopt_base_card(f.out_dir, f.like)
         print(format_summary(summary))
 
     cli.run(main, module=(__name__, distributed.__name__))

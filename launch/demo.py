@@ -25,7 +25,6 @@ Every stage skips what is already done, so running it again resumes.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import time
@@ -42,15 +41,12 @@ from audiodiff_jax.core import paths, report
 from audiodiff_jax.core.logs import quiet_library_logs
 from audiodiff_jax.core.metrics import read_loss_history
 from audiodiff_jax.data.cards import DatasetCard
-from audiodiff_jax.data.records import read_captions
-from audiodiff_jax.data.tokenizer import Tokenizer
 from audiodiff_jax.programs import cli
 from audiodiff_jax.sampling import generation, seams
 from audiodiff_jax.sweeps import sweep
 from audiodiff_jax.training import dit_trainer
 from configs import demo as demo_config
-from data_pipeline import corpus_prompts, precompute, tokenizer
-from data_pipeline.tokenizer import DEFAULT_FILE
+from data_pipeline import corpus_prompts, precompute
 from launch import demo_prompts
 
 # The weights make demo continues from (an audiodiff-export folder, RECIPE.md inside).
@@ -157,33 +153,10 @@ def write_report(
     )
 
 
-ADOPTED = "latent_stats_and_tokenizer_from"  # card metadata: the weights adopt_weights_card took them from
-
-
-def adopt_weights_card(shards_dir: str, weights_dir: str) -> DatasetCard:
-    """Gives the demo's shards the latent statistics and tokenizer of the weights the run
-    continues from, so the model sees its data (normalized latents, caption tokens)
-    exactly as in its pretraining. Returns the new card."""
-    card = DatasetCard.load(shards_dir)
-    source = DatasetCard.from_dict(export.read_json_item(weights_dir, "dataset_card"), weights_dir)
-    if source.codec.name != card.codec.name or source.codec.latent_channels != card.codec.latent_channels:
-        raise ValueError(
-            f"{weights_dir}: weights trained on codec {source.codec.name!r}, the shards are "
-            f"{card.codec.name!r}"
-        )
-    tok = Tokenizer.from_json(export.read_json_item(weights_dir, "tokenizer"), where=weights_dir)
-    paths.atomic_write(os.path.join(shards_dir, DEFAULT_FILE), tok.model_bytes)
-    stats = tokenizer.caption_token_stats(read_captions(shards_dir), tok)
-    card = dataclasses.replace(
-        card,
-        latent_mean=source.latent_mean,
-        latent_std=source.latent_std,
-        tokenizer=DEFAULT_FILE,
-        tokenizer_vocab_size=tok.vocab_size,
-        metadata={**card.metadata, **stats, ADOPTED: weights_dir},
-    )
-    card.save(shards_dir)
-    return card
+# The demo's shards take the latent statistics and tokenizer of the weights it continues
+# (data_pipeline/precompute.py:adopt_base_card; the card records where they came from).
+ADOPTED = precompute.ADOPTED
+adopt_weights_card = precompute.adopt_base_card
 
 
 def pretrain_loss(weights_dir: str) -> dict[int, float]:

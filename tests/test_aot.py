@@ -124,6 +124,34 @@ def test_tiny_train_step_compiles_with_splash_and_reports_memory():
 
 
 @needs_libtpu
+def test_adapter_train_step_compiles_with_the_base_as_a_frozen_input():
+    """The adapter trainer's step needs no base weights to compile: the base is a sharded
+    input like the batch. The state (donated) holds the factors, their EMA and moments."""
+    from audiodiff_jax.core import sharding
+    from audiodiff_jax.model import adapters, count_params, make_model
+
+    spec = topology.parse_topology("v5p-8")
+    cfg = aot.prepare_config(_tiny(**{"adapters.rank": 4}), spec)
+    mesh = sharding.make_mesh(cfg.mesh, aot.get_devices(spec))
+    report = aot.compile_adapter_train_step(cfg, mesh, spec.generation.hbm_bytes)
+    assert report.compiled and report.fits, report.error
+    assert report.kernels.get("splash_mha_fwd_segmented_residuals", 0) > 0
+    n = count_params(make_model(cfg.model).abstract_params())
+    fns = adapters.make_adapter(cfg.model, adapters.AdapterSpec.from_config(cfg.adapters))
+    k = adapters.count_params(fns.abstract_params())
+    # Replicated on a data-parallel mesh: fp32 factors, EMA and two moments, plus scalars;
+    # the base's fp32 weights once.
+    assert 16 * k <= report.state_bytes < 16 * k + 1024 and report.frozen_bytes == 4 * n
+    assert report.state_bytes < report.frozen_bytes
+    # Only the state is donated (the base is read, never written): what the outputs reuse
+    # is the state's buffers (TPU tiling pads the small factors), never the base's.
+    assert report.state_bytes <= report.alias_bytes < report.argument_bytes - report.frozen_bytes, (
+        report.format()
+    )
+    assert "train state" in report.format() and "frozen base" in report.format()
+
+
+@needs_libtpu
 def test_splash_runs_at_a_window_that_is_not_a_block_multiple():
     """700 frames (700 % 128 = 60, as the shipped 6,460) get as many kernels as 640."""
     from audiodiff_jax.core import sharding

@@ -21,6 +21,7 @@ NOT_LOADED = (
 _IMPORT_AND_LIST = """
 import sys
 import audiodiff_jax.programs.train_main
+import audiodiff_jax.training.adapter_trainer
 import audiodiff_jax.training.codec_trainer
 import audiodiff_jax.training.dit_trainer
 for name in sorted(sys.modules):

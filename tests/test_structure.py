@@ -15,8 +15,8 @@ floors"); this file is what holds the code to them.
   nothing from a sibling package of its floor. Imports inside functions count too: a
   lazy import is still a dependency.
 - The packages of floor 1 import each other without a cycle.
-- The trainers and the loop (``training.dit_trainer``, ``training.codec_trainer``,
-  ``training.loop``) do not import sampling or evaluation, not even transitively:
+- The trainers and the loop (``training.dit_trainer``, ``training.adapter_trainer``,
+  ``training.codec_trainer``, ``training.loop``) do not import sampling or evaluation, not even transitively:
   evaluators are handed to the loop by the training program.
 
 Errors list every offending import as ``file:line imports module``.
@@ -152,6 +152,7 @@ ROOT_FLOOR = 0  # audiodiff_jax/__init__.py: importable by every floor, imports 
 # What the trainers and their loop must never reach, even through other modules.
 TRAINING_ROOTS = (
     "audiodiff_jax.training.dit_trainer",
+    "audiodiff_jax.training.adapter_trainer",
     "audiodiff_jax.training.codec_trainer",
     "audiodiff_jax.training.loop",
 )

@@ -7,7 +7,9 @@ train state, readable with any safetensors reader. The folder holds
   the params tree joined with ``.`` (``blocks.0.cross_attn.key``);
 - ``export.json``: what the weights are (the set's name, e.g. ``ema0.9999``, the names
   it answers to, the checkpoint step and folder it came from, each tensor's shape,
-  dtype and SHA-256 of its bytes in ``params.safetensors``, under ``hash``);
+  dtype and SHA-256 of its bytes in ``params.safetensors``, under ``hash``, the
+  weights' content hash (:func:`content_hash`, what adapters name their base by) and,
+  for a merged export, the adapters merged in);
 - ``config.json``: the resolved config of the run; ``dataset_card.json``: the card of
   its latents; ``tokenizer.json``: its sentencepiece model (base64, with its sha256).
 
@@ -22,6 +24,7 @@ of a memory-mapped file), so an export restores onto any mesh without a full hos
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -67,6 +70,25 @@ def flatten(params: Any) -> dict[str, Any]:
     return {SEP.join(path): leaf for path, leaf in flat.items()}
 
 
+def content_hash(params: Any) -> str:
+    """The identity of a set of weights: ``sha256:`` of every tensor's name, dtype, shape
+    and bytes, in name order. The same weights give the same hash whether they come from
+    a checkpoint step or its export; adapters record their base's
+    (``audiodiff_jax/checkpoints/adapter_export.py``). Host arrays, or device arrays
+    this process holds whole."""
+    h = hashlib.sha256()
+    for name, leaf in sorted(flatten(params).items()):
+        x = np.ascontiguousarray(np.asarray(jax.device_get(leaf)))
+        h.update(json.dumps([name, str(x.dtype), list(x.shape)]).encode())
+        h.update(x.tobytes())
+    return "sha256:" + h.hexdigest()
+
+
+def short_hash(digest: str) -> str:
+    """``sha256:0123456789ab`` (12 hex digits): how messages show a content hash."""
+    return digest[: len("sha256:") + 12]
+
+
 def write(
     out_dir: str,
     params: Any,
@@ -76,6 +98,7 @@ def write(
     step: int,
     source: str,
     json_items: dict[str, dict],
+    extra: dict[str, Any] | None = None,
 ) -> str:
     """Writes an export folder (into a temporary folder renamed at the end: never half-written).
 
@@ -86,6 +109,7 @@ def write(
         names it answers to (``ema``).
       step, source: the checkpoint step and folder the weights came from.
       json_items: ``config``, ``dataset_card`` and ``tokenizer`` JSON objects.
+      extra: more fields of ``export.json`` (e.g. ``adapters``: the adapters merged in).
 
     Returns:
       ``out_dir``.
@@ -115,6 +139,8 @@ def write(
             for (k, v), h in zip(flat.items(), hashes, strict=True)
         },
         "hash_algorithm": integrity.ALGORITHM,
+        "content_hash": content_hash(params),
+        **(extra or {}),
     }
     for name in JSON_ITEMS:
         (tmp / f"{name}.json").write_text(json.dumps(json_items[name], indent=1, sort_keys=True))

@@ -11,7 +11,11 @@ the project is asked here, and nowhere else:
 - :class:`WeightsSource` reads a step's config, card and tokenizer, says which weight
   sets each step holds, and restores them (sweeps restore several steps of one run);
 - :func:`restore_params` restores one weight set of a run or an export for training's
-  ``train.init_from``.
+  ``train.init_from``;
+- :meth:`WeightsSource.identity` names a weight set by its content hash: what an
+  adapter records of its base, and what sampling checks an adapter against;
+- :func:`open_adapter` reads an adapter from its exported folder
+  (``adapter_export.py``) or from an adapter run's checkpoint.
 
 The sampler itself (``audiodiff_jax/sampling/generation.py``) takes the result as
 arrays and objects and never reads a path.
@@ -19,21 +23,26 @@ arrays and objects and never reads a path.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 from absl import logging
 from etils import epath
 
-from audiodiff_jax.checkpoints import checkpointing, export, integrity
+from audiodiff_jax.checkpoints import adapter_export, checkpointing, export, integrity
 from audiodiff_jax.core import config as config_lib
 from audiodiff_jax.core import optim
 from audiodiff_jax.core.errors import GenerationError
 from audiodiff_jax.data import loader
 from audiodiff_jax.data.cards import DatasetCard, ShardError
 from audiodiff_jax.data.tokenizer import Tokenizer
+from audiodiff_jax.model import make_model
+from audiodiff_jax.model.adapters import Adapter, AdapterSpec
 
 LATEST = "latest"
+# The JSON item of an adapter run's checkpoints: {"spec": ..., "base": identity}.
+ADAPTER_ITEM = "adapter"
 
 
 def _export_meta(path) -> dict:
@@ -134,9 +143,20 @@ class WeightsSource:
 
     def __init__(self, path: str, step: int | None = None):
         self.path = str(path)
+        if adapter_export.is_adapter_folder(self.path):
+            raise GenerationError(
+                f"{self.path} is an adapter, not a model: give its base as the weights and the "
+                f"adapter with --adapters={self.path}"
+            )
         self.step_dir, self.step = find_checkpoint(self.path, step)
         self.export_meta = _export_meta(self.path) if export.is_export(self.path) else None
         self.cfg, self.card = read_checkpoint_meta(self.step_dir)
+        if self.cfg.adapters.base:
+            raise GenerationError(
+                f"{self.path} is an adapter run (base {self.cfg.adapters.base}): give its base as the "
+                f"weights and the run with --adapters={self.path}"
+            )
+        self._hashes: dict[tuple[int, str], str] = {}
 
     @property
     def is_export(self) -> bool:
@@ -232,6 +252,47 @@ class WeightsSource:
             )
         return tokenizer
 
+    def host_params(self, step: int | None, name: str) -> Any:
+        """One weight set as host numpy arrays (no mesh), checked against the saved model."""
+        step = self.step if step is None else step
+        abstract = make_model(self.cfg.model).abstract_params() if self.is_export else None
+        return self.restore(step, [name], abstract)[self.canonical_weights(name)]
+
+    def identity(self, step: int | None, name: str, params: Any = None) -> dict[str, Any]:
+        """What an adapter records of the base it is trained on, and what sampling checks
+        it against: the weight set's content hash (``export.content_hash``) and a name.
+        The hash comes from an export's description, or from ``params`` (host arrays of
+        this set) when given, else from reading the set once (cached)."""
+        step = self.step if step is None else step
+        canonical = self.canonical_weights(name)
+        key = (step, canonical)
+        if key not in self._hashes:
+            if self.is_export and self.export_meta.get("content_hash"):
+                self._hashes[key] = self.export_meta["content_hash"]
+            else:
+                self._hashes[key] = export.content_hash(
+                    params if params is not None else self.host_params(step, canonical)
+                )
+        where = f"export {self.path}" if self.is_export else f"{self.path} step {step}"
+        return {
+            "name": f"{where}, weights {canonical}",
+            "hash": self._hashes[key],
+            "path": self.path,
+            "step": int(step),
+            "weights": canonical,
+        }
+
+    def check_adapter(self, adapter: Adapter, step: int | None, name: str) -> None:
+        """Raises GenerationError when ``adapter`` was trained on other weights than the
+        set ``name`` of ``step``, naming both."""
+        mine = self.identity(step, name)
+        if adapter.base.get("hash") != mine["hash"]:
+            raise GenerationError(
+                f"adapter {adapter.name} was trained on {adapter.base.get('name')} "
+                f"({export.short_hash(str(adapter.base.get('hash')))}), not on {mine['name']} "
+                f"({export.short_hash(mine['hash'])}): an adapter works only on its own base"
+            )
+
     def restore(self, step: int | None, names: Sequence[str], abstract_params: Any) -> dict[str, Any]:
         """Restores weight sets of checkpoint ``step`` in one read (no optimizer state) onto
         the shardings of ``abstract_params`` (None: host arrays), checked against the
@@ -286,3 +347,141 @@ def restore_params(
     return checkpointing.restore_params(
         path, abstract_params, use_ema=use_ema, weights=weights, required_items=required_items
     )
+
+
+def _is_adapter_run(path: str) -> tuple[epath.Path, int, config_lib.Config] | None:
+    """(step folder, step, config) of an adapter run's latest checkpoint; None for anything else."""
+    if export.is_export(path) or adapter_export.is_adapter_folder(path):
+        return None
+    try:
+        step_dir, step = find_checkpoint(path)
+        cfg, _ = read_checkpoint_meta(step_dir)
+    except GenerationError:
+        return None
+    return (step_dir, step, cfg) if cfg.adapters.base else None
+
+
+def is_adapter(path: str) -> bool:
+    """Whether ``path`` is an adapter: an exported adapter folder or an adapter run."""
+    return adapter_export.is_adapter_folder(path) or _is_adapter_run(path) is not None
+
+
+def open_adapter(path: str, weights: str | None = None, step: int | None = None) -> tuple[Adapter, dict]:
+    """An adapter as host arrays, from its exported folder or from an adapter run's
+    checkpoint (``step``, default the latest; ``weights``, default the run's
+    ``sample.weights[0]``, i.e. the EMA).
+
+    Returns:
+      (the adapter, where it came from: ``weights``, ``step``, ``source``).
+
+    Raises:
+      GenerationError: not an adapter, a truncated or damaged file, a missing weight set.
+    """
+    try:
+        if adapter_export.is_adapter_folder(path):
+            meta = adapter_export.read_meta(path)
+            return adapter_export.read(path), {
+                "weights": meta["weights"],
+                "step": meta["step"],
+                "source": meta["source"],
+            }
+    except adapter_export.AdapterError as e:
+        raise GenerationError(str(e)) from e
+    if export.is_export(path):
+        raise GenerationError(f"{path} is an export of a whole model, not an adapter")
+    step_dir, step = find_checkpoint(path, step)
+    cfg, _ = read_checkpoint_meta(step_dir)
+    if not cfg.adapters.base:
+        raise GenerationError(f"{path} is neither an adapter folder nor an adapter run")
+    if not _has_item(step_dir, ADAPTER_ITEM):
+        raise GenerationError(f"checkpoint {step_dir} of an adapter run lacks its '{ADAPTER_ITEM}' item")
+    item = _item(step_dir, ADAPTER_ITEM)
+    wanted = weights or cfg.sample.weights[0]
+    name = optim.ema_name(cfg.optim.ema_decay) if wanted == optim.EMA else optim.canonical_weights(wanted)
+    try:
+        params = checkpointing.restore_weight_sets(step_dir, [name], None)[name]
+    except checkpointing.WeightsNotFound as e:
+        raise GenerationError(str(e)) from e
+    except Exception as e:  # noqa: BLE001 - Orbax raises many types for damaged files
+        raise GenerationError(
+            f"could not restore the adapter {name} of {step_dir} (half-written or damaged checkpoint?): "
+            f"{type(e).__name__}: {e}"
+        ) from e
+    s = item["spec"]
+    spec = AdapterSpec(int(s["rank"]), float(s["alpha"]), tuple(s["targets"]))
+    label = f"{epath.Path(path).name} step {step}"
+    adapter = Adapter(params, spec, dict(item["base"]), label)
+    try:
+        adapter_export.check_factors(params, spec, str(step_dir))
+    except adapter_export.AdapterError as e:
+        raise GenerationError(str(e)) from e
+    return adapter, {"weights": name, "step": step, "source": str(step_dir)}
+
+
+def saved_adapter_base(workdir: str) -> dict | None:
+    """The base identity saved in the newest checkpoint of an adapter run's workdir
+    (its ``adapter`` item); None when the workdir holds no such checkpoint yet."""
+    try:
+        step_dir, _ = checkpointing.find_step(workdir, required_items=(ADAPTER_ITEM,))
+        return dict(_item(step_dir, ADAPTER_ITEM)["base"])
+    except (checkpointing.CheckpointNotFound, GenerationError, KeyError, TypeError):
+        return None
+
+
+class AdapterStack(NamedTuple):
+    """Adapters stacked on a model's weights, each at its scale (one value of sampling's
+    ``--adapters``)."""
+
+    text: str  # "PATH@SCALE,PATH@SCALE" as manifests record it; "" = no adapter
+    layers: tuple[tuple[Adapter, float], ...] = ()
+
+    def describe(self) -> list[dict[str, Any]]:
+        """What a manifest row records of each adapter."""
+        return [
+            {"name": a.name, "scale": scale, "rank": a.spec.rank, "base_hash": a.base.get("hash")}
+            for a, scale in self.layers
+        ]
+
+
+NO_ADAPTERS = AdapterStack("")
+NONE_WORD = "none"
+
+
+def parse_adapter_stack(text: str) -> list[tuple[str, float]]:
+    """``PATH[@SCALE],...`` -> ``[(path, scale)]`` (scale 1 when not given); ``none`` or
+    "" -> []. Raises GenerationError naming a bad scale."""
+    text = text.strip()
+    if text in ("", NONE_WORD):
+        return []
+    out = []
+    for item in text.split(","):
+        item = item.strip()
+        path, sep, scale_text = item.rpartition("@")
+        if not sep:
+            path, scale_text = item, "1"
+        try:
+            scale = float(scale_text)
+        except ValueError:
+            raise GenerationError(
+                f"--adapters={text}: {item!r}: the scale after @ must be a number (PATH[@SCALE])"
+            ) from None
+        if not path or not math.isfinite(scale):
+            raise GenerationError(f"--adapters={text}: {item!r} is not PATH[@SCALE] with a finite scale")
+        out.append((path, scale))
+    return out
+
+
+def open_adapter_stacks(texts: Sequence[str]) -> list[AdapterStack]:
+    """The stacks of several ``--adapters`` values (each adapter read once), in order,
+    without repeats; none given -> ``[NO_ADAPTERS]``."""
+    cache: dict[str, Adapter] = {}
+    stacks: dict[str, AdapterStack] = {}
+    for text in texts or [""]:
+        layers = []
+        for path, scale in parse_adapter_stack(text):
+            if path not in cache:
+                cache[path] = open_adapter(path)[0]
+            layers.append((cache[path], scale))
+        key = ",".join(f"{path}@{scale:g}" for path, scale in parse_adapter_stack(text))
+        stacks.setdefault(key, AdapterStack(key, tuple(layers)))
+    return list(stacks.values())

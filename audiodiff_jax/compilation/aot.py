@@ -48,6 +48,7 @@ from audiodiff_jax.core.topology import GiB, TopologySpec
 from audiodiff_jax.data import batch as batch_lib
 from audiodiff_jax.model import make_model
 from audiodiff_jax.sampling import generation
+from audiodiff_jax.training.adapter_trainer import AdapterTrainer
 from audiodiff_jax.training.dit_trainer import Trainer
 
 
@@ -132,6 +133,8 @@ class StepReport:
     expect_kernel: str = ""
     # The config fields (or flags) that change this program's memory, with their values.
     advice: str = ""
+    state_bytes: int = 0  # per chip: the train state (params, optimizer state, EMAs), an argument
+    frozen_bytes: int = 0  # per chip: frozen weights handed to the step (an adapter run's base)
 
     @property
     def kernel_missing(self) -> bool:
@@ -186,7 +189,10 @@ class StepReport:
             return "\n".join(lines)
         lines += [
             f"   compile time   {self.compile_s:8.1f} s",
-            f"   arguments      {gib(self.argument_bytes)}",
+            f"   arguments      {gib(self.argument_bytes)}"
+            + (f"  (train state {gib(self.state_bytes).strip()}" if self.state_bytes else "")
+            + (f", frozen base {gib(self.frozen_bytes).strip()}" if self.frozen_bytes else "")
+            + (")" if self.state_bytes else ""),
             f"   outputs        {gib(self.output_bytes)}  "
             f"({gib(self.alias_bytes).strip()} reuse donated inputs)",
             f"   temporaries    {gib(self.temp_bytes)}",
@@ -359,6 +365,15 @@ def _expected_kernel(cfg: Config) -> str:
     return "splash_mha" if cfg.model.attention == "splash" else ""
 
 
+def per_chip_bytes(tree: Any) -> int:
+    """Bytes one chip holds of a pytree of sharded ShapeDtypeStructs (the largest shard of each)."""
+    total = 0
+    for x in jax.tree.leaves(tree):
+        shard = x.sharding.shard_shape(x.shape) if x.sharding is not None else x.shape
+        total += math.prod(shard) * jnp.dtype(x.dtype).itemsize
+    return total
+
+
 def compile_train_step(cfg: Config, mesh, hbm_bytes: int, peak_flops: float = 0.0) -> StepReport:
     """Compiles ``Trainer``'s jitted train step (shardings, donation) for ``mesh``."""
     trainer = Trainer(cfg, mesh)
@@ -371,8 +386,30 @@ def compile_train_step(cfg: Config, mesh, hbm_bytes: int, peak_flops: float = 0.
         peak_flops=peak_flops,
         expect_kernel=_expected_kernel(cfg),
         advice=memory.config_advice(cfg, config_lib.MEMORY_FIELDS),
+        state_bytes=per_chip_bytes(args[0]),
     )
     return compile_and_report(trainer.train_step, args, ("state", "batch"), report, mesh)
+
+
+def compile_adapter_train_step(cfg: Config, mesh, hbm_bytes: int, peak_flops: float = 0.0) -> StepReport:
+    """Compiles the adapter trainer's jitted step (``adapter_trainer.AdapterTrainer``: the
+    adapters of ``cfg.adapters`` on a frozen base, which is an input like the batch) for
+    ``mesh``. No base weights are needed: the base is a sharded ShapeDtypeStruct too."""
+    trainer = AdapterTrainer(cfg, mesh)
+    b, t = cfg.data.global_batch_size, cfg.data.window_frames
+    args = (trainer.abstract_state(), trainer.abstract_base(), batch_lib.abstract_batch(cfg, mesh))
+    a = cfg.adapters
+    report = StepReport(
+        name=f"adapter_train_step  (rank {a.rank} on {len(a.targets)} projections per block; "
+        f"global batch {b} x {t} frames)",
+        hbm_bytes=hbm_bytes,
+        model_flops=flops.train_flops_per_step(cfg.model, b, t, cfg.model.text.max_len) / mesh.size,
+        peak_flops=peak_flops,
+        expect_kernel=_expected_kernel(cfg),
+        state_bytes=per_chip_bytes(args[0]),
+        frozen_bytes=per_chip_bytes(args[1]),
+    )
+    return compile_and_report(trainer.train_step, args, ("state", "base", "batch"), report, mesh)
 
 
 def sample_program(cfg: Config, mesh, *, songs: int, frames: int) -> generation.SampleProgram:

@@ -209,6 +209,43 @@ class EvalConfig:
     codec: str = ""  # decodes demo samples: "" = the codec the dataset card names; a name or "module:factory"
 
 
+# The projections of a DiT block an adapter can target (``model/dit.py``: the
+# attention modules' query/key/value/out kernels, the MLP's two dense kernels).
+ADAPTER_TARGETS = (
+    "self_attn.query",
+    "self_attn.key",
+    "self_attn.value",
+    "self_attn.out",
+    "cross_attn.query",
+    "cross_attn.key",
+    "cross_attn.value",
+    "cross_attn.out",
+    "mlp.fc1",
+    "mlp.fc2",
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class AdaptersConfig:
+    """Low-rank adapters (LoRA) on the DiT's projections (``audiodiff_jax/model/adapters.py``).
+
+    A run whose ``base`` is set trains only the adapters, on the frozen weights of that
+    checkpoint or export (``audiodiff_jax/training/adapter_trainer.py``): each targeted
+    kernel ``W`` of every block becomes ``W + (alpha / rank) * A @ B``, ``A`` random and
+    ``B`` zero at the start (so the run starts at the base model). ``configs/adapter.py:BASE``
+    fills the model from the base.
+    """
+
+    base: str = ""  # checkpoint (run workdir, step folder) or export of the base; "" = a full run
+    base_weights: str = ""  # weight set of a base checkpoint (raw, ema...); "" = its sample.weights[0]
+    rank: int = 16
+    alpha: float = 16.0  # the update is scaled by alpha / rank
+    targets: tuple[str, ...] = ADAPTER_TARGETS  # which projections of every block (ADAPTER_TARGETS)
+    # Rank dropout: each rank component of each adapted kernel is dropped with this
+    # probability at every step (the rest scaled by 1 / (1 - dropout)); 0 = off.
+    dropout: float = 0.0
+
+
 @dataclasses.dataclass(frozen=True)
 class ProfileConfig:
     """Profiles of chosen training steps (``audiodiff_jax/training/profiling.py``).
@@ -238,12 +275,18 @@ class Config:
     sample: SampleConfig = dataclasses.field(default_factory=SampleConfig)
     eval: EvalConfig = dataclasses.field(default_factory=EvalConfig)
     profile: ProfileConfig = dataclasses.field(default_factory=ProfileConfig)
+    adapters: AdaptersConfig = dataclasses.field(default_factory=AdaptersConfig)
 
 
 # Sections added after checkpoints were already being written: reading a config that
 # lacks one (the config saved in an older checkpoint, which sampling reads) fills the
 # section's defaults instead of refusing it as a missing key.
-SECTIONS_ADDED_LATER = {"sample": SampleConfig, "eval": EvalConfig, "profile": ProfileConfig}
+SECTIONS_ADDED_LATER = {
+    "sample": SampleConfig,
+    "eval": EvalConfig,
+    "profile": ProfileConfig,
+    "adapters": AdaptersConfig,
+}
 
 
 def _upgrade_old_fields(data: dict) -> None:
@@ -396,6 +439,24 @@ def replace(cfg, **changes):
     return dataclasses.replace(cfg, **flat)
 
 
+def first_difference(a, b, prefix: str, ignore: tuple[str, ...] = ()) -> tuple[str, Any, Any] | None:
+    """The first field (dotted path under ``prefix``, in declaration order) where two
+    sections of one type differ, with both values; None when equal. Fields named in
+    ``ignore`` (their dotted paths) are skipped."""
+    for f in dataclasses.fields(a):
+        path = f"{prefix}.{f.name}"
+        if path in ignore:
+            continue
+        x, y = getattr(a, f.name), getattr(b, f.name)
+        if dataclasses.is_dataclass(x):
+            found = first_difference(x, y, path, ignore)
+            if found:
+                return found
+        elif x != y:
+            return path, x, y
+    return None
+
+
 # ---------------------------------------------------------------------------
 # Validation (before anything compiles): one function per section, and
 # :func:`validate` running all of them once, before a program compiles or restores.
@@ -521,6 +582,30 @@ MEMORY_FIELDS = {
     "model.remat": "'dots_saveable' or 'full' keep fewer activations",
     "mesh.fsdp": "shard weights and optimizer state over more devices",
 }
+
+
+def validate_adapters(a: AdaptersConfig) -> None:
+    """The section alone; the rank against the widths it adapts is checked with the
+    model (``audiodiff_jax/model/adapters.py:check_rank``)."""
+    _check(a.rank >= 1, f"adapters.rank={a.rank} must be >= 1")
+    _check(a.alpha > 0, f"adapters.alpha={a.alpha} must be > 0")
+    _check(
+        len(a.targets) > 0, "adapters.targets is empty; name at least one of " + ", ".join(ADAPTER_TARGETS)
+    )
+    for t in a.targets:
+        _check(
+            t in ADAPTER_TARGETS,
+            f"adapters.targets={_shown(a.targets)}: {t!r} is not a projection of a DiT block; "
+            f"one of {', '.join(ADAPTER_TARGETS)}",
+        )
+    _check(
+        len(set(a.targets)) == len(a.targets), f"adapters.targets={_shown(a.targets)} repeats a projection"
+    )
+    _check(0.0 <= a.dropout < 1.0, f"adapters.dropout={a.dropout} must be in [0, 1)")
+    _check(
+        not a.base_weights or re.fullmatch(WEIGHTS_PATTERN, a.base_weights) is not None,
+        f"adapters.base_weights={a.base_weights!r} is not a weight set; raw, ema or ema<decay>",
+    )
 
 
 def validate_eval(e: EvalConfig) -> None:
@@ -753,6 +838,12 @@ def validate(cfg: Config, num_devices: int | None = None) -> None:
     validate_sample(cfg.sample)
     validate_eval(cfg.eval)
     validate_profile(cfg.profile)
+    validate_adapters(cfg.adapters)
+    _check(
+        not (cfg.adapters.base and cfg.train.init_from),
+        f"adapters.base={cfg.adapters.base!r} and train.init_from={cfg.train.init_from!r}: an adapter run "
+        "trains on its base's frozen weights; give one of them",
+    )
     if num_devices is None:
         return
     sizes = resolve_mesh_shape(cfg.mesh, num_devices)

@@ -26,6 +26,7 @@ VOCAB = "vocab"  # sentencepiece vocabulary
 COND = "cond"  # conditioning (sinusoidal frequency) features
 MODULATION = "modulation"  # AdaLN shift/scale/gate chunks
 NORM = "norm"  # scales of normalization layers
+ADAPTER_RANK = "adapter_rank"  # the rank of a low-rank adapter (A [.., rank], B [rank, ..])
 
 # Metric names.
 TRAIN_LOSS = "train/loss"

@@ -53,6 +53,8 @@ LOGICAL_RULES: tuple[tuple[str, MeshAxes], ...] = (
     (names.COND, None),
     (names.MODULATION, None),
     (names.NORM, None),
+    # Adapters shard like the kernel they adapt on its other axes; the rank is small.
+    (names.ADAPTER_RANK, None),
 )
 _RULES = dict(LOGICAL_RULES)
 

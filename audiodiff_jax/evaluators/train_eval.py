@@ -449,7 +449,7 @@ def from_config(
         cfg,
         trainer.mesh,
         trainer.model.apply,
-        dit_trainer.weight_sets,
+        trainer.weight_sets,
         card,
         Tokenizer(loader_lib.resolve_tokenizer_path(cfg.data, card)),
         workdir,

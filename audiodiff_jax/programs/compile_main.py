@@ -4,8 +4,12 @@ r"""``audiodiff-compile``: will this config fit that pod? Compile it here and se
     audiodiff-compile --config=configs/dit.py:3B --topology=v5e-256 --num_slices=2 \
         --config.mesh.fsdp=-1 --json_out=/tmp/3b_v5e.json
 
+    audiodiff-compile --config=configs/dit.py:1B --topology=v5p-128 \
+        --programs=train,adapter_train --config.adapters.rank=16
+
 Compiles the real train step (``Trainer``'s jit: shardings, donation, splash
-attention) and one classifier-free-guided denoiser call of the sampler for a TPU
+attention; ``adapter_train``: the adapter trainer's step, the base an input) and one
+classifier-free-guided denoiser call of the sampler for a TPU
 slice this machine does not have (``audiodiff_jax/compilation/aot.py``), and prints per-chip
 memory (arguments, outputs, temporaries, generated code) against the chip's HBM,
 FLOPs, and the largest buffers when the program does not fit.
@@ -45,7 +49,12 @@ _TOPOLOGY = flags.DEFINE_string(
     "topology", None, "TPU pod (v5p-128, v5e-256, v4-32, v6e-64), libtpu shape (v5p:4x4x8) or cuda:NAME."
 )
 _NUM_SLICES = flags.DEFINE_integer("num_slices", 1, "Slices joined over DCN (multi-slice).")
-_PROGRAMS = flags.DEFINE_list("programs", ["train", "sample"], "Which programs to compile: train, sample.")
+_PROGRAMS = flags.DEFINE_list(
+    "programs",
+    ["train", "sample"],
+    "Which programs to compile: train, sample, adapter_train (low-rank adapters of the adapters "
+    "section on the frozen model: no base weights needed).",
+)
 _ATTENTION = flags.DEFINE_string(
     "attention", "splash", "model.attention for the compile ('config' keeps the config's)."
 )
@@ -100,12 +109,16 @@ def main(argv):
         logging.info("compiling %s for %s", program, target)
         if program == "train":
             r = aot.compile_train_step(cfg, mesh, hbm, peak)
+        elif program == "adapter_train":
+            r = aot.compile_adapter_train_step(cfg, mesh, hbm, peak)
         elif program == "sample":
             songs = _SAMPLE_SONGS.value or sharding.batch_shards(mesh)
             frames = _SAMPLE_FRAMES.value or cfg.data.window_frames
             r = aot.compile_sample_step(cfg, mesh, hbm, songs=songs, frames=frames, peak_flops=peak)
         else:
-            raise app.UsageError(f"--programs: unknown program {program!r}; one of train, sample")
+            raise app.UsageError(
+                f"--programs: unknown program {program!r}; one of train, sample, adapter_train"
+            )
         print(r.format(), flush=True)
         reports.append(r)
     ok = all(r.fits for r in reports)

@@ -11,16 +11,30 @@ Only those weights are read (never the optimizer state), as host arrays in one p
 ``audiodiff-sample --checkpoint=OUT`` samples from the folder, and
 ``--config.train.init_from=OUT`` starts a training run from it.
 
+Adapters (``audiodiff_jax/checkpoints/adapter_export.py``):
+
+    audiodiff-export --checkpoint=runs/my_adapter --out=adapters/mine
+    audiodiff-export --checkpoint=runs/dit1b --adapters=adapters/mine@0.8 --out=exports/dit1b-mine
+
+The first writes an adapter run's adapter (its EMA by default) as a small folder
+(``adapter.safetensors`` + ``adapter.json``: the spec and the base's identity; never the
+base). The second merges adapters, each at its scale, into the weights of a base and
+writes a whole export; its ``export.json`` lists the adapters merged in. An adapter made
+for other weights is refused, naming both.
+
 Exit status: 0 when written, 2 for bad input (no such checkpoint, step or weights; an
-output folder that is not empty).
+output folder that is not empty; an adapter that is damaged or made for another base).
 """
 
 from __future__ import annotations
 
+import jax
+import numpy as np
 from absl import app, flags, logging
 
-from audiodiff_jax.checkpoints import export, source
+from audiodiff_jax.checkpoints import adapter_export, export, source
 from audiodiff_jax.core import optim
+from audiodiff_jax.model import adapters
 from audiodiff_jax.programs import cli
 
 _CHECKPOINT = flags.DEFINE_string(
@@ -33,29 +47,89 @@ _WEIGHTS = flags.DEFINE_string(
     "Weight set: raw, ema, or ema<decay> (default: sample.weights of the checkpoint's config).",
 )
 _OUT = flags.DEFINE_string("out", None, "The export folder to write (new or empty).")
+_ADAPTERS = flags.DEFINE_string(
+    "adapters",
+    "",
+    "Adapters to merge into the weights, PATH[@SCALE],... (adapter folders or adapter runs): "
+    "writes a whole export of the merged weights.",
+)
 
 
 def export_checkpoint(
-    checkpoint: str, out: str, *, step: int | None = None, weights: str | None = None
+    checkpoint: str,
+    out: str,
+    *,
+    step: int | None = None,
+    weights: str | None = None,
+    adapters_text: str = "",
 ) -> str:
-    """Exports one weight set of a checkpoint step into ``out``; returns ``out``.
+    """Exports one weight set of a checkpoint step into ``out`` (an adapter run: its
+    adapter, :func:`export_adapter`), with ``adapters_text`` (``PATH[@SCALE],...``)
+    merged in; returns ``out``.
 
     Raises:
       GenerationError (from the weights source) / export.ExportError: bad input, named.
     """
+    if source.is_adapter(checkpoint):
+        if adapters_text:
+            raise export.ExportError(
+                f"{checkpoint} is an adapter run; --adapters merges adapters into a base"
+            )
+        return export_adapter(checkpoint, out, step=step, weights=weights)
+    stack = source.open_adapter_stacks([adapters_text])[0]
     src = source.WeightsSource(checkpoint, step)
-    if src.is_export:
+    if src.is_export and not stack.layers:
         raise export.ExportError(f"{checkpoint} is an export already; copy the folder instead")
     canonical = src.canonical_weights(weights or src.default_weights())
-    params = src.restore(src.step, [canonical], None)[canonical]
+    src.check_weights(src.step, [canonical])
+    params = src.host_params(src.step, canonical)
+    for adapter, _ in stack.layers:
+        src.check_adapter(adapter, src.step, canonical)
+    extra = {}
+    if stack.layers:
+        # The same jitted merge as sampling's (Generator.use_weights), on one device.
+        device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+        factors = [scale * a.spec.factor for a, scale in stack.layers]
+        merge = jax.jit(
+            lambda base, ps: adapters.merge(base, list(zip(ps, factors, strict=True))),
+            out_shardings=jax.tree.map(lambda _: device, params),
+        )
+        params = jax.tree.map(np.asarray, merge(params, [a.params for a, _ in stack.layers]))
+        extra["adapters"] = adapter_export.merged_description(list(stack.layers))
+        extra["base_content_hash"] = src.identity(src.step, canonical)["hash"]
     aliases = [optim.EMA] if canonical == src.canonical_weights(optim.EMA) else []
     items = source.json_items(src.step_dir)
     step, step_dir = src.step, src.step_dir
     export.write(
-        out, params, weights=canonical, aliases=aliases, step=step, source=str(step_dir), json_items=items
+        out,
+        params,
+        weights=canonical,
+        aliases=aliases,
+        step=step,
+        source=str(step_dir),
+        json_items=items,
+        extra=extra,
     )
     n = sum(int(x.size) for x in export.flatten(params).values())
-    logging.info("exported weights %s of step %d (%d parameters) to %s", canonical, step, n, out)
+    merged = f" with adapters {stack.text} merged in" if stack.layers else ""
+    logging.info("exported weights %s of step %d (%d parameters)%s to %s", canonical, step, n, merged, out)
+    return out
+
+
+def export_adapter(run: str, out: str, *, step: int | None = None, weights: str | None = None) -> str:
+    """Writes the adapter of an adapter run's checkpoint step (weight set ``weights``,
+    default its EMA) as an adapter folder; returns ``out``."""
+    adapter, where = source.open_adapter(run, weights, step)
+    adapter_export.write(out, adapter, weights=where["weights"], step=where["step"], source=where["source"])
+    logging.info(
+        "exported adapter %s (rank %d, %d parameters) of step %d to %s; its base: %s",
+        where["weights"],
+        adapter.spec.rank,
+        adapters.count_params(adapter.params),
+        where["step"],
+        out,
+        adapter.base.get("name"),
+    )
     return out
 
 
@@ -63,7 +137,9 @@ def main(argv):
     del argv
     if not _CHECKPOINT.value or not _OUT.value:
         raise app.UsageError("--checkpoint and --out are required")
-    out = export_checkpoint(_CHECKPOINT.value, _OUT.value, step=_STEP.value, weights=_WEIGHTS.value)
+    out = export_checkpoint(
+        _CHECKPOINT.value, _OUT.value, step=_STEP.value, weights=_WEIGHTS.value, adapters_text=_ADAPTERS.value
+    )
     print(f"audiodiff-export: wrote {out}")
 
 

@@ -17,6 +17,11 @@ checkpoint config's ``sample.weights``) of the latest checkpoint, or of each of
 Each checkpoint step is restored once, all its weight sets in one read (never the
 optimizer state). ``--checkpoint`` may also be an export folder (``audiodiff-export``).
 The older ``--raw`` is ``--weights=raw``.
+
+``--adapters=waltz@1,flute@0.5`` stacks low-rank adapters on those weights (merged in,
+each at its scale; an adapter made for other weights is refused); the flag given several
+times (``--adapters=none --adapters=waltz@0.5 --adapters=waltz@1``) makes the stacks
+another axis of the sweep, recorded in every manifest row.
 Every combination of the grid flags is generated for every prompt; a prompts file
 (JSONL) row may fix any of them (``{"prompt": "...", "seconds": 240, "seed": 7}``).
 Writes WAVs, spectrograms, ``manifest.jsonl``, ``sweep_issues.jsonl`` and
@@ -59,6 +64,13 @@ _STEP = flags.DEFINE_list(
     "Checkpoint steps, numbers or 'latest' (the latest complete one), e.g. --step=2000,4000,latest.",
 )
 _RAW = flags.DEFINE_bool("raw", False, "Older flag, kept for scripts: the same as --weights=raw.")
+_ADAPTERS = flags.DEFINE_multi_string(
+    "adapters",
+    [],
+    "Low-rank adapters stacked on the weights: PATH[@SCALE],... (an adapter folder written by "
+    "audiodiff-export, or an adapter run; scale 1 when not given; scale 0 is the weights alone). "
+    "Give the flag again for a sweep over stacks ('none': the weights alone).",
+)
 _PROMPT = flags.DEFINE_multi_string("prompt", [], "A caption (repeatable).")
 _PROMPTS_FILE = flags.DEFINE_string("prompts_file", "", "JSONL file of prompt rows.")
 _CODEC = flags.DEFINE_string("codec", "", "Codec for load_codec (default: the checkpoint dataset card's).")
@@ -260,6 +272,14 @@ def main(argv):
         )
         for step in steps:  # every step holds every weight set, before anything is restored
             src.check_weights(step, sample.weights, what=_flag_name("weights"))
+        # Every adapter read whole and checked against every set of weights it is stacked
+        # on (their content hashes), before anything is sampled or written.
+        stacks = source.open_adapter_stacks(_ADAPTERS.value)
+        for step in steps:
+            for name in sample.weights:
+                for stack in stacks:
+                    for adapter, _ in stack.layers:
+                        src.check_adapter(adapter, step, name)
         edit, edit_tag = _edit(gen)
     except ValueError as e:  # GenerationError and ConfigError are ValueErrors
         _bad_input(e)
@@ -273,6 +293,7 @@ def main(argv):
         source=src,
         checkpoint_steps=steps,
         weights=sample.weights,
+        adapters=stacks,
         issues=issues,
         batch_size=sample.batch_size or None,
         edit=edit,

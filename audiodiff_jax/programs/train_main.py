@@ -14,6 +14,9 @@ and SLURM the coordinator is found automatically (``--distributed=auto``); on on
 machine pass ``--coordinator_address``, ``--num_processes`` and ``--process_id``
 (``launch/local.py`` does).
 
+With ``adapters.base`` set (``--config=configs/adapter.py:BASE``) the DiT program trains
+low-rank adapters on that frozen base instead (``audiodiff_jax/training/adapter_trainer.py``).
+
 The DiT evaluates during training when its config's ``eval.every_steps`` is above 0
 (``audiodiff_jax/evaluators/train_eval.py``). The codec, with ``--export_dir``, writes the
 EMA weights of the last step there as a loadable codec (``weights.npz`` +
@@ -45,7 +48,7 @@ from audiodiff_jax.core import distributed
 from audiodiff_jax.core.config import ConfigError
 from audiodiff_jax.core.errors import UserError
 from audiodiff_jax.programs import cli
-from audiodiff_jax.training import codec_trainer, dit_trainer, loop
+from audiodiff_jax.training import adapter_trainer, codec_trainer, dit_trainer, loop
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Config file, e.g. configs/tiny.py, configs/dit.py:1B or configs/codec.py:small"
@@ -131,7 +134,9 @@ def main(argv):
         from audiodiff_jax.evaluators import train_eval
 
         make_evaluator = train_eval.from_config
-    train_or_exit(DIT_PROGRAM, dit_trainer.train, cfg, make_evaluator=make_evaluator)
+    # An adapter run (adapters.base set) trains low-rank adapters on its frozen base.
+    train = adapter_trainer.train if cfg.adapters.base else dit_trainer.train
+    train_or_exit(DIT_PROGRAM, train, cfg, make_evaluator=make_evaluator)
 
 
 def main_codec(argv):

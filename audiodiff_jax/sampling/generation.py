@@ -49,6 +49,7 @@ from audiodiff_jax.data.batch import Conditioning
 from audiodiff_jax.data.cards import DatasetCard
 from audiodiff_jax.data.tokenizer import Tokenizer
 from audiodiff_jax.diffusion import samplers
+from audiodiff_jax.model import adapters as adapters_lib
 from audiodiff_jax.model import make_model
 
 MANIFEST = "manifest.jsonl"
@@ -335,6 +336,8 @@ class Generator:
         self._check_mesh()
         self.model = make_model(cfg.model)
         self.step, self.weights, self.params = step, self.canonical_weights(weights), None
+        self.adapters = source_lib.NO_ADAPTERS
+        self.base_params = None  # the weights before adapters are merged in
         if params is not None:
             self.use_weights(step, weights, params)
         self._fns: dict[tuple, Callable] = {}
@@ -381,9 +384,38 @@ class Generator:
         shardings = sharding.named_shardings(self.model.logical_axes(), self.mesh)
         return sharding.with_shardings(self.model.abstract_params(), shardings)
 
-    def use_weights(self, step: int, name: str, params: Any) -> None:
-        """Samples from now on with ``params``: the weight set ``name`` of training step ``step``."""
-        self.step, self.weights, self.params = step, self.canonical_weights(name), params
+    def use_weights(
+        self, step: int, name: str, params: Any, adapters: source_lib.AdapterStack | None = None
+    ) -> None:
+        """Samples from now on with ``params``: the weight set ``name`` of training step
+        ``step``, with ``adapters`` merged in (``audiodiff_jax/model/adapters.py``). The
+        merged weights have the params' shapes and shardings, so every stack and scale
+        runs through the same compiled programs; a stack whose scales are all 0 leaves
+        ``params`` as they are (the base's songs, bit for bit). Whether the adapters were
+        trained on these weights is the caller's check (``WeightsSource.check_adapter``)."""
+        stack = adapters or source_lib.NO_ADAPTERS
+        same = params is self.base_params and stack.text == self.adapters.text
+        self.step, self.weights = step, self.canonical_weights(name)
+        if not same:
+            self.base_params, self.adapters = params, stack
+            self.params = self._merged(params, stack)
+
+    def _merged(self, params: Any, stack: source_lib.AdapterStack) -> Any:
+        live = [(a, scale) for a, scale in stack.layers if scale != 0]
+        if not live:
+            return params
+        placed = []
+        for a, _ in live:
+            fns = adapters_lib.make_adapter(self.cfg.model, a.spec)
+            shardings = sharding.named_shardings(fns.logical_axes(), self.mesh)
+            placed.append(jax.tree.map(lambda x, sh: jax.device_put(np.asarray(x), sh), a.params, shardings))
+        factors = [scale * a.spec.factor for a, scale in live]
+        merge = jax.jit(
+            lambda base, stack: adapters_lib.merge(base, list(zip(stack, factors, strict=True))),
+            out_shardings=sharding.named_shardings(self.model.logical_axes(), self.mesh),
+        )
+        with jax.set_mesh(self.mesh):
+            return merge(params, placed)
 
     # -- requests --------------------------------------------------------------------
 
@@ -631,6 +663,7 @@ def open_generator(
     use_ema: bool | None = None,
     tokenizer_path: str | None = None,
     restore: bool = True,
+    adapters: source_lib.AdapterStack | None = None,
     **kwargs,
 ) -> tuple[Generator, source_lib.WeightsSource]:
     """Reads weights from a checkpoint or an export (the weights source), then builds the
@@ -647,6 +680,8 @@ def open_generator(
       tokenizer_path: a tokenizer file (default: the copy saved with the weights).
       restore: restore the weights now (False: a sweep restores them later, every
         weight set of a step in one read, through the returned source).
+      adapters: adapters to stack on the restored weights (``source.open_adapter_stacks``),
+        each checked to be made for them.
       **kwargs: more :class:`Generator` arguments (mesh, window_frames, ...).
 
     Returns:
@@ -674,5 +709,7 @@ def open_generator(
     )
     if restore:
         src.check_weights(step, [name])
-        gen.use_weights(step, name, src.restore(step, [name], gen.abstract_params())[name])
+        for adapter, _ in (adapters or source_lib.NO_ADAPTERS).layers:
+            src.check_adapter(adapter, step, name)
+        gen.use_weights(step, name, src.restore(step, [name], gen.abstract_params())[name], adapters)
     return gen, src

@@ -55,20 +55,23 @@ def share(items: Sequence[sweep.SweepItem], index: int, count: int) -> list[swee
     return [it for it in items if it.index % count == index]
 
 
-def _cells(gen: Generator, sweep_kwargs: dict) -> list[tuple[int, str]]:
-    """(checkpoint step, weight set) pairs of the sweep, in :func:`sweep.run_sweep`'s order."""
-    steps = list(dict.fromkeys(sweep_kwargs.get("checkpoint_steps") or [gen.step]))
-    names = list(
-        dict.fromkeys(gen.canonical_weights(w) for w in (sweep_kwargs.get("weights") or [gen.weights]))
+def _cells(gen: Generator, sweep_kwargs: dict) -> list[sweep.Cell]:
+    """(checkpoint step, weight set, adapter stack) of the sweep, in :func:`sweep.run_sweep`'s order."""
+    return sweep.cells(
+        gen, sweep_kwargs.get("checkpoint_steps"), sweep_kwargs.get("weights"), sweep_kwargs.get("adapters")
     )
-    return [(s, w) for s in steps for w in names]
 
 
 def _digest(items: Sequence[sweep.SweepItem], gen: Generator, sweep_kwargs: dict) -> str:
     """Names one share of one sweep: a marker left by another sweep never matches."""
     blob = json.dumps(
         [[it.index, it.params.to_dict()] for it in items]
-        + [gen.checkpoint, _cells(gen, sweep_kwargs), sweep_kwargs.get("edit_tag", "")],
+        # (step, weights) for a cell without adapters: the digests of earlier versions
+        + [
+            gen.checkpoint,
+            [c if c[2] else c[:2] for c in _cells(gen, sweep_kwargs)],
+            sweep_kwargs.get("edit_tag", ""),
+        ],
         sort_keys=True,
     )
     return hashlib.sha1(blob.encode()).hexdigest()
@@ -148,7 +151,7 @@ def _merge(gen, items, out_dir, count, title, wait_timeout_s, sweep_kwargs) -> s
     cells = _cells(gen, sweep_kwargs)
     edit_tag = sweep_kwargs.get("edit_tag", "")
     order = {
-        sweep.item_id(it.params, c[0], c[1], edit_tag): n * len(items) + it.index
+        sweep.item_id(it.params, *c, edit_tag=edit_tag): n * len(items) + it.index
         for n, c in enumerate(cells)
         for it in items
     }

@@ -171,12 +171,31 @@ def expand_grid(rows: Iterable[tuple[str, dict]], grid: Grid) -> list[SweepItem]
     return items
 
 
-def item_id(params: SampleParams, step: int, weights: str, edit_tag: str = "") -> str:
-    """Stable id of one output: the same parameters on the same checkpoint step -> same id."""
-    blob = json.dumps(
-        {"params": params.to_dict(), "step": step, "weights": weights, "edit": edit_tag}, sort_keys=True
-    )
+def item_id(params: SampleParams, step: int, weights: str, adapters: str = "", *, edit_tag: str = "") -> str:
+    """Stable id of one output: the same parameters on the same checkpoint step, weights
+    and adapter stack (its text, ``source.AdapterStack.text``) -> same id."""
+    fields = {"params": params.to_dict(), "step": step, "weights": weights, "edit": edit_tag}
+    if adapters:  # ids of outputs without adapters are what they always were
+        fields["adapters"] = adapters
+    blob = json.dumps(fields, sort_keys=True)
     return hashlib.sha1(blob.encode()).hexdigest()[:16]
+
+
+Cell = tuple[int, str, str]  # (checkpoint step, weight set, adapter stack text): one set of weights
+
+
+def cells(
+    gen: Generator,
+    checkpoint_steps: Sequence[int] | None = None,
+    weights: Sequence[str] | None = None,
+    adapters: Sequence[source_lib.AdapterStack] | None = None,
+) -> list[Cell]:
+    """The sets of weights a sweep samples, outermost first: checkpoint steps, weight
+    sets, adapter stacks (defaults: the generator's own)."""
+    steps = list(dict.fromkeys(checkpoint_steps or [gen.step]))
+    names = list(dict.fromkeys(gen.canonical_weights(w) for w in (weights or [gen.weights])))
+    stacks = list(dict.fromkeys(st.text for st in (adapters or [gen.adapters])))
+    return [(s, w, a) for s in steps for w in names for a in stacks]
 
 
 def _slug(text: str, n: int = 32) -> str:
@@ -226,6 +245,7 @@ def run_sweep(
     source: source_lib.WeightsSource | None = None,
     checkpoint_steps: Sequence[int] | None = None,
     weights: Sequence[str] | None = None,
+    adapters: Sequence[source_lib.AdapterStack] | None = None,
     issues: Sequence[SweepIssue] = (),
     batch_size: int | None = None,
     edit: AudioEdit | None = None,
@@ -240,14 +260,15 @@ def run_sweep(
     profile_process: tuple[int, int] | None = None,
 ) -> SweepResult:
     """Generates every item not already in ``out_dir/manifest.jsonl``, for every
-    checkpoint step and weight set.
+    checkpoint step, weight set and adapter stack.
 
-    The checkpoint steps and the weight sets are the outermost axes of the sweep: for
-    each step that has work left, every weight set it needs is restored in one read
-    (once per sweep, not once per row; a step whose outputs are all done is never
-    read), then the items are sampled with each set in turn on the same compiled
-    programs. Items are checked first (bad ones become issues); good ones are grouped
-    by :meth:`Generator.group_key`, in grid order, and run ``batch_size`` at a time
+    The checkpoint steps, the weight sets and the adapter stacks are the outermost axes
+    of the sweep: for each step that has work left, every weight set it needs is
+    restored in one read (once per sweep, not once per row; a step whose outputs are all
+    done is never read), then the items are sampled with each set, and each adapter
+    stack merged into it, in turn on the same compiled programs. Items are checked
+    first (bad ones become issues); good ones are grouped by
+    :meth:`Generator.group_key`, in grid order, and run ``batch_size`` at a time
     (every batch padded to that size, so all batches of a group share one program).
     After each batch its WAVs and spectrograms are written, then its manifest rows
     appended: an interrupted sweep loses at most the batch in flight. A batch that
@@ -261,6 +282,9 @@ def run_sweep(
         generator's own weights are sampled.
       checkpoint_steps: checkpoint steps to sample (default: the generator's step).
       weights: weight set names (default: the generator's).
+      adapters: adapter stacks (``source.open_adapter_stacks``) merged into each weight
+        set in turn (default: the generator's); each adapter is checked against the
+        weights it is stacked on (through ``source``). Rows record the stack.
       issues: problems found before (bad prompt rows), reported with the rest.
       batch_size: rows per batch (default: the mesh's data x fsdp size).
       edit, edit_tag: audio edit shared by every item, and a name for it that goes
@@ -291,6 +315,7 @@ def run_sweep(
     primary = jax.process_index() == 0
     steps = list(dict.fromkeys(checkpoint_steps or [gen.step]))
     names = list(dict.fromkeys(gen.canonical_weights(w) for w in (weights or [gen.weights])))
+    stacks = {st.text: st for st in (adapters or [gen.adapters])}
 
     good = []
     for it in items:
@@ -302,27 +327,28 @@ def run_sweep(
                 issues.append(issue)
             continue
         good.append(it)
-    # One "cell" per (step, weights): its items, their ids and their place in the manifest.
-    cells = [(s, w) for s in steps for w in names]
-    ids = {(c, it.index): item_id(it.params, c[0], c[1], edit_tag) for c in cells for it in items}
-    order = {ids[c, it.index]: n * len(items) + it.index for n, c in enumerate(cells) for it in items}
-    todo: dict[tuple[int, str], list[SweepItem]] = {}
+    # One "cell" per (step, weights, adapters): its items, their ids and their place in the manifest.
+    grid_cells = cells(gen, steps, names, list(stacks.values()))
+    ids = {(c, it.index): item_id(it.params, *c, edit_tag=edit_tag) for c in grid_cells for it in items}
+    order = {ids[c, it.index]: n * len(items) + it.index for n, c in enumerate(grid_cells) for it in items}
+    todo: dict[Cell, list[SweepItem]] = {}
     already = 0
-    for c in cells:
+    for c in grid_cells:
         for it in good:
             row = done.get(ids[c, it.index])
             if row is not None and epath.Path(out_dir, row["file"]).exists():
                 already += 1
             else:
                 todo.setdefault(c, []).append(it)
-    plan = {c: _batches(gen, todo[c], batch_size) for c in cells if c in todo}
+    plan = {c: _batches(gen, todo[c], batch_size) for c in grid_cells if c in todo}
     num_batches = sum(len(b) for b in plan.values())
     logging.info(
-        "sweep: %d outputs (%d checkpoint(s) x %d weight set(s) x %d items), %d already done, "
-        "%d to make in %d batches of <= %d; %d issue(s)",
-        len(cells) * len(items),
+        "sweep: %d outputs (%d checkpoint(s) x %d weight set(s) x %d adapter stack(s) x %d items), "
+        "%d already done, %d to make in %d batches of <= %d; %d issue(s)",
+        len(grid_cells) * len(items),
         len(steps),
         len(names),
+        len(stacks),
         len(items),
         already,
         sum(len(v) for v in todo.values()),
@@ -335,11 +361,11 @@ def run_sweep(
     songs_trace = _SongsTrace(profile_songs, profile_dir or os.path.join(out_dir, "profile"), profile_process)
     try:
         for step in steps:
-            needed = [w for w in names if (step, w) in plan]
+            needed = [w for w in names if any((step, w, a) in plan for a in stacks)]
             if not needed:
                 continue
-            if step == gen.step and needed == [gen.weights] and gen.params is not None:
-                restored = {gen.weights: gen.params}  # the generator holds them already
+            if step == gen.step and needed == [gen.weights] and gen.base_params is not None:
+                restored = {gen.weights: gen.base_params}  # the generator holds them already
             else:
                 if source is None:
                     raise GenerationError(
@@ -355,29 +381,41 @@ def run_sweep(
                     time.perf_counter() - t0,
                 )
             for w in needed:
-                gen.use_weights(step, w, restored.pop(w))
-                for batch in plan[step, w]:
-                    songs_trace.before_batch()
-                    made += _run_batch(
-                        gen,
-                        batch,
-                        out_dir,
-                        manifest_path,
-                        done,
-                        issues,
-                        primary,
-                        ids,
-                        order,
-                        (step, w),
-                        batch_size,
-                        edit,
-                        edit_tag,
-                    )
-                    songs_trace.after_batch(len(batch))
-                    batches_done += 1
-                    logging.info("sweep: %d/%d batches done", batches_done, num_batches)
-                    if on_batch_done is not None:
-                        on_batch_done(batches_done)
+                base = restored.pop(w)
+                for text, stack in stacks.items():
+                    if (step, w, text) not in plan:
+                        continue
+                    if stack.layers:
+                        if source is None:
+                            raise GenerationError(
+                                f"adapters {text} asked for without a weights source to check them against"
+                            )
+                        for adapter, _ in stack.layers:
+                            source.check_adapter(adapter, step, w)
+                    gen.use_weights(step, w, base, adapters=stack)
+                    for batch in plan[step, w, text]:
+                        songs_trace.before_batch()
+                        made += _run_batch(
+                            gen,
+                            batch,
+                            out_dir,
+                            manifest_path,
+                            done,
+                            issues,
+                            primary,
+                            ids,
+                            order,
+                            (step, w, text),
+                            batch_size,
+                            edit,
+                            edit_tag,
+                        )
+                        songs_trace.after_batch(len(batch))
+                        batches_done += 1
+                        logging.info("sweep: %d/%d batches done", batches_done, num_batches)
+                        if on_batch_done is not None:
+                            on_batch_done(batches_done)
+                del base
             del restored
     finally:
         songs_trace.close()  # fewer songs than asked, or a failure
@@ -400,6 +438,7 @@ def run_sweep(
                 "checkpoint": gen.checkpoint,
                 "checkpoint steps": ", ".join(str(s) for s in steps),
                 "weights": ", ".join(names),
+                **({"adapters": "; ".join(t or "none" for t in stacks)} if any(stacks) else {}),
                 "model": f"{m.preset or 'custom'}: width {m.width}, depth {m.depth}",
                 "codec": f"{card.name} ({card.sample_rate} Hz, {gen.latent_rate:.2f} latent frames/s)",
                 "devices": f"{jax.device_count()} x {jax.devices()[0].device_kind}, "
@@ -488,7 +527,7 @@ def _run_batch(
     primary: bool,
     ids: dict,
     order: dict[str, int],
-    cell: tuple[int, str],
+    cell: Cell,
     batch_size: int,
     edit: AudioEdit | None,
     edit_tag: str,
@@ -522,6 +561,8 @@ def _run_batch(
                 "checkpoint": gen.checkpoint,
                 "checkpoint_step": gen.step,
                 "weights": gen.weights,
+                "adapters": gen.adapters.text,
+                "adapter_list": gen.adapters.describe(),
                 "model_preset": gen.cfg.model.preset,
                 "edit": edit_tag,
                 "source": it.where,
@@ -545,9 +586,10 @@ def _run_batch(
             done[iid] = row
             made += 1
         logging.info(
-            "sweep: step %d, weights %s: batch of %d rows, %.2fs denoising, %d window(s)",
+            "sweep: step %d, weights %s%s: batch of %d rows, %.2fs denoising, %d window(s)",
             gen.step,
             gen.weights,
+            f", adapters {gen.adapters.text}" if gen.adapters.text else "",
             len(batch),
             res.denoise_s,
             res.windows,

@@ -67,13 +67,33 @@ def v_loss(apply_fn, params, x0, noise, t, cond, loss_mask, *, per_row: bool = F
     return objective.masked_mse(v_pred, v_target, loss_mask, per_row=per_row)
 
 
-def make_train_step(cfg: Config, model_fns, tx: optax.GradientTransformation, schedule):
-    """Builds the pure ``train_step(state, batch) -> (state, metrics)``."""
+# fold_in index of the draws of ``model_params`` (an adapter run's rank dropout) within a step's key
+MODEL_PARAMS_STREAM = 11
+
+# (trained params, frozen params, key) -> the params the model is called with.
+ModelParams = Callable[[Any, Any, jax.Array], Any]
+
+
+def make_train_step(
+    cfg: Config,
+    model_fns,
+    tx: optax.GradientTransformation,
+    schedule,
+    model_params: ModelParams | None = None,
+):
+    """Builds the pure ``train_step(state, batch, frozen=None) -> (state, metrics)``.
+
+    ``model_params(params, frozen, key)`` gives the parameters the model is called with
+    from the trained ones (``state.params``) and ``frozen``, an input of the step that
+    no gradient or update reaches: the adapter trainer merges its adapters into the
+    base's weights there (``adapter_trainer.py``). Default: the trained params
+    themselves. Its key is its own stream (``fold_in``), so the time and noise draws are
+    those of a run without it."""
     dcfg = cfg.diffusion
     ema_decay = cfg.optim.ema_decay
     extra_decays = dict(list(optim.ema_decays(cfg.optim).items())[1:])
 
-    def train_step(state: TrainState, batch: Batch):
+    def train_step(state: TrainState, batch: Batch, frozen: Any = None):
         rng = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
         t_rng, noise_rng = jax.random.split(rng)
         x0 = batch.latents
@@ -102,6 +122,8 @@ def make_train_step(cfg: Config, model_fns, tx: optax.GradientTransformation, sc
             loss_mask = loss_mask * (1.0 - known_mask)  # the known frames are given, not learned
 
         def loss_fn(params):
+            if model_params is not None:
+                params = model_params(params, frozen, jax.random.fold_in(rng, MODEL_PARAMS_STREAM))
             return v_loss(model_fns.apply, params, x0, noise, t, cond, loss_mask)
 
         loss, grads = jax.value_and_grad(loss_fn)(state.params)
@@ -235,6 +257,11 @@ class Trainer:
         return TrainState(**restored, extra_ema=extra)
 
     @staticmethod
+    def weight_sets(state: TrainState) -> dict[str, Any]:
+        """The model's weight sets of ``state`` by name (what evaluation samples)."""
+        return weight_sets(state)
+
+    @staticmethod
     def state_step(state: TrainState) -> int:
         return int(jax.device_get(state.step))
 
@@ -284,6 +311,33 @@ def train(
     config_lib.validate(cfg, num_devices=jax.device_count() if mesh is None else mesh.size)
     if mesh is None:
         mesh = sharding.make_mesh(cfg.mesh)
+    card = check_dataset(cfg)
+    logging.info("mesh %s over %d devices, %s", dict(mesh.shape), mesh.size, checkpointing.process_info())
+
+    trainer = Trainer(cfg, mesh)
+    data_iter, json_items = data_and_items(cfg, card)
+    n_params = sum(x.size for x in jax.tree.leaves(trainer.model.abstract_params()))
+    logging.info(
+        "model: %.2fM params, %.3g TFLOP per step; %d steps",
+        n_params / 1e6,
+        trainer.step_flops / 1e12,
+        cfg.train.num_steps,
+    )
+    return loop.run(
+        trainer,
+        lambda step: batch_lib.make_global_batch(next(data_iter), mesh),
+        workdir,
+        loop.LoopConfig.from_config(cfg, step_timeout_s),
+        json_items=json_items,
+        data_iter=data_iter,
+        process_start=process_start,
+        evaluator=evaluator_of(cfg, trainer, card, workdir, make_evaluator),
+    )
+
+
+def check_dataset(cfg: Config) -> DatasetCard:
+    """The dataset card of ``data.shards_dir``, checked against the model's latent
+    channels and vocabulary (ConfigError naming the field)."""
     card = DatasetCard.load(cfg.data.shards_dir)
     card_channels = card.codec.latent_channels
     if card_channels != cfg.model.latent_channels:
@@ -305,41 +359,27 @@ def train(
             cfg.data.shards_dir,
             longest,
         )
-    logging.info("mesh %s over %d devices, %s", dict(mesh.shape), mesh.size, checkpointing.process_info())
+    return card
 
-    trainer = Trainer(cfg, mesh)
+
+def data_and_items(cfg: Config, card: DatasetCard) -> tuple[Any, dict[str, dict]]:
+    """This process's Grain iterator of training batches, and the JSON items every
+    checkpoint of the run saves (config, dataset card, tokenizer)."""
     dataset = loader_lib.make_dataset(
         cfg.data,
         text_max_len=cfg.model.text.max_len,
         process_index=jax.process_index(),
         process_count=jax.process_count(),
     )
-    data_iter = iter(dataset)
     json_items = {
         "config": dataclasses.asdict(cfg),
         "dataset_card": card.to_dict(),
         "tokenizer": Tokenizer(loader_lib.resolve_tokenizer_path(cfg.data, card)).to_json(),
     }
-    n_params = sum(x.size for x in jax.tree.leaves(trainer.model.abstract_params()))
-    logging.info(
-        "model: %.2fM params, %.3g TFLOP per step; %d steps",
-        n_params / 1e6,
-        trainer.step_flops / 1e12,
-        cfg.train.num_steps,
-    )
-    return loop.run(
-        trainer,
-        lambda step: batch_lib.make_global_batch(next(data_iter), mesh),
-        workdir,
-        loop.LoopConfig.from_config(cfg, step_timeout_s),
-        json_items=json_items,
-        data_iter=data_iter,
-        process_start=process_start,
-        evaluator=_evaluator(cfg, trainer, card, workdir, make_evaluator),
-    )
+    return iter(dataset), json_items
 
 
-def _evaluator(
+def evaluator_of(
     cfg: Config,
     trainer: Trainer,
     card: DatasetCard,
