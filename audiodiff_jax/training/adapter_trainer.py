@@ -37,7 +37,7 @@ from absl import logging
 
 from audiodiff_jax.checkpoints import checkpointing, export, source
 from audiodiff_jax.core import config as config_lib
-from audiodiff_jax.core import flops, names, optim, sharding
+from audiodiff_jax.core import flops, memory, names, optim, sharding
 from audiodiff_jax.core.config import Config, ConfigError
 from audiodiff_jax.core.errors import GenerationError
 from audiodiff_jax.data import batch as batch_lib
@@ -214,6 +214,14 @@ class AdapterTrainer:
     def step(self, state: TrainState, batch: Batch):
         with jax.set_mesh(self.mesh):
             return self.train_step(state, self.base, batch)
+
+    def compile(self, state: TrainState, batch: Batch) -> jax.stages.Compiled:
+        """The step lowered and compiled for these arguments, the frozen base included."""
+        with jax.set_mesh(self.mesh):
+            return self.train_step.lower(state, self.base, batch).compile()
+
+    def memory_advice(self) -> str:
+        return memory.config_advice(self.cfg, config_lib.MEMORY_FIELDS)
 
     def weight_sets(self, state: TrainState) -> dict[str, Any]:
         """The model's weight sets: the base with each of the state's adapter sets merged in."""
