@@ -1,32 +1,36 @@
-r"""Adapters on the demo model, measured: material the demo corpus never had, end to end
-through the programs, with the commands of the README ("Your own music: adapters").
+r"""Adapters on the demo model, measured: material the demo corpus never had, taken end to
+end through the commands of the README section "Your own music: adapters", as written.
 
     PYTHONPATH=. JAX_PLATFORMS=cpu .venv/bin/python benchmarks/adapter_bench.py \
-        --out=/tmp/adapter_bench [--instrument=marimba] [--steps=400] [--stages=all]
+        --out=/tmp/adapter_bench [--program=12] [--stages=all]
 
-Stages (each skipped when its output is there, so a rerun continues):
+Stages (each skipped when its output is there, so a rerun continues; ``--out`` is the
+folder the README's commands run in):
 
 1. ``render``: the new material, as a user's folder of audio would be: the demo corpus's
    four-bar loops (``data_pipeline/corpus_prompts.py``: chords, melody, bass, drums; key,
    tempo and instrument in the caption) played by an instrument outside its five
-   (``--instrument``, a General MIDI program of TimGM6mb). ``OUT/mine/train``: 32 renders
-   for the adapter; ``OUT/mine/heldout``: 24 others (other seeds, keys and tempos), the
-   reference of the Fréchet distance, with ``prompts.jsonl`` of their captions. WAVs
-   plus ``captions.csv`` (file, caption, key, mode, tempo, instrument).
-2. ``precompute``: ``audiodiff-precompute --like=BASE`` (the base's codec, statistics, tokenizer).
-3. ``train``: ``audiodiff-train --config=configs/adapter.py:BASE``, timed (wall, CPU, peak RSS).
-4. ``export``: ``audiodiff-export`` of the adapter run: the adapter folder.
-5. ``sample``: ``audiodiff-sample`` of the base with ``--adapters=none --adapters=ADAPTER``
-   for the held-out captions of the new material, and with ``--adapters=none
-   --adapters=ADAPTER@0 --adapters=ADAPTER@1`` for the demo's 24 held-out pairings
-   (``launch/demo_prompts.py``), at the demo's settings (12 s, seed 0, guidance 4,
-   DPM++(2M) 50 steps).
-6. ``measure``: the Fréchet distance of each stack's songs to the held-out renders (the
-   evaluation's default ``spectral`` embedding, and the ``codec`` one), with the
-   renders' own yardsticks (the training renders, and the held-out renders through the
-   codec, against the held-out renders); key, tempo and onset adherence of each stack on
-   the demo's pairings; whether the songs at scale 0 are the base's, byte for byte.
-   Everything goes to ``OUT/results.json`` and is printed.
+   (``--program``, a General MIDI program of TimGM6mb; 12 is the marimba). ``mine/``:
+   32 renders (WAVs + ``captions.csv``: file, caption, key, mode, tempo, instrument);
+   ``mine_heldout/``: 24 others (other seeds, keys and tempos), the reference of the
+   Fréchet distance; ``prompts.jsonl``: their captions.
+2. ``readme``: the README's commands, read from README.md and run in ``--out`` one by one
+   (check, precompute ``--like=demo``, the adapter run, its export, a sweep of the
+   held-out captions with no adapter and the adapter at 0.5 and 1, the merged export),
+   each timed: wall and CPU seconds, peak RSS.
+3. ``pairings``: the demo's 24 held-out pairings (``launch/demo_prompts.py``) sampled
+   with no adapter and the adapter at 0 and 1, at the demo's settings (12 s, seed 0,
+   guidance 4, DPM++(2M) 50 steps).
+4. ``cost``: the adapter run against a full fine-tune (``configs/demo.py:continue`` from
+   the same weights on the same latents), ``--cost_steps`` steps each: step time (mean
+   of the logged steps after the first log) and peak RSS; the time to merge the adapter
+   into the base for sampling, against the time to sample.
+5. ``measure``: the Fréchet distance of each stack's songs to the held-out renders (the
+   evaluation's default ``spectral`` embedding, and ``codec``), with yardsticks (the
+   training renders, and the held-out renders through the codec, against the held-out
+   renders); key, tempo and onset adherence of each stack on the demo's pairings; how
+   many songs at scale 0 are the base's, byte for byte. Everything goes to
+   ``OUT/results.json`` and is printed.
 """
 
 from __future__ import annotations
@@ -34,16 +38,19 @@ from __future__ import annotations
 import csv
 import json
 import os
+import re
 import resource
+import shlex
 import subprocess
 import sys
 import time
 
+import jax
 import numpy as np
 import soundfile as sf
 from absl import app, flags
 
-import audiodiff_jax
+from audiodiff_jax.checkpoints import source
 from audiodiff_jax.codec import load_codec
 from audiodiff_jax.evaluation import evaluate_folder, set_distance
 from audiodiff_jax.sampling import generation
@@ -51,43 +58,57 @@ from data_pipeline import corpus_prompts as cp
 from data_pipeline import render
 from launch import demo_prompts
 
-DEMO = os.path.join(os.path.dirname(audiodiff_jax.__file__), "demo_weights")
-STAGES = ("render", "precompute", "train", "export", "sample", "measure")
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+STAGES = ("render", "readme", "pairings", "cost", "measure")
+README_SECTION = "## Your own music: adapters"
 
-_OUT = flags.DEFINE_string("out", "/tmp/adapter_bench", "Output folder.")
-_BASE = flags.DEFINE_string("base", DEMO, "The base model (run, checkpoint step or export).")
-_INSTRUMENT = flags.DEFINE_integer("program", 12, "General MIDI program of the new instrument (12: marimba).")
+_OUT = flags.DEFINE_string("out", "/tmp/adapter_bench", "The folder the README's commands run in.")
+_PROGRAM = flags.DEFINE_integer("program", 12, "General MIDI program of the new instrument (12: marimba).")
 _TRAIN = flags.DEFINE_integer("train_clips", 32, "Renders to train the adapter on.")
 _HELDOUT = flags.DEFINE_integer("heldout_clips", 24, "Held-out renders (the reference).")
-_SECONDS = flags.DEFINE_float("seconds", 12.0, "Seconds per render and per song.")
-_STEPS = flags.DEFINE_integer("steps", 400, "Adapter training steps.")
+_SECONDS = flags.DEFINE_float("seconds", 12.0, "Seconds per render.")
+_COST_STEPS = flags.DEFINE_integer("cost_steps", 60, "Steps of each run of the cost stage.")
 _STAGES = flags.DEFINE_list("stages", ["all"], f"Stages to run: all or some of {', '.join(STAGES)}.")
-_TRAIN_FLAGS = flags.DEFINE_list("train_flags", [], "More --config.X=Y flags for the adapter run.")
 
 
-def _bin(name: str) -> str:
-    return os.path.join(os.path.dirname(sys.executable), name)
+def _env() -> dict[str, str]:
+    bin_dir = os.path.dirname(sys.executable)
+    return {**os.environ, "PATH": bin_dir + os.pathsep + os.environ.get("PATH", ""), "PYTHONPATH": REPO}
 
 
-def _run(cmd: list[str]) -> dict[str, float]:
-    """Runs a program as the README shows it; returns its wall and CPU seconds and peak RSS."""
-    print("$ " + " ".join(cmd), flush=True)
+def _run(cmd: list[str], cwd: str, log: str | None = None) -> dict[str, float]:
+    """Runs a program; returns its wall and CPU seconds (user + system) and peak RSS."""
+    print("$ " + " ".join(shlex.quote(c) for c in cmd), flush=True)
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     t0 = time.time()
-    subprocess.run(cmd, check=True)
+    with open(log or os.devnull, "w") as f:
+        subprocess.run(cmd, check=True, cwd=cwd, env=_env(), stderr=f if log else None)
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
     cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
     return {
         "wall_s": round(time.time() - t0, 1),
         "cpu_s": round(cpu, 1),
-        "peak_rss_mb": after.ru_maxrss / 1024,
+        "peak_rss_mb": round(after.ru_maxrss / 1024),
     }
 
 
-def _choices(
-    seed: int, count: int, instrument: str, program: int
-) -> list[tuple[cp.Choice, np.random.Generator]]:
-    out = []
+def readme_commands() -> list[list[str]]:
+    """The commands of the README's adapter section (its first code block), as argv lists."""
+    text = open(os.path.join(REPO, "README.md")).read()
+    block = text[text.index(README_SECTION) :].split("```")[1]
+    commands, pending = [], ""
+    for line in block.splitlines():
+        line = line.split("  #")[0].rstrip()
+        if not line.strip():
+            continue
+        pending += line.rstrip("\\") + " "
+        if not line.endswith("\\"):
+            commands.append(shlex.split(pending))
+            pending = ""
+    return commands
+
+
+def _choices(seed: int, count: int, instrument: str, program: int):
     for i in range(count):
         rng = np.random.default_rng([seed, i])
         choice = cp.Choice(
@@ -97,14 +118,14 @@ def _choices(
             program,
             instrument,
         )
-        out.append((choice, rng))
-    return out
+        yield choice, rng
 
 
-def render_folder(folder: str, seed: int, count: int, program: int, sample_rate: int, channels: int) -> None:
-    """``count`` renders of the new material as a plain audio folder (WAVs + captions.csv)."""
-    if os.path.exists(os.path.join(folder, "captions.csv")):
-        return
+def render_folder(
+    folder: str, seed: int, count: int, program: int, sample_rate: int, channels: int
+) -> list[str]:
+    """``count`` renders of the new material as a plain audio folder (WAVs + captions.csv);
+    returns their captions."""
     os.makedirs(folder, exist_ok=True)
     instrument = render.program_name(program)
     rows = []
@@ -112,7 +133,7 @@ def render_folder(folder: str, seed: int, count: int, program: int, sample_rate:
         clip = cp.render_choice(
             choice,
             rng,
-            f"{instrument}-{seed}-{i:03d}",
+            f"{instrument.replace(' ', '_')}-{seed}-{i:03d}",
             sample_rate=sample_rate,
             channels=channels,
             clip_seconds=_SECONDS.value,
@@ -120,67 +141,117 @@ def render_folder(folder: str, seed: int, count: int, program: int, sample_rate:
         name = f"{clip.entry.id}.wav"
         generation.write_wav(os.path.join(folder, name), clip.audio, sample_rate)
         rows.append({"file": name, "caption": choice.caption(), **choice.labels()})
-    with open(os.path.join(folder, "prompts.jsonl"), "w") as f:
-        f.writelines(json.dumps({"prompt": r["caption"]}) + "\n" for r in rows)
     with open(os.path.join(folder, "captions.csv.tmp"), "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=list(rows[0]))
         w.writeheader()
         w.writerows(rows)
     os.rename(os.path.join(folder, "captions.csv.tmp"), os.path.join(folder, "captions.csv"))
+    return [r["caption"] for r in rows]
 
 
 def _manifest(folder: str) -> list[dict]:
     return [json.loads(line) for line in open(os.path.join(folder, generation.MANIFEST))]
 
 
+_STEP_LINE = re.compile(r"step (\d+)/\d+ .*?step_time_s=([0-9.e+-]+)")
+
+
+def _step_times(log: str) -> list[float]:
+    """The step times the loop logged (one per log step), the first (compile) left out."""
+    times = [float(m.group(2)) for m in map(_STEP_LINE.search, open(log)) if m]
+    return times[1:]
+
+
+def cost(out: str) -> dict:
+    """Step time and host memory: the adapter run against a full fine-tune of the same
+    model from the same weights on the same latents; the merge for sampling."""
+    steps = _COST_STEPS.value
+    common = [
+        "--config.data.shards_dir=latents/mine",
+        f"--config.train.num_steps={steps}",
+        "--config.train.log_every=10",
+        f"--config.checkpoint.every_steps={steps}",
+    ]
+    runs = {
+        "adapters (rank 16, every projection)": ["audiodiff-train", "--config=configs/adapter.py:demo"],
+        "full fine-tune (configs/demo.py:continue)": [
+            "audiodiff-train",
+            "--config=configs/demo.py:continue",
+            "--config.train.init_from=demo",
+        ],
+    }
+    result = {}
+    for n, (name, cmd) in enumerate(runs.items()):
+        workdir, log = f"cost/run{n}", os.path.join(out, f"cost/run{n}.log")
+        os.makedirs(os.path.join(out, "cost"), exist_ok=True)
+        r = _run([*cmd, f"--workdir={workdir}", *common], out, log)
+        times = _step_times(log)
+        r["step_time_s"] = round(float(np.mean(times)), 3) if times else None
+        result[name] = r
+    # The merge that sampling does once per stack, against sampling with the merged weights.
+    gen, _ = generation.open_generator("demo", None)
+    stack = source.open_adapter_stacks([os.path.join(out, "adapters/mine")])[0]
+    base = gen.base_params
+    times = []
+    for _ in range(3):
+        gen.use_weights(gen.step, gen.weights, base)  # back to the base
+        t0 = time.perf_counter()
+        gen.use_weights(gen.step, gen.weights, base, adapters=stack)
+        jax.block_until_ready(gen.params)
+        times.append(time.perf_counter() - t0)
+    p = generation.SampleParams(
+        "marimba and drums in D minor at 114 bpm", seconds=12.0, guidance=4.0, steps=50
+    )
+    gen.generate_latents([p])  # compiles
+    denoise = gen.generate_latents([p]).denoise_s
+    result["merge for sampling"] = {
+        "first (compiles the merge)_s": round(times[0], 3),
+        "again_s": round(min(times[1:]), 3),
+        "one 12 s song, 50 steps, CFG_s": round(denoise, 3),
+    }
+    return result
+
+
 def measure(out: str, timings: dict) -> dict:
-    mine, heldout = os.path.join(out, "mine"), os.path.join(out, "mine", "heldout")
+    heldout = os.path.join(out, "mine_heldout")
     result: dict = {"timings": timings}
     codec = load_codec("default")
-    # The yardsticks: the training renders, and the held-out renders through the codec.
     coded = os.path.join(out, "heldout_codec")
     if not os.path.exists(os.path.join(coded, "done")):
         os.makedirs(coded, exist_ok=True)
         for name in sorted(f for f in os.listdir(heldout) if f.endswith(".wav")):
             audio, sr = sf.read(os.path.join(heldout, name), dtype="float32", always_2d=True)
-            audio = audio.T
-            back = codec.decode(codec.encode(audio, sr))[:, : audio.shape[1]]
+            back = codec.decode(codec.encode(audio.T, sr))[:, : audio.shape[0]]
             generation.write_wav(os.path.join(coded, name), back, sr)
         open(os.path.join(coded, "done"), "w").close()
     fd = {}
+    samples = os.path.join(out, "samples/mine")
+    rows = _manifest(samples)
     for embedding in ("spectral", "codec"):
         row = {
-            "train renders": set_distance(os.path.join(mine, "train"), heldout, embedding)[
-                "frechet_distance"
-            ],
+            "train renders": set_distance(os.path.join(out, "mine"), heldout, embedding)["frechet_distance"],
             "held-out renders through the codec": set_distance(coded, heldout, embedding)["frechet_distance"],
         }
-        samples = os.path.join(out, "samples_new")
-        rows = _manifest(samples)
         for stack in dict.fromkeys(r["adapters"] for r in rows):
             files = [r["file"] for r in rows if r["adapters"] == stack]
             row[stack or "base"] = set_distance(samples, heldout, embedding, files=files)["frechet_distance"]
         fd[embedding] = row
     result["frechet_distance"] = fd
-    # Adherence on the demo's held-out pairings, per stack.
-    demo = os.path.join(out, "samples_demo")
+    demo = os.path.join(out, "samples_pairings")
     rows = _manifest(demo)
     metrics = {m["file"]: m for m in evaluate_folder(demo, transcribe=False, progress=False).rows}
-    adherence, identical = {}, {}
     by_stack: dict[str, list[dict]] = {}
     for r in rows:
         by_stack.setdefault(r["adapters"], []).append(r)
     base_audio = {r["prompt"]: open(os.path.join(demo, r["file"]), "rb").read() for r in by_stack[""]}
+    adherence, identical = {}, {}
     for stack, srows in by_stack.items():
         prompt_rows = demo_prompts.prompt_rows([metrics[r["file"]] for r in srows])
         adherence[stack or "base"] = demo_prompts.accuracies(prompt_rows)
-        identical[stack or "base"] = sum(
-            open(os.path.join(demo, r["file"]), "rb").read() == base_audio[r["prompt"]] for r in srows
-        )
+        same = sum(open(os.path.join(demo, r["file"]), "rb").read() == base_audio[r["prompt"]] for r in srows)
+        identical[stack or "base"] = f"{same}/{len(srows)}"
     result["demo_heldout_adherence"] = adherence
-    result["songs_identical_to_base"] = {
-        k: f"{v}/{len(by_stack[k if k != 'base' else ''])}" for k, v in identical.items()
-    }
+    result["songs_identical_to_base"] = identical
     return result
 
 
@@ -188,78 +259,47 @@ def main(argv):
     del argv
     out = os.path.abspath(_OUT.value)
     stages = STAGES if _STAGES.value == ["all"] else tuple(_STAGES.value)
-    mine = os.path.join(out, "mine")
-    latents, run, adapter = (os.path.join(out, d) for d in ("latents", "run", "adapter"))
+    os.makedirs(out, exist_ok=True)
     timings_path = os.path.join(out, "timings.json")
     timings = json.load(open(timings_path)) if os.path.exists(timings_path) else {}
-    os.makedirs(out, exist_ok=True)
     card = load_codec("default").card
-    if "render" in stages:
+    if "render" in stages and not os.path.exists(os.path.join(out, "prompts.jsonl")):
         t0 = time.time()
-        for sub, seed, count in (("train", 1000, _TRAIN.value), ("heldout", 2000, _HELDOUT.value)):
-            render_folder(
-                os.path.join(mine, sub), seed, count, _INSTRUMENT.value, card.sample_rate, card.audio_channels
-            )
-        timings.setdefault("render", {"wall_s": round(time.time() - t0, 1)})
-    if "precompute" in stages and not os.path.exists(os.path.join(latents, "dataset_card.json")):
-        timings["precompute"] = _run(
-            [
-                _bin("audiodiff-precompute"),
-                f"--corpus={mine}/train",
-                f"--out_dir={latents}",
-                f"--like={_BASE.value}",
-                "--progress=false",
-            ]
-        )
-    if "train" in stages:
-        timings["train"] = _run(
-            [
-                _bin("audiodiff-train"),
-                f"--config=configs/adapter.py:{_BASE.value}",
-                f"--workdir={run}",
-                f"--config.data.shards_dir={latents}",
-                f"--config.train.num_steps={_STEPS.value}",
-                *(f"--config.{f}" for f in _TRAIN_FLAGS.value),
-            ]
-        )
-    if "export" in stages and not os.path.exists(adapter):
-        timings["export"] = _run([_bin("audiodiff-export"), f"--checkpoint={run}", f"--out={adapter}"])
-    common = [
-        "--seconds=12",
-        "--seeds=0",
-        "--guidance=4",
-        "--steps=50",
-        "--sampler=dpmpp_2m",
-        "--batch_size=8",
-        "--eval=false",
-    ]
-    if "sample" in stages:
-        timings["sample new material"] = _run(
-            [
-                _bin("audiodiff-sample"),
-                f"--checkpoint={_BASE.value}",
-                f"--out={out}/samples_new",
-                f"--prompts_file={mine}/heldout/prompts.jsonl",
-                "--adapters=none",
-                f"--adapters={adapter}",
-                *common,
-            ]
-        )
-        prompts = os.path.join(out, "demo_prompts.jsonl")
-        with open(prompts, "w") as f:
+        args = (_PROGRAM.value, card.sample_rate, card.audio_channels)
+        render_folder(os.path.join(out, "mine"), 1000, _TRAIN.value, *args)
+        captions = render_folder(os.path.join(out, "mine_heldout"), 2000, _HELDOUT.value, *args)
+        with open(os.path.join(out, "prompts.jsonl"), "w") as f:
+            f.writelines(json.dumps({"prompt": c}) + "\n" for c in captions)
+        timings["render"] = {"wall_s": round(time.time() - t0, 1)}
+    if "readme" in stages:
+        for n, cmd in enumerate(readme_commands()):
+            key = f"readme {n + 1}: {cmd[0]}"
+            if key not in timings:
+                timings[key] = _run(cmd, out, os.path.join(out, f"readme_{n + 1}.log"))
+                with open(timings_path, "w") as f:
+                    json.dump(timings, f, indent=1)
+    if "pairings" in stages and not os.path.exists(os.path.join(out, "samples_pairings", "report.html")):
+        with open(os.path.join(out, "pairings.jsonl"), "w") as f:
             f.writelines(json.dumps({"prompt": c.caption()}) + "\n" for c in cp.held_out_prompts())
-        timings["sample demo pairings"] = _run(
+        timings["pairings"] = _run(
             [
-                _bin("audiodiff-sample"),
-                f"--checkpoint={_BASE.value}",
-                f"--out={out}/samples_demo",
-                f"--prompts_file={prompts}",
+                "audiodiff-sample",
+                "--checkpoint=demo",
+                "--out=samples_pairings",
+                "--prompts_file=pairings.jsonl",
+                "--seconds=12",
+                "--guidance=4",
+                "--batch_size=8",
+                "--eval=false",
                 "--adapters=none",
-                f"--adapters={adapter}@0",
-                f"--adapters={adapter}@1",
-                *common,
-            ]
+                "--adapters=adapters/mine@0",
+                "--adapters=adapters/mine",
+            ],
+            out,
+            os.path.join(out, "pairings.log"),
         )
+    if "cost" in stages and "cost" not in timings:
+        timings["cost"] = cost(out)
     with open(timings_path, "w") as f:
         json.dump(timings, f, indent=1)
     if "measure" in stages:

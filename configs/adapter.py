@@ -4,7 +4,8 @@
         --config.data.shards_dir=latents/mine
 
 ``BASE`` is a run's workdir (or one of its step folders) or an export
-(``audiodiff-export``); ``demo`` names the DiT shipped in ``audiodiff_jax/demo_weights``.
+(``audiodiff-export``); ``demo`` names the DiT shipped in ``audiodiff_jax/demo_weights``
+(as it does for every program that reads weights).
 The model, the diffusion settings, the training window and the sampling defaults are
 the base's, read from it (an adapter's model is its base's; ``adapter_trainer.py``
 refuses one that differs). The shards must be encoded like the base's data:
@@ -16,15 +17,11 @@ few and start at zero), an EMA of 0.99 (a run is short).
 """
 
 import dataclasses
-import os
 
 import ml_collections
 
-import audiodiff_jax
 from audiodiff_jax.checkpoints import source
 from audiodiff_jax.core import config as config_lib
-
-DEMO = os.path.join(os.path.dirname(audiodiff_jax.__file__), "demo_weights")
 
 
 def get_config(arg=None):
@@ -33,7 +30,7 @@ def get_config(arg=None):
             "configs/adapter.py needs its base: --config=configs/adapter.py:BASE "
             "(a run, a checkpoint step or an export; 'demo' is the shipped demo DiT)"
         )
-    base = DEMO if arg == "demo" else arg
+    base = source.resolve(arg)
     saved = source.WeightsSource(base).cfg
     config = config_lib.default_configdict()
     for section in ("model", "diffusion", "sample"):

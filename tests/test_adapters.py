@@ -174,6 +174,8 @@ def test_factors_take_their_axes_from_the_kernels_and_merge_exactly(base):
         ConfigError, match=r"adapters.rank=65 is larger than self_attn.query can use: .* at most 64"
     ):
         adapters.check_rank(cfg.model, spec._replace(rank=65))
+    # "demo" names the shipped weights wherever weights are read (a path that exists wins).
+    assert export.is_export(source.resolve("demo")) and source.resolve(base[0]) == base[0]
     # Configs saved before the section existed still load (with adapters off).
     old = json.loads(config_lib.to_json(cfg))
     old.pop("adapters")

@@ -41,6 +41,8 @@ from audiodiff_jax.model import make_model
 from audiodiff_jax.model.adapters import Adapter, AdapterSpec
 
 LATEST = "latest"
+# Weights shipped in the package, by name (README commands use them from any folder).
+SHIPPED = {"demo": str(epath.Path(__file__).parent.parent / "demo_weights")}
 # The JSON item of an adapter run's checkpoints: {"spec": ..., "base": identity}.
 ADAPTER_ITEM = "adapter"
 
@@ -50,6 +52,13 @@ def _export_meta(path) -> dict:
         return export.read_meta(str(path))
     except export.ExportError as e:
         raise GenerationError(str(e)) from e
+
+
+def resolve(path: str) -> str:
+    """``path``, or the shipped weights it names when no such path exists (``demo``: the
+    DiT of ``audiodiff_jax/demo_weights``, an export)."""
+    path = str(path)
+    return SHIPPED[path] if path in SHIPPED and not epath.Path(path).exists() else path
 
 
 def find_checkpoint(path: str, step: int | None = None) -> tuple[epath.Path, int]:
@@ -64,6 +73,7 @@ def find_checkpoint(path: str, step: int | None = None) -> tuple[epath.Path, int
       GenerationError: the path is missing, holds no complete checkpoint, lacks the
         step, or the step folder lacks an item sampling needs.
     """
+    path = resolve(path)
     if export.is_export(path):
         meta = _export_meta(path)
         if step is not None and step != meta["step"]:
@@ -130,7 +140,7 @@ class WeightsSource:
 
     Args:
       path: run workdir, its checkpoints folder, a step folder, or an export folder
-        (local or ``gs://``).
+        (local or ``gs://``); or the name of shipped weights (:func:`resolve`: ``demo``).
       step: the step whose config and card describe the model (default: the latest
         complete one; an export has one step).
 
@@ -142,7 +152,7 @@ class WeightsSource:
     """
 
     def __init__(self, path: str, step: int | None = None):
-        self.path = str(path)
+        self.path = resolve(path)
         if adapter_export.is_adapter_folder(self.path):
             raise GenerationError(
                 f"{self.path} is an adapter, not a model: give its base as the weights and the "
@@ -336,6 +346,7 @@ def restore_params(
         or an export's names or shapes differ from ``abstract_params``
         (:class:`checkpointing.WeightsUnusable`).
     """
+    path = resolve(path)
     if export.is_export(path):
         try:
             meta = export.read_meta(path)
