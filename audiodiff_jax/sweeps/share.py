@@ -190,8 +190,8 @@ def _merge(gen, items, out_dir, count, title, wait_timeout_s, sweep_kwargs) -> s
     m = gen.cfg.model
     facts = {
         "checkpoint": gen.checkpoint,
-        "checkpoint steps": ", ".join(str(s) for s in dict.fromkeys(s for s, _ in cells)),
-        "weights": ", ".join(dict.fromkeys(w for _, w in cells)),
+        "checkpoint steps": ", ".join(str(s) for s in dict.fromkeys(s for s, *_ in cells)),
+        "weights": ", ".join(dict.fromkeys(w for _, w, *_ in cells)),
         "model": f"{m.preset or 'custom'}: width {m.width}, depth {m.depth}",
         "processes": f"{count}, each on {jax.local_device_count()} x {jax.local_devices()[0].device_kind}",
     }
