@@ -203,7 +203,8 @@ def test_sigterm_and_restart_of_the_program_is_bitwise_identical(base, shards, a
     # The state holds the factors, two moments of each and their EMA; of the base, its
     # identity (the content hash of its weights), never a copy.
     cfg = source.WeightsSource(base[0]).cfg
-    want = adapters.make_adapter(cfg.model, adapters.AdapterSpec(4, 16.0, config_lib.ADAPTER_TARGETS))
+    targets = _adapter_cfg(base[0], shards).adapters.targets
+    want = adapters.make_adapter(cfg.model, adapters.AdapterSpec(4, 16.0, targets))
     assert jax.tree.map(lambda x: x.shape, b["params"]) == jax.tree.map(
         lambda x: x.shape, want.abstract_params()
     )
@@ -217,7 +218,7 @@ def test_sigterm_and_restart_of_the_program_is_bitwise_identical(base, shards, a
     item = checkpointing.read_json_item(step_dir / source.ADAPTER_ITEM)
     ema = source.WeightsSource(base[0]).host_params(None, "ema")
     assert item["base"]["hash"] == export.content_hash(ema) == export.read_meta(base[0])["content_hash"]
-    assert item["spec"] == {"rank": 4, "alpha": 16.0, "targets": list(config_lib.ADAPTER_TARGETS)}
+    assert item["spec"] == {"rank": 4, "alpha": 16.0, "targets": list(targets)}
     # The adapters learned: every b moved off zero.
     assert all(
         np.abs(f).max() > 0 for p, f in traverse_util.flatten_dict(b["ema_params"]).items() if p[-1] == "b"
