@@ -185,13 +185,14 @@ def test_factors_take_their_axes_from_the_kernels_and_merge_exactly(base):
 @pytest.mark.slow
 def test_sigterm_and_restart_of_the_program_is_bitwise_identical(base, shards, adapter_run, tmp_path):
     resumed = str(tmp_path / "resumed")
-    args = [bin_path("audiodiff-train"), *_adapter_args(base[0], shards, resumed)]
-    proc = subprocess.Popen(args, env=_env(), cwd=REPO)
+    # A relative workdir (Orbax itself takes only absolute paths).
+    args = [bin_path("audiodiff-train"), *_adapter_args(base[0], shards, "resumed")]
+    proc = subprocess.Popen(args, env=_env(), cwd=tmp_path)
     assert wait_then_sigterm(proc, resumed, at_step=4) == 0
     ckpts = sorted(int(d) for d in os.listdir(os.path.join(resumed, "checkpoints")) if d.isdigit())
     stopped_at = ckpts[-1]
     assert 4 <= stopped_at < NUM_STEPS, ckpts  # saved at the preemption, mid-run
-    done = subprocess.run(args, env=_env(), cwd=REPO, capture_output=True, text=True, timeout=600)
+    done = subprocess.run(args, env=_env(), cwd=tmp_path, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     assert f"resuming from checkpoint step {stopped_at}" in done.stderr
     a, b = read_state(adapter_run), read_state(resumed)
@@ -203,7 +204,8 @@ def test_sigterm_and_restart_of_the_program_is_bitwise_identical(base, shards, a
     # The state holds the factors, two moments of each and their EMA; of the base, its
     # identity (the content hash of its weights), never a copy.
     cfg = source.WeightsSource(base[0]).cfg
-    want = adapters.make_adapter(cfg.model, adapters.AdapterSpec(4, 16.0, config_lib.ADAPTER_TARGETS))
+    targets = _adapter_cfg(base[0], shards).adapters.targets
+    want = adapters.make_adapter(cfg.model, adapters.AdapterSpec(4, 16.0, targets))
     assert jax.tree.map(lambda x: x.shape, b["params"]) == jax.tree.map(
         lambda x: x.shape, want.abstract_params()
     )
@@ -217,7 +219,7 @@ def test_sigterm_and_restart_of_the_program_is_bitwise_identical(base, shards, a
     item = checkpointing.read_json_item(step_dir / source.ADAPTER_ITEM)
     ema = source.WeightsSource(base[0]).host_params(None, "ema")
     assert item["base"]["hash"] == export.content_hash(ema) == export.read_meta(base[0])["content_hash"]
-    assert item["spec"] == {"rank": 4, "alpha": 16.0, "targets": list(config_lib.ADAPTER_TARGETS)}
+    assert item["spec"] == {"rank": 4, "alpha": 16.0, "targets": list(targets)}
     # The adapters learned: every b moved off zero.
     assert all(
         np.abs(f).max() > 0 for p, f in traverse_util.flatten_dict(b["ema_params"]).items() if p[-1] == "b"

@@ -39,14 +39,20 @@ from absl import logging
 from etils import epath
 
 from audiodiff_jax.checkpoints import integrity
-from audiodiff_jax.core import optim
+from audiodiff_jax.core import optim, paths
 from audiodiff_jax.core.errors import UserError
 
 ITEMS = ("state", "data_iter", "config", "dataset_card", "tokenizer", integrity.ITEM)
 
 
+def _absolute(path: str | os.PathLike) -> epath.Path:
+    """``path`` made absolute when local: Orbax (TensorStore) reads and writes arrays only
+    under absolute paths, and a run given ``--workdir=runs/x`` must work."""
+    return epath.Path(path if paths.is_remote(path) else os.path.abspath(path))
+
+
 def checkpoint_dir(workdir: str) -> epath.Path:
-    return epath.Path(workdir) / "checkpoints"
+    return _absolute(workdir) / "checkpoints"
 
 
 class RunCheckpointer:
@@ -166,7 +172,7 @@ def find_step(
       CheckpointNotFound: the path is missing, holds no complete checkpoint (naming
         unfinished saves), lacks ``step``, or the step folder lacks a required item.
     """
-    p = epath.Path(path)
+    p = _absolute(path)
     if not p.exists():
         raise CheckpointNotFound(f"checkpoint path {path!r} does not exist")
     if p.name.isdigit() and (p / "state").exists():
