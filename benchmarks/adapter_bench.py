@@ -173,7 +173,7 @@ def cost(out: str) -> dict:
         f"--config.checkpoint.every_steps={steps}",
     ]
     runs = {
-        "adapters (rank 16, every projection)": ["audiodiff-train", "--config=configs/adapter.py:demo"],
+        "adapters (configs/adapter.py:demo)": ["audiodiff-train", "--config=configs/adapter.py:demo"],
         "full fine-tune (configs/demo.py:continue)": [
             "audiodiff-train",
             "--config=configs/demo.py:continue",

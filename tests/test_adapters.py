@@ -241,6 +241,10 @@ def test_an_adapter_exports_as_a_small_folder_and_merges_into_an_export(
     assert meta["weights"] == "ema0.99" and meta["step"] == NUM_STEPS
     size = sum(os.path.getsize(os.path.join(adapter_folder, f)) for f in os.listdir(adapter_folder))
     assert size < os.path.getsize(os.path.join(exported, export.PARAMS)) / 2  # the factors only
+    # Shared artifacts: readable like any file the user writes (safetensors alone gives 0600).
+    umask = os.umask(0)
+    os.umask(umask)
+    assert os.stat(os.path.join(adapter_folder, adapter_export.PARAMS)).st_mode & 0o777 == 0o666 & ~umask
     adapter, _ = source.open_adapter(adapter_folder)
     from_run, where = source.open_adapter(adapter_run)
     assert_trees_equal(adapter.params, from_run.params, "folder against run")

@@ -221,6 +221,9 @@ def test_export_holds_the_weights_and_what_sampling_needs(run3, exported):
     meta = export.read_meta(str(exported))
     assert meta["weights"] == "ema0.2" and meta["step"] == 2 and meta["aliases"] == []
     arrays = load_file(str(exported / export.PARAMS))  # any safetensors reader
+    umask = os.umask(0)
+    os.umask(umask)
+    assert (exported / export.PARAMS).stat().st_mode & 0o777 == 0o666 & ~umask  # not owner-only
     want = export.flatten(checkpointing.restore_weight_sets(_step_dir(run3, 2), ["ema0.2"], None)["ema0.2"])
     assert sorted(arrays) == sorted(want) and all(np.array_equal(arrays[k], want[k]) for k in want)
     assert json.loads((exported / "config.json").read_text())["optim"]["extra_ema_decays"] == [EXTRA]

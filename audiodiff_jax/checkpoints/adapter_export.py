@@ -33,6 +33,7 @@ from safetensors import safe_open
 from safetensors.numpy import save_file
 
 from audiodiff_jax.checkpoints import export
+from audiodiff_jax.core import paths
 from audiodiff_jax.core.errors import UserError
 from audiodiff_jax.model.adapters import FACTORS, KERNELS, Adapter, AdapterSpec, kernel_paths
 
@@ -72,6 +73,7 @@ def write(out_dir: str, adapter: Adapter, *, weights: str, step: int, source: st
         shutil.rmtree(tmp)
     tmp.mkdir(parents=True)
     save_file(flat, str(tmp / PARAMS), metadata={"format": FORMAT})
+    paths.usual_mode(tmp / PARAMS)  # safetensors writes 0600
     meta = {
         "format": FORMAT,
         "version": VERSION,

@@ -39,6 +39,7 @@ from safetensors import safe_open
 from safetensors.numpy import save_file
 
 from audiodiff_jax.checkpoints import integrity
+from audiodiff_jax.core import paths
 from audiodiff_jax.core.errors import UserError
 
 FORMAT = "audiodiff-jax export"
@@ -127,6 +128,7 @@ def write(
     tmp.mkdir(parents=True)
     hashes = integrity.pool().map(integrity.digest, flat.values())  # beside the write
     save_file(flat, str(tmp / PARAMS), metadata={"format": FORMAT, "weights": weights})
+    paths.usual_mode(tmp / PARAMS)  # safetensors writes 0600
     meta = {
         "format": FORMAT,
         "version": VERSION,

@@ -38,3 +38,12 @@ def atomic_write(path: str | os.PathLike, data: bytes) -> None:
         if os.path.exists(tmp):  # a failed write (full disk...) leaves no stray file
             os.remove(tmp)
         raise
+
+
+def usual_mode(path: str | os.PathLike) -> None:
+    """Gives a local file the mode a plain ``open(path, "w")`` would: readable by others as
+    the umask allows. safetensors writes its files owner-only (0600); exports and
+    adapters are made to be shared."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, 0o666 & ~umask)
