@@ -28,13 +28,19 @@ _GUIDANCE = flags.DEFINE_float("guidance", 4.0, "Classifier-free guidance scale.
 _SECONDS = flags.DEFINE_float("seconds", 12.0, "Seconds per song.")
 _WEIGHTS = flags.DEFINE_string("weights", "ema", "Weight set (raw, ema, ema<decay>).")
 _TRAINED = flags.DEFINE_bool("trained", False, "Ask for trained pairings at 80 and 162 bpm instead.")
+_ORDER = flags.DEFINE_bool(
+    "order",
+    False,
+    "Models with the tempo control: 12 pairings without a tempo in the caption, at 80 and 162 bpm.",
+)
 
 
-def prompts(trained: bool) -> list[str]:
+def prompts(trained: bool, controls: bool = False) -> list:
     from data_pipeline import corpus_prompts as cp
+    from launch import demo_prompts
 
     if not trained:
-        return [c.caption() for c in cp.held_out_prompts()]
+        return demo_prompts.held_out_rows(controls)
     out = []
     for k in range(0, 24, 3):
         for tempo in (cp.TEMPOS[0], cp.TEMPOS[-1]):
@@ -46,14 +52,18 @@ def prompts(trained: bool) -> list[str]:
 
 def main(argv):
     del argv
+    from audiodiff_jax.checkpoints import source
     from audiodiff_jax.codec import load_codec
+    from audiodiff_jax.evaluation import evaluate_folder
     from audiodiff_jax.sweeps import sweep
     from launch import demo_prompts
 
     t = time.time()
+    controls = bool(source.WeightsSource(source.resolve(_CHECKPOINT.value)).cfg.model.controls)
+    rows = demo_prompts.tempo_order_rows() if _ORDER.value else prompts(_TRAINED.value, controls)
     result = sweep.generate_songs(
         _CHECKPOINT.value,
-        prompts(_TRAINED.value),
+        rows,
         _OUT.value,
         seconds=_SECONDS.value,
         seeds=(0,),
@@ -65,6 +75,15 @@ def main(argv):
         checkpoint_steps=[_STEP.value],
         batch_size=8,
     )
+    if _ORDER.value:
+        share, pairs = demo_prompts.tempo_order(evaluate_folder(_OUT.value, transcribe=False).rows)
+        for prompt, slow, fast in pairs:
+            print(
+                f"{prompt} | 80 bpm -> {slow:.1f} | 162 bpm -> {fast:.1f} | "
+                + ("ok" if fast > slow else "wrong")
+            )
+        print(f"tempo order: {share:.0%} of {len(pairs)} pairs (target 80%); {time.time() - t:.0f} s")
+        return
     rows, acc = demo_prompts.measure(_OUT.value)
     for r in rows:
         print(

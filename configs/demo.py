@@ -30,6 +30,9 @@ def get_config(arg=None):
     # Songs longer than the window are made window by window: condition each window on
     # the frames it inherits (the seam ratio in the songs' manifest measures the joins).
     config.model.masked_context = True
+    # Tempo, key and time signature as conditioning beside the caption (the prompted
+    # corpus labels every clip; each label dropped on its own 10% of the time).
+    config.model.controls = ("tempo", "key", "meter")
     config.data.global_batch_size = 16
     config.optim.learning_rate = 5e-4
     config.optim.warmup_steps = 50
@@ -44,6 +47,15 @@ def get_config(arg=None):
         config.optim.ema_decay = 0.999
         config.train.log_every = 50
         config.checkpoint.every_steps = 500
+    elif arg == "controls":
+        # Stage 3 of the shipped weights (RECIPE.md): the stage-2 weights, which had no
+        # controls, given them (their parameters start at zero output) and trained on.
+        config.train.num_steps = 3000
+        config.optim.learning_rate = 3e-4
+        config.optim.warmup_steps = 100
+        config.optim.ema_decay = 0.999
+        config.train.log_every = 50
+        config.checkpoint.every_steps = 500
     elif arg == "continue":
         # make demo: a few hundred steps more from the shipped weights, at the learning
         # rate the pretraining ended with (a fresh optimizer: the export holds weights only).
@@ -54,5 +66,5 @@ def get_config(arg=None):
         config.optim.ema_decay = 0.99
         config.checkpoint.every_steps = 100
     elif arg not in (None, ""):
-        raise ValueError(f"configs/demo.py: unknown variant {arg!r} (use pretrain or continue)")
+        raise ValueError(f"configs/demo.py: unknown variant {arg!r} (use pretrain, controls or continue)")
     return config

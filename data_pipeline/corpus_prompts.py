@@ -93,7 +93,13 @@ class Choice:
         return f"{self.instrument} and drums in {self.key} {self.mode} at {self.tempo} bpm"
 
     def labels(self) -> dict[str, Any]:
-        return {"key": self.key, "mode": self.mode, "tempo": self.tempo, "instrument": self.instrument}
+        return {
+            "key": self.key,
+            "mode": self.mode,
+            "tempo": self.tempo,
+            "time_signature": "4/4",  # every loop is four bars of 4/4
+            "instrument": self.instrument,
+        }
 
 
 def held_out_tempo(key_index: int) -> int:

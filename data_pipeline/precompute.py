@@ -79,7 +79,7 @@ from etils import epath
 
 from audiodiff_jax.checkpoints import source
 from audiodiff_jax.codec import lookup
-from audiodiff_jax.core import distributed, paths
+from audiodiff_jax.core import distributed, music, paths
 from audiodiff_jax.core.errors import UserError
 from audiodiff_jax.data.cards import CARD_FILE, CodecCard, DatasetCard, ShardError, ShardInfo
 from audiodiff_jax.data.records import SHARD_PREFIX, SHARD_SUFFIX, ShardSource, read_captions, shard_file_name
@@ -513,6 +513,7 @@ def encode_unit(
         "audio_seconds": 0.0,
         "frames": 0,
         "reused": 0,
+        "labels": music.new_tally(),  # the musical labels kept (core/music.py), for the card
     }
     start = time.time()
     writer = ShardWriter(local_dir, card, num_shards=1, overwrite=True)
@@ -547,6 +548,7 @@ def encode_unit(
                     continue
                 if isinstance(result, _Reused):
                     writer.add(result.record)
+                    music.add_to_tally(report["labels"], result.record.get("labels"))
                     report["reused"] += 1
                     kept(entry, result.seconds, int(result.record["latents"].shape[0]))
                     continue
@@ -579,6 +581,7 @@ def encode_unit(
                             "labels": labels,
                         }
                     )
+                    music.add_to_tally(report["labels"], labels)
                 except (AudioError, ValueError) as e:  # ShardError is a ValueError
                     skipped(entry, str(e), seconds)
                     continue
@@ -725,7 +728,14 @@ def merge(
         shards=tuple(shards),
         num_records=num_records,
         total_frames=int(frames),
-        metadata={**metadata, "num_files": summary["num_files"], "num_skipped": len(skipped)},
+        metadata={
+            **metadata,
+            "num_files": summary["num_files"],
+            "num_skipped": len(skipped),
+            # What the records' labels hold (musical controls, model.controls): sampling
+            # warns of a tempo, key or meter the model never saw.
+            "labels": music.merge_tallies(r.get("labels", music.new_tally()) for r in reports),
+        },
     )
     dataset_card.save(out_dir)  # last: a folder with a card is complete
     return dataset_card, summary

@@ -41,6 +41,7 @@ from audiodiff_jax.core import paths, report
 from audiodiff_jax.core.logs import quiet_library_logs
 from audiodiff_jax.core.metrics import read_loss_history
 from audiodiff_jax.data.cards import DatasetCard
+from audiodiff_jax.evaluation import evaluate_folder
 from audiodiff_jax.programs import cli
 from audiodiff_jax.sampling import generation, seams
 from audiodiff_jax.sweeps import sweep
@@ -248,7 +249,8 @@ def main(argv):
         codec=codec,
     )
     t = time.time()
-    heldout = [c.caption() for c in corpus_prompts.held_out_prompts()]
+    controls = bool(cfg.model.controls)
+    heldout = demo_prompts.held_out_rows(controls)
     logging.info(
         "[4/6] %d held-out prompts, %.0f s each: sampling, then measuring key, tempo and onsets",
         len(heldout),
@@ -264,6 +266,23 @@ def main(argv):
         **common,
     )
     rows, acc = demo_prompts.measure(prompts_dir)
+    order_pairs = []
+    if "tempo" in cfg.model.controls:
+        # The same prompt and seed at 80 and at 162 bpm: do the tempos come out in order?
+        order_dir = os.path.join(out, "tempo_order")
+        order_songs = sweep.generate_songs(
+            workdir,
+            demo_prompts.tempo_order_rows(),
+            order_dir,
+            seconds=_PROMPT_SECONDS.value,
+            title="audiodiff-jax demo: one prompt at 80 and at 162 bpm",
+            batch_size=8,
+            **common,
+        )
+        acc["tempo_order"], order_pairs = demo_prompts.tempo_order(
+            evaluate_folder(order_dir, transcribe=False, progress=True).rows
+        )
+        prompt_songs.issues.extend(order_songs.issues)
     ceiling = {}
     for name, folder, through in (("renders", renders_dir, None), ("through the codec", coded_dir, codec)):
         demo_prompts.write_renders(
@@ -325,6 +344,7 @@ def main(argv):
             "renders": os.path.relpath(renders_dir, out),
             "through the codec": os.path.relpath(coded_dir, out),
         },
+        "order_pairs": order_pairs,
         "tempo_tolerance": demo_prompts.TEMPO_TOLERANCE,
         "min_onset_rate": demo_prompts.MIN_ONSET_RATE,
     }
@@ -374,6 +394,7 @@ def seam_comparison(workdir: str, codec, rows: list[dict]) -> dict[str, str]:
         steps=row["steps"],
         sampler=row["sampler"],
         schedule=row["schedule"],
+        **{k: row[k] for k in ("bpm", "key", "time_signature") if k in row},
     )
     lat = one_pass.generate_latents([params]).latents[0]
     # The windowed plan of the same model (no weights needed: the windows only).

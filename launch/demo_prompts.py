@@ -7,9 +7,14 @@ evaluation (``audiodiff_jax.evaluation``: librosa beats and onsets, Temperley ke
 profiles); so are renders of the same prompts (what a model that plays exactly what it
 is told would score: the estimators' ceiling on this corpus).
 
-Targets (issue 15): key right >= 50% (chance 1 in 24), tempo within 8% >= 50%
+Models with musical controls (``model.controls``) are asked for the key, tempo and time
+signature through them as well as in the caption (:func:`held_out_rows`).
+
+Targets (issue 25): key right >= 75% (chance 1 in 24), tempo within 8% >= 60%
 (octave errors wrong; chance 1 in 5 for a model that plays one of the corpus's tempos
-at random), onsets present in >= 90% of songs.
+at random), onsets present in >= 90% of songs; and for the same prompt and seed asked
+at 80 and at 162 bpm, the measured tempos in that order in >= 80% of the pairs
+(:func:`tempo_order_rows`, :func:`tempo_order`).
 """
 
 from __future__ import annotations
@@ -29,8 +34,48 @@ from data_pipeline import corpus_prompts
 
 TEMPO_TOLERANCE = 0.08  # the issue's tolerance (the evaluation's own default is 4%)
 MIN_ONSET_RATE = 0.5  # onsets per second: below this (or a drone), a song has no onsets to speak of
-TARGETS = {"key": 0.5, "tempo": 0.5, "onsets": 0.9}
-CHANCE = {"key": 1 / 24, "tempo": 1 / len(corpus_prompts.TEMPOS), "onsets": None}
+TARGETS = {"key": 0.75, "tempo": 0.6, "onsets": 0.9, "tempo_order": 0.8}
+CHANCE = {"key": 1 / 24, "tempo": 1 / len(corpus_prompts.TEMPOS), "onsets": None, "tempo_order": 0.5}
+ORDER_TEMPOS = (80, 162)  # the corpus's slowest and fastest
+
+
+def _row(choice: corpus_prompts.Choice, controls: bool, caption: str | None = None, bpm: float = 0) -> dict:
+    row: dict[str, Any] = {"prompt": caption or choice.caption()}
+    if controls:
+        row |= {
+            "bpm": float(bpm or choice.tempo),
+            "key": f"{choice.key} {choice.mode}",
+            "time_signature": "4/4",
+        }
+    return row
+
+
+def held_out_rows(controls: bool) -> list[dict]:
+    """The 24 held-out pairings as prompt rows: the caption, and for a model with
+    controls the same tempo, key and meter as controls."""
+    return [_row(c, controls) for c in corpus_prompts.held_out_prompts()]
+
+
+def tempo_order_rows(count: int = 12) -> list[dict]:
+    """``count`` held-out pairings without their tempo in the caption ("piano and drums
+    in D minor"), each asked at 80 and at 162 bpm through the tempo control."""
+    rows = []
+    for c in corpus_prompts.held_out_prompts()[:count]:
+        caption = f"{c.instrument} and drums in {c.key} {c.mode}"
+        rows += [_row(c, True, caption, bpm) for bpm in ORDER_TEMPOS]
+    return rows
+
+
+def tempo_order(metrics: Sequence[Mapping[str, Any]]) -> tuple[float, list[tuple[str, float, float]]]:
+    """Pairs of songs with the same prompt and seed at 80 and 162 bpm: the share whose
+    measured tempos come out in that order, and ``(prompt, slow, fast)`` per pair."""
+    by = {}
+    for m in metrics:
+        by.setdefault((m.get("prompt"), m.get("seed")), {})[float(m.get("bpm") or 0)] = float(
+            m.get("tempo_bpm") or 0.0
+        )
+    pairs = [(p, t[ORDER_TEMPOS[0]], t[ORDER_TEMPOS[1]]) for (p, _), t in sorted(by.items()) if len(t) == 2]
+    return (float(np.mean([fast > slow for _, slow, fast in pairs])) if pairs else 0.0), pairs
 
 
 @dataclasses.dataclass

@@ -23,6 +23,9 @@ def _host_batch(rng) -> Batch:
             seconds_start=rng.uniform(0, 100, B).astype(np.float32),
             seconds_total=np.full(B, 200.0, np.float32),
             num_frames=np.full(B, T, np.int32),
+            bpm=rng.choice([0.0, 80.0, 162.0], B).astype(np.float32),
+            key=rng.integers(-1, 24, B).astype(np.int32),
+            meter=rng.integers(-1, 3, B).astype(np.int32),
         ),
         record_index=np.arange(B, dtype=np.int32),
     )

@@ -21,7 +21,7 @@ from typing import Any
 import ml_collections
 from absl import logging
 
-from audiodiff_jax.core import names
+from audiodiff_jax.core import music, names
 from audiodiff_jax.core.errors import UserError
 
 
@@ -63,6 +63,11 @@ class ModelConfig:
     # Masked context: the model also takes known clean latents and their mask (trained on
     # random prefixes, suffixes and spans; diffusion.context_none_prob of rows get none).
     masked_context: bool = False
+    # Musical controls the model takes beside the caption (core/music.py): any of
+    # "tempo" (Fourier features of log-bpm), "key" (24 keys), "meter" (time signatures),
+    # each embedded into the conditioning vector and missing when a record has no label.
+    # () = none: the model and its parameters are what they were before controls.
+    controls: tuple[str, ...] = ()
     dtype: str = "float32"  # compute dtype: float32 | bfloat16
     param_dtype: str = "float32"
     text: TextEncoderConfig = dataclasses.field(default_factory=TextEncoderConfig)
@@ -89,6 +94,9 @@ class DataConfig:
     shuffle_seed: int = 0
     num_epochs: int = 0  # 0 = repeat forever
     cfg_dropout: float = 0.1  # probability that a caption is replaced by the empty one
+    # With model.controls: probability that each control is dropped (made missing), each
+    # on its own draw; a dropped caption drops them all (the unconditional branch).
+    control_dropout: float = 0.1
     tokenizer: str = ""  # sentencepiece model; "" = the one named in the dataset card
     worker_count: int = 0  # Grain worker processes per host (0 = in the main process)
     prefetch: int = 2  # batches prefetched on the host
@@ -177,6 +185,15 @@ class SampleConfig:
         ("ema",),
         "Weight sets: raw, ema (the EMA of optim.ema_decay) or ema<decay> for any decay the run "
         "keeps (optim.ema_decay, optim.extra_ema_decays), e.g. ema0.9999.",
+    )
+    bpm: tuple[float, ...] = _help(
+        (0.0,), "Tempi in bpm for models with the tempo control (model.controls); 0 = none asked."
+    )
+    key: tuple[str, ...] = _help(
+        ("",), "Keys ('F# minor', 'Bb major') for models with the key control; '' = none asked."
+    )
+    time_signature: tuple[str, ...] = _help(
+        ("",), "Time signatures ('4/4', '3/4', '6/8'...) for models with the meter control; '' = none."
     )
     eta: float = _help(0.0, "DDIM eta in [0, 1] (0 = deterministic).")
     negative_prompt: str = _help("", "Negative prompt for guidance (default: empty caption).")
@@ -321,7 +338,15 @@ def _upgrade_old_fields(data: dict) -> None:
 
 # Fields added after checkpoints were already being written, with the value that gives
 # the behaviour of the checkpoints that lack them (their default).
-FIELDS_ADDED_LATER = {"model.masked_context", "diffusion.context_none_prob"}
+FIELDS_ADDED_LATER = {
+    "model.masked_context",
+    "diffusion.context_none_prob",
+    "model.controls",
+    "data.control_dropout",
+    "sample.bpm",
+    "sample.key",
+    "sample.time_signature",
+}
 
 # The eval section's own sampling settings, replaced by the sample section (one set of
 # sampling defaults): dropped, with one log line, from configs that still carry them.
@@ -501,6 +526,12 @@ def validate_model(m: ModelConfig) -> None:
     _check(m.freq_dim % 2 == 0, f"model.freq_dim={m.freq_dim} must be even")
     _check(m.text.max_len > 0, f"model.text.max_len={m.text.max_len} must be > 0")
     _check(m.text.vocab_size > 3, f"model.text.vocab_size={m.text.vocab_size} must be > 3")
+    bad = [c for c in m.controls if c not in music.CONTROLS] + sorted(
+        {c for c in m.controls if m.controls.count(c) > 1}
+    )
+    _check(
+        not bad, f"model.controls={','.join(m.controls)}: {bad} unknown or repeated; any of {music.CONTROLS}"
+    )
 
 
 def validate_diffusion(df: DiffusionConfig) -> None:
@@ -520,6 +551,7 @@ def validate_data(d: DataConfig) -> None:
     _check(d.window_frames > 0, f"data.window_frames={d.window_frames} must be > 0")
     _check(d.global_batch_size > 0, f"data.global_batch_size={d.global_batch_size} must be > 0")
     _check(0.0 <= d.cfg_dropout <= 1.0, f"data.cfg_dropout={d.cfg_dropout} must be in [0, 1]")
+    _check(0.0 <= d.control_dropout <= 1.0, f"data.control_dropout={d.control_dropout} must be in [0, 1]")
     _check(
         d.num_epochs >= 0 and d.worker_count >= 0 and d.prefetch >= 0,
         f"data.num_epochs={d.num_epochs}, data.worker_count={d.worker_count}, "
@@ -631,7 +663,12 @@ SAMPLE_PARAM_FIELDS = {
     "schedule": "schedule",
     "eta": "eta",
     "strength": "strength",
+    "bpm": "bpm",
+    "key": "key",
+    "time_signature": "time_signature",
 }
+# The musical controls among them, and what each asks of the model (model.controls).
+SAMPLE_CONTROLS = {"bpm": "tempo", "key": "key", "time_signature": "meter"}
 
 
 def sample_field_type(name: str) -> type:
@@ -647,6 +684,14 @@ def is_sample_axis(name: str) -> bool:
 
 def _number(v) -> bool:
     return isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _parses(parse, v) -> bool:
+    try:
+        parse(v)
+    except ValueError:
+        return False
+    return True
 
 
 def _integer(v) -> bool:
@@ -668,6 +713,18 @@ _SAMPLE_VALUE_CHECKS: dict[str, tuple[typing.Callable[[Any], bool], str]] = {
     "eta": (lambda v: _number(v) and 0.0 <= v <= 1.0, "must be in [0, 1]"),
     "negative_prompt": (lambda v: isinstance(v, str), "must be a string"),
     "strength": (lambda v: _number(v) and 0.0 < v <= 1.0, "must be in (0, 1]"),
+    "bpm": (
+        lambda v: _number(v) and (v == 0 or music.TEMPO_MIN <= v <= music.TEMPO_MAX),
+        f"must be 0 (none) or in [{music.TEMPO_MIN:g}, {music.TEMPO_MAX:g}] bpm",
+    ),
+    "key": (
+        lambda v: isinstance(v, str) and _parses(music.key_from_text, v),
+        "is not a key; e.g. 'F# minor'",
+    ),
+    "time_signature": (
+        lambda v: isinstance(v, str) and _parses(music.meter_index, v),
+        f"is not a time signature; one of {', '.join(music.METERS)} ('' = none)",
+    ),
     "window_frames": (lambda v: _integer(v) and v >= -1, "must be -1 (training window), 0 (all) or > 0"),
     "overlap_frames": (lambda v: _integer(v) and v >= -1, "must be -1 (window / 4) or >= 0"),
     "min_seconds": (lambda v: _number(v) and v > 0, "must be a number > 0"),

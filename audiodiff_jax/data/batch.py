@@ -44,6 +44,12 @@ class Conditioning(NamedTuple):
     # overlaps, continuation and inpainting; training draws random spans.
     known: Any = None  # float32 [B, T, C]
     known_mask: Any = None  # float32 [B, T]
+    # Musical controls (models with ``model.controls``; core/music.py): tempo in bpm
+    # (0 = missing), key index in [0, 24) and time-signature index (-1 = missing).
+    # The loader always fills them; None (a caller that has none) = all missing.
+    bpm: Any = None  # float32 [B]
+    key: Any = None  # int32 [B]
+    meter: Any = None  # int32 [B]
 
 
 class Batch(NamedTuple):
@@ -67,6 +73,9 @@ def batch_spec(batch_size: int, frames: int, latent_channels: int, text_len: int
             seconds_start=sds((b,), f32),
             seconds_total=sds((b,), f32),
             num_frames=sds((b,), i32),
+            bpm=sds((b,), f32),
+            key=sds((b,), i32),
+            meter=sds((b,), i32),
         ),
     )
     axes = Batch(
@@ -77,6 +86,9 @@ def batch_spec(batch_size: int, frames: int, latent_channels: int, text_len: int
             seconds_start=(names.BATCH,),
             seconds_total=(names.BATCH,),
             num_frames=(names.BATCH,),
+            bpm=(names.BATCH,),
+            key=(names.BATCH,),
+            meter=(names.BATCH,),
         ),
     )
     return shapes, axes

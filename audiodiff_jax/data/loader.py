@@ -4,7 +4,8 @@ One batch, from shard to step::
 
     ShardSource[i]             decoded record (latents [frames, C], caption, timing)
     shuffle + repeat           a global stream of records, reshuffled every epoch
-    random_map(_CropAndTokenize)   crop/pad to the window, normalize, CFG dropout, tokens
+    random_map(_CropAndTokenize)   crop/pad to the window, normalize, CFG dropout, tokens,
+                               musical labels (and their dropout)
     batch(b, drop_remainder)   b = data.global_batch_size // process_count
     [process_index::process_count] this host's blocks of the stream
     to_iter_dataset / mp_prefetch  threads and (optionally) worker processes
@@ -47,6 +48,7 @@ import numpy as np
 from absl import flags
 from etils import epath
 
+from audiodiff_jax.core import music
 from audiodiff_jax.core.config import ConfigError, DataConfig, validate_data
 from audiodiff_jax.data.batch import Batch, Conditioning
 from audiodiff_jax.data.cards import DatasetCard, latent_scale
@@ -69,6 +71,8 @@ class _CropAndTokenize(grain.transforms.RandomMap):
         tokenizer: Tokenizer,
         text_max_len: int,
         cfg_dropout: float,
+        controls: tuple[str, ...] = (),
+        control_dropout: float = 0.0,
     ):
         self.window_frames = window_frames
         self.latent_rate = card.codec.latent_rate
@@ -77,6 +81,8 @@ class _CropAndTokenize(grain.transforms.RandomMap):
         self.text_max_len = text_max_len
         self.cfg_dropout = cfg_dropout
         self.null_tokens = tokenizer.encode("", text_max_len)
+        self.controls = tuple(controls)
+        self.control_dropout = control_dropout
 
     def random_map(self, record: dict[str, Any], rng: np.random.Generator) -> Batch:
         latents = record["latents"]
@@ -92,6 +98,15 @@ class _CropAndTokenize(grain.transforms.RandomMap):
         tokens = (
             self.null_tokens if drop_caption else self.tokenizer.encode(record["caption"], self.text_max_len)
         )
+        bpm, key, meter = music.controls_from_labels(record.get("labels"))
+        if self.controls:
+            # Drawn after the draws above and only for models with controls, so the
+            # stream of a model without them is what it always was.
+            drop = rng.random(3) < self.control_dropout
+            drop |= drop_caption  # the unconditional branch has no controls either
+            bpm = 0.0 if drop[0] else bpm
+            key = music.MISSING if drop[1] else key
+            meter = music.MISSING if drop[2] else meter
         return Batch(
             latents=out,
             loss_mask=mask,
@@ -100,6 +115,9 @@ class _CropAndTokenize(grain.transforms.RandomMap):
                 seconds_start=np.float32(record["seconds_start"] + offset / self.latent_rate),
                 seconds_total=np.float32(record["seconds_total"]),
                 num_frames=np.int32(n),
+                bpm=np.float32(bpm),
+                key=np.int32(key),
+                meter=np.int32(meter),
             ),
             record_index=np.int32(record["record_index"]),
         )
@@ -122,13 +140,20 @@ def resolve_tokenizer_path(data_cfg: DataConfig, card: DatasetCard) -> str:
 
 
 def make_dataset(
-    data_cfg: DataConfig, *, text_max_len: int, process_index: int, process_count: int
+    data_cfg: DataConfig,
+    *,
+    text_max_len: int,
+    process_index: int,
+    process_count: int,
+    controls: tuple[str, ...] = (),
 ) -> grain.IterDataset:
     """Builds this process's Grain pipeline of training batches.
 
     Args:
       data_cfg: the ``data`` section of the config.
       text_max_len: caption tokens per example (``model.text.max_len``).
+      controls: the model's musical controls (``model.controls``): their labels are
+        dropped with ``data.control_dropout`` (the labels are in every batch anyway).
       process_index / process_count: this host's place among the data-loading hosts
         (``jax.process_index()`` / ``jax.process_count()``).
 
@@ -160,6 +185,8 @@ def make_dataset(
         tokenizer=Tokenizer(resolve_tokenizer_path(d, card)),
         text_max_len=text_max_len,
         cfg_dropout=d.cfg_dropout,
+        controls=controls,
+        control_dropout=d.control_dropout,
     )
     # ds.seed derives the shuffle's and the random_map's seeds from one number.
     ds = grain.MapDataset.source(source).seed(d.shuffle_seed)

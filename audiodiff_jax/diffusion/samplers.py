@@ -220,7 +220,8 @@ def guided_denoiser(
 
     With ``uncond_tokens`` None the model runs once (no guidance); otherwise the prompt
     and the negative prompt (the empty caption when none) run as one batch of 2B rows
-    (the rest of ``cond`` shared) and are combined by :func:`cfg_combine`.
+    (the rest of ``cond`` shared, but the musical controls, which the unconditional
+    rows do without, as in training) and are combined by :func:`cfg_combine`.
     """
 
     def denoise(z_btc: jax.Array, t_b: jax.Array) -> jax.Array:
@@ -228,6 +229,14 @@ def guided_denoiser(
             return apply_fn(params, z_btc, t_b, cond)
         both = jax.tree.map(lambda a: jnp.concatenate([a, a], axis=0), cond)
         both = both._replace(tokens=jnp.concatenate([cond.tokens, uncond_tokens], axis=0))
+        missing = {"bpm": 0, "key": -1, "meter": -1}  # core/music.py: none asked
+        both = both._replace(
+            **{
+                name: jnp.concatenate([value, jnp.full_like(value, missing[name])], axis=0)
+                for name, value in (("bpm", cond.bpm), ("key", cond.key), ("meter", cond.meter))
+                if value is not None
+            }
+        )
         v = apply_fn(params, jnp.concatenate([z_btc, z_btc], axis=0), jnp.concatenate([t_b, t_b]), both)
         v_cond, v_uncond = jnp.split(v, 2, axis=0)
         mask = jnp.arange(z_btc.shape[1])[None, :] < cond.num_frames[:, None]

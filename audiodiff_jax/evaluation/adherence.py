@@ -18,10 +18,10 @@ score here.
 
 from __future__ import annotations
 
-import re
 from collections.abc import Mapping
 from typing import Any
 
+from audiodiff_jax.core import music
 from audiodiff_jax.evaluation import song
 
 # Measured by benchmarks/eval_ceiling.py (BENCHMARKS.md "Evaluation"): accuracy of the
@@ -34,35 +34,10 @@ CEILINGS: dict[str, Any] = {
     "measured_on": "60 renders of 20 s, 30 music21 scores + 30 MMA grooves, corpus seed 2",
 }
 
-_NOTE_PC = {"C": 0, "D": 2, "E": 4, "F": 5, "G": 7, "A": 9, "B": 11}
-_KEY_RE = re.compile(r"\b([A-G])([#b\u266f\u266d]{0,2})[ -]?(major|minor|maj|min)\b")
-_TEMPO_RE = re.compile(r"\b(\d{2,3}(?:\.\d+)?)\s*(?:bpm|BPM|beats per minute)\b")
-
-
-def pitch_class(tonic: str) -> int | None:
-    """``"F#"`` -> 6, ``"Bb"`` -> 10, ``"B-"`` (music21) -> 10; None if not a note name."""
-    tonic = tonic.strip()
-    if not tonic or tonic[0].upper() not in _NOTE_PC:
-        return None
-    pc = _NOTE_PC[tonic[0].upper()]
-    for ch in tonic[1:]:
-        if ch in "#\u266f":
-            pc += 1
-        elif ch in "b-\u266d":
-            pc -= 1
-        else:
-            return None
-    return pc % 12
-
-
-def parse_key(text: str) -> tuple[int, str] | None:
-    """(tonic pitch class, mode) of ``"F# minor"``-like text; None when there is none."""
-    m = _KEY_RE.search(text)
-    if m is None:
-        return None
-    pc = pitch_class(m.group(1) + m.group(2))
-    mode = "major" if m.group(3).startswith("maj") else "minor"
-    return None if pc is None else (pc, mode)
+# The spelling of keys and tempi is the project's one (core/music.py); kept here by name.
+pitch_class = music.pitch_class
+parse_key = music.parse_key
+_TEMPO_RE = music.TEMPO_RE
 
 
 def labels_from(row: Mapping[str, Any]) -> dict[str, Any]:
@@ -73,7 +48,7 @@ def labels_from(row: Mapping[str, Any]) -> dict[str, Any]:
     """
     labels = row.get("labels") if isinstance(row.get("labels"), Mapping) else row
     out: dict[str, Any] = {}
-    tempo = labels.get("tempo")
+    tempo = labels.get("tempo", labels.get("bpm"))  # sampled rows: bpm (0 = none asked)
     if isinstance(tempo, int | float) and not isinstance(tempo, bool) and tempo > 0:
         out["tempo"] = float(tempo)
     key = labels.get("key")

@@ -56,6 +56,8 @@ CARRIED = (
     "seconds",
     "checkpoint_step",
     "weights",
+    "bpm",  # musical controls asked (the asked key is the manifest's; "key" here is heard)
+    "time_signature",
 )
 # Numeric metric columns (means in the summary, plots against grid axes).
 NUMERIC = (

@@ -43,7 +43,7 @@ from etils import epath
 from jax.sharding import NamedSharding, PartitionSpec
 
 from audiodiff_jax.codec import lookup as codec_lookup
-from audiodiff_jax.core import names, paths, report, sharding
+from audiodiff_jax.core import music, names, paths, report, sharding
 from audiodiff_jax.core.config import Config, ConfigError
 from audiodiff_jax.core.metrics import MetricWriter
 from audiodiff_jax.data import batch as batch_lib
@@ -107,6 +107,7 @@ def make_validation_set(
     tokens = np.zeros((n, cfg.model.text.max_len), np.int32)
     start = np.zeros((n,), np.float32)
     total = np.zeros((n,), np.float32)
+    controls = np.zeros((3, n), np.float32)  # bpm, key, meter: the records' labels
     record_names = []
     for i in range(n):
         rec = source[i]
@@ -115,6 +116,7 @@ def make_validation_set(
         mask[i, :frames] = 1.0
         tokens[i] = tokenizer.encode(rec["caption"], cfg.model.text.max_len)
         start[i], total[i] = rec["seconds_start"], rec["seconds_total"]
+        controls[:, i] = music.controls_from_labels(rec.get("labels"))
         record_names.append(str(rec.get("id", i)))
     k = e.buckets
     rng = np.random.default_rng(e.seed)
@@ -144,6 +146,9 @@ def make_validation_set(
             seconds_start=tile(start),
             seconds_total=tile(total),
             num_frames=tile(mask.sum(axis=1).astype(np.int32)),
+            bpm=tile(controls[0]),
+            key=tile(controls[1].astype(np.int32)),
+            meter=tile(controls[2].astype(np.int32)),
         ),
     )
     return ValidationSet(batch, pad(noise), pad(t), bucket, record_names)

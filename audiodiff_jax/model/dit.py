@@ -7,7 +7,8 @@ One forward pass, in the order a batch goes through it:
    frames a song must keep (window overlaps, continuation, inpainting) given clean.
 2. Conditioning vector ``c`` (one per example) = ``t_embedder(t)`` +
    ``start_embedder(seconds_start / max_seconds)`` +
-   ``total_embedder(seconds_total / max_seconds)``.
+   ``total_embedder(seconds_total / max_seconds)`` (+ ``control_embedder``: tempo, key
+   and time signature, for models with ``model.controls``; :class:`ControlEmbedder`).
 3. ``text_encoder``: caption tokens -> context for cross-attention, and its pad mask.
 4. ``blocks``: ``DiTBlock`` x depth (unrolled, or with ``model.scan_layers`` one
    ``lax.scan`` over the blocks' parameters stacked inside the step). Each: AdaLN-zero
@@ -26,12 +27,21 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from audiodiff_jax.core import names
+from audiodiff_jax.core import music, names
 from audiodiff_jax.core.config import ModelConfig
 from audiodiff_jax.core.sharding import constrain
 from audiodiff_jax.data.batch import Conditioning
 from audiodiff_jax.model.attention import Attention, rope_tables
-from audiodiff_jax.model.layers import Dense, LayerNorm, Mlp, ParamKeys, ScalarEmbedder, dtype_of
+from audiodiff_jax.model.layers import (
+    Dense,
+    LayerNorm,
+    Mlp,
+    ParamKeys,
+    ScalarEmbedder,
+    dtype_of,
+    make_param,
+    sinusoidal_embedding,
+)
 from audiodiff_jax.model.text_encoder import TextEncoder
 
 REMAT_POLICIES = {
@@ -104,6 +114,58 @@ class FinalLayer(nnx.Module):
         return self.linear(modulate(self.norm(x_btd), shift, scale))
 
 
+class ControlEmbedder(nnx.Module):
+    """Musical controls (``model.controls``, ``core/music.py``) -> one vector added to ``c``.
+
+    - ``tempo``: sinusoidal features of log-bpm in [0, 1] (:func:`music.tempo_unit`) ->
+      MLP; a learned vector where the tempo is missing (0 bpm).
+    - ``key``: a table of the 24 keys and one row for "missing".
+    - ``meter``: a table of :data:`music.METERS` and one row for "missing".
+
+    Every output starts at zero (the MLP's last layer, the tables, the missing-tempo
+    vector), so a model given controls computes exactly what it computed without them
+    until they train: ``train.init_from`` of weights without controls starts from that
+    model.
+    """
+
+    def __init__(self, controls, freq_dim: int, width: int, *, dtype, param_dtype, keys: ParamKeys):
+        self.controls = tuple(controls)
+        self.freq_dim = freq_dim
+        zeros = jax.nn.initializers.zeros
+        kw = dict(dtype=dtype, param_dtype=param_dtype, keys=keys)
+        if "tempo" in self.controls:
+            self.tempo_fc1 = Dense(
+                freq_dim, width, (names.COND, names.EMBED), kernel_init=jax.nn.initializers.normal(0.02), **kw
+            )
+            self.tempo_fc2 = Dense(width, width, (names.EMBED, names.EMBED), kernel_init=zeros, **kw)
+            self.tempo_missing = make_param(keys, zeros, (width,), (names.EMBED,), param_dtype)
+        if "key" in self.controls:
+            self.key_table = make_param(
+                keys, zeros, (music.NUM_KEYS + 1, width), (names.COND, names.EMBED), param_dtype
+            )
+        if "meter" in self.controls:
+            self.meter_table = make_param(
+                keys, zeros, (len(music.METERS) + 1, width), (names.COND, names.EMBED), param_dtype
+            )
+
+    def __call__(self, cond: Conditioning, batch: int) -> jax.Array:
+        out = 0.0
+        if "tempo" in self.controls:
+            bpm = jnp.zeros((batch,), jnp.float32) if cond.bpm is None else cond.bpm.astype(jnp.float32)
+            h = self.tempo_fc1(sinusoidal_embedding(music.tempo_unit(bpm, jnp), self.freq_dim))
+            emb = self.tempo_fc2(jax.nn.silu(h))
+            out = out + jnp.where((bpm > 0)[:, None], emb, self.tempo_missing[...].astype(emb.dtype))
+        if "key" in self.controls:
+            key = jnp.full((batch,), -1, jnp.int32) if cond.key is None else cond.key.astype(jnp.int32)
+            index = jnp.where(key < 0, music.NUM_KEYS, key)
+            out = out + jnp.take(self.key_table[...], index, axis=0)
+        if "meter" in self.controls:
+            meter = jnp.full((batch,), -1, jnp.int32) if cond.meter is None else cond.meter.astype(jnp.int32)
+            index = jnp.where(meter < 0, len(music.METERS), meter)
+            out = out + jnp.take(self.meter_table[...], index, axis=0)
+        return out
+
+
 class DiT(nnx.Module):
     """Predicts v ``[B, T, latent_channels]`` (float32) from noisy latents and conditioning."""
 
@@ -123,6 +185,8 @@ class DiT(nnx.Module):
         )
         self.blocks = nnx.List([DiTBlock(cfg, **kw) for _ in range(cfg.depth)])
         self.final_layer = FinalLayer(w, cfg.latent_channels, **kw)
+        if cfg.controls:  # created last: the other parameters' init keys are unchanged
+            self.control_embedder = ControlEmbedder(cfg.controls, cfg.freq_dim, w, **kw)
 
     def __call__(
         self,
@@ -143,6 +207,8 @@ class DiT(nnx.Module):
             + self.start_embedder(cond.seconds_start / cfg.max_seconds)
             + self.total_embedder(cond.seconds_total / cfg.max_seconds)
         )
+        if cfg.controls:
+            c = c + self.control_embedder(cond, x_btc.shape[0]).astype(c.dtype)
         silu_c = jax.nn.silu(c)
         ctx, text_mask = self.text_encoder(cond.tokens)
         # Padding is always at the end: frame i is real iff i < num_frames.

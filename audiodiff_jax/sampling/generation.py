@@ -42,7 +42,7 @@ from jax.sharding import NamedSharding
 from audiodiff_jax.checkpoints import source as source_lib
 from audiodiff_jax.codec import limiter
 from audiodiff_jax.core import config as config_lib
-from audiodiff_jax.core import names, optim, paths, sharding
+from audiodiff_jax.core import music, names, optim, paths, sharding
 from audiodiff_jax.core.config import MeshConfig
 from audiodiff_jax.core.errors import GenerationError
 from audiodiff_jax.data.batch import Conditioning
@@ -88,6 +88,10 @@ class SampleParams:
     schedule: str = _SAMPLE.schedule[0]
     eta: float = _SAMPLE.eta  # DDIM noise (0 = deterministic)
     strength: float = _SAMPLE.strength  # audio-to-audio variation: start time (1 = from pure noise)
+    # Musical controls, for models with model.controls (core/music.py): none asked by default.
+    bpm: float = _SAMPLE.bpm[0]  # tempo in bpm (0 = none)
+    key: str = _SAMPLE.key[0]  # "F# minor" ("" = none)
+    time_signature: str = _SAMPLE.time_signature[0]  # "3/4" ("" = none)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -230,7 +234,15 @@ class SampleProgram(NamedTuple):
             return jax.ShapeDtypeStruct(shape, dtype, sharding=sharding.named_shardings(axes, mesh))
 
         rows = lambda dtype, *rest: s((b, *rest), dtype, _ROWS + (None,) * len(rest))
-        cond = Conditioning(rows(np.int32, length), rows(np.float32), rows(np.float32), rows(np.int32))
+        cond = Conditioning(
+            rows(np.int32, length),
+            rows(np.float32),
+            rows(np.float32),
+            rows(np.int32),
+            bpm=rows(np.float32),
+            key=rows(np.int32),
+            meter=rows(np.int32),
+        )
         key_shape = jax.random.key_data(jax.random.key(0)).shape
         inputs = SampleInputs(
             uncond_tokens=rows(np.int32, length),
@@ -294,6 +306,7 @@ class Generator:
         max_seconds: float | None = None,
     ):
         self.cfg, self.card, self.tokenizer = cfg, card, tokenizer
+        self._warned: set = set()  # (field, value) already warned of (_check_controls)
         self.checkpoint = checkpoint
         self.where = f"checkpoint {checkpoint}" if checkpoint else "the weights in memory"
         given = {
@@ -443,6 +456,47 @@ class Generator:
             problem = config_lib.sample_value_problem(name, value)
             if problem:
                 raise GenerationError(f"{name}={value!r} {problem}")
+        self._check_controls(p)
+
+    def _check_controls(self, p: SampleParams) -> None:
+        """A musical control the model does not take is an error; a value outside what its
+        training data held (the dataset card's label tally) is a warning, once per value."""
+        controls = self.cfg.model.controls
+        seen = self.card.metadata.get("labels") if isinstance(self.card.metadata, dict) else None
+        for name, control in config_lib.SAMPLE_CONTROLS.items():
+            value = getattr(p, name)
+            if value in (0, 0.0, ""):
+                continue
+            if control not in controls:
+                raise GenerationError(
+                    f"{name}={value!r}: this model takes no {control} (model.controls="
+                    f"{','.join(controls) or 'none'}); say it in the prompt instead"
+                )
+            if not seen:
+                continue
+            warning = ""
+            if control == "tempo":
+                t = seen["tempo"]
+                if not t["count"]:
+                    warning = "its training data had no tempo labels"
+                elif not t["min"] / 1.15 <= value <= t["max"] * 1.15:
+                    warning = f"its training data held {t['min']:g} to {t['max']:g} bpm"
+            else:
+                names_seen = seen["key" if control == "key" else "meter"]
+                canonical = (
+                    music.key_name(music.key_from_text(value)) if control == "key" else value.replace(" ", "")
+                )
+                if canonical not in names_seen:
+                    shown = ", ".join(names_seen) or "none"
+                    if control == "meter":
+                        raise GenerationError(
+                            f"{name}={value!r}: the model never saw this time signature in training "
+                            f"(seen: {shown})"
+                        )
+                    warning = f"its training data never had {canonical}"
+            if warning and (name, value) not in self._warned:
+                self._warned.add((name, value))
+                logging.warning("%s=%r is outside what this model learned: %s", name, value, warning)
 
     @staticmethod
     def group_key(p: SampleParams, frames: int) -> tuple:
@@ -580,6 +634,9 @@ class Generator:
         rescale = np.asarray([p.guidance_rescale for p in rows], np.float32)
         eta = np.asarray([p.eta for p in rows], np.float32)
         total = np.asarray([p.seconds for p in rows], np.float32)
+        bpm = np.asarray([p.bpm for p in rows], np.float32)
+        key = np.asarray([music.key_from_text(p.key) for p in rows], np.int32)
+        meter = np.asarray([music.meter_index(p.time_signature) for p in rows], np.int32)
         base_keys = [jax.random.key(p.seed) for p in rows]
 
         out = np.zeros((batch, frames, c), np.float32)
@@ -589,6 +646,7 @@ class Generator:
             put_rows = lambda a: self._put(a, _ROWS)
             tok_c, tok_u, scale, rescale = map(put_rows, (tok_c, tok_u, scale, rescale))
             total, ts, eta = map(put_rows, (total, ts, eta))
+            bpm, key, meter = map(put_rows, (bpm, key, meter))
             num_frames = put_rows(np.full((batch,), win, np.int32))
             for w, a in enumerate(starts):
                 b = a + win
@@ -616,7 +674,7 @@ class Generator:
                 start = put_rows(np.full((batch,), a / self.latent_rate, np.float32))
                 args = (
                     self.params,
-                    Conditioning(tok_c, start, total, num_frames),
+                    Conditioning(tok_c, start, total, num_frames, bpm=bpm, key=key, meter=meter),
                     SampleInputs(
                         uncond_tokens=tok_u,
                         scale=scale,

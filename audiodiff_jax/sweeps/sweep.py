@@ -70,6 +70,9 @@ class Grid:
     eta: float = _SAMPLE.eta
     negative_prompt: str = _SAMPLE.negative_prompt
     strength: float = _SAMPLE.strength
+    bpm: tuple[float, ...] = _SAMPLE.bpm
+    key: tuple[str, ...] = _SAMPLE.key
+    time_signature: tuple[str, ...] = _SAMPLE.time_signature
 
     @classmethod
     def from_config(cls, sample: config_lib.SampleConfig, **changes) -> Grid:
@@ -153,7 +156,18 @@ def read_prompts_file(path: str) -> tuple[list[tuple[str, dict]], list[SweepIssu
 
 
 # Nesting of the grid axes, outermost first: the order of a sweep's items.
-GRID_ORDER = ("seconds", "sampler", "steps", "schedule", "guidance", "guidance_rescale", "seed")
+GRID_ORDER = (
+    "seconds",
+    "sampler",
+    "steps",
+    "schedule",
+    "guidance",
+    "guidance_rescale",
+    "bpm",
+    "key",
+    "time_signature",
+    "seed",
+)
 
 
 def expand_grid(rows: Iterable[tuple[str, dict]], grid: Grid) -> list[SweepItem]:
@@ -174,7 +188,11 @@ def expand_grid(rows: Iterable[tuple[str, dict]], grid: Grid) -> list[SweepItem]
 def item_id(params: SampleParams, step: int, weights: str, adapters: str = "", *, edit_tag: str = "") -> str:
     """Stable id of one output: the same parameters on the same checkpoint step, weights
     and adapter stack (its text, ``source.AdapterStack.text``) -> same id."""
-    fields = {"params": params.to_dict(), "step": step, "weights": weights, "edit": edit_tag}
+    params_dict = params.to_dict()
+    for name in config_lib.SAMPLE_CONTROLS:  # ids of outputs that ask no control are what they were
+        if params_dict.get(name) in (0, 0.0, ""):
+            del params_dict[name]
+    fields = {"params": params_dict, "step": step, "weights": weights, "edit": edit_tag}
     if adapters:  # ids of outputs without adapters are what they always were
         fields["adapters"] = adapters
     blob = json.dumps(fields, sort_keys=True)

@@ -25,7 +25,7 @@ import jax.numpy as jnp
 import optax
 from absl import logging
 
-from audiodiff_jax.checkpoints import checkpointing
+from audiodiff_jax.checkpoints import checkpointing, source
 from audiodiff_jax.core import config as config_lib
 from audiodiff_jax.core import flops, memory, names, optim, sharding
 from audiodiff_jax.core.config import Config
@@ -37,6 +37,8 @@ from audiodiff_jax.data.tokenizer import Tokenizer
 from audiodiff_jax.diffusion import objective
 from audiodiff_jax.model import make_model
 from audiodiff_jax.training import loop
+
+CONTROLS = "control_embedder"  # model/dit.py: the musical controls' parameters
 
 
 @flax.struct.dataclass
@@ -239,8 +241,38 @@ class Trainer:
     # -- the loop's Trainer protocol (audiodiff_jax/training/loop.py) -------------------------
 
     def initial_state(self) -> TrainState:
-        """``train.init_from`` weights, or a fresh state from ``train.seed``."""
-        return loop.start_state(self.init_state, self.abstract_params, self.cfg.train)
+        """``train.init_from`` weights, or a fresh state from ``train.seed``.
+
+        Weights of a model without musical controls may start a model with them
+        (``model.controls``): the controls' parameters start fresh, at zero output, so
+        the run starts from exactly the model it was given.
+        """
+        cfg = self.cfg
+        if cfg.train.init_from and cfg.model.controls:
+            try:
+                had = source.WeightsSource(cfg.train.init_from).cfg.model.controls
+            except Exception:  # noqa: BLE001 - start_state below names what is wrong with it
+                had = cfg.model.controls
+            if not had:
+                return self._add_controls_to(cfg.train.init_from)
+        return loop.start_state(self.init_state, self.abstract_params, cfg.train)
+
+    def _add_controls_to(self, path: str) -> TrainState:
+        logging.info(
+            "train.init_from %s has no musical controls: %s start at zero output "
+            "(the model starts as it was)",
+            path,
+            ",".join(self.cfg.model.controls),
+        )
+        abstract = dict(self.abstract_params())
+        abstract.pop(CONTROLS)
+        try:
+            params, step = source.restore_params(path, abstract)
+        except checkpointing.CheckpointNotFound as e:
+            raise config_lib.ConfigError(f"train.init_from: {e}") from e
+        fresh = self.init_state(self.cfg.train.seed).params[CONTROLS]
+        logging.info("starting from the weights of %s (step %d)", path, step)
+        return self.init_state(self.cfg.train.seed, params={**params, CONTROLS: fresh})
 
     def upgrade_state(self, restored: dict[str, Any], missing: set[str]) -> TrainState:
         """A state from a checkpoint written before ``extra_ema`` existed: each extra EMA
@@ -370,6 +402,7 @@ def data_and_items(cfg: Config, card: DatasetCard) -> tuple[Any, dict[str, dict]
         text_max_len=cfg.model.text.max_len,
         process_index=jax.process_index(),
         process_count=jax.process_count(),
+        controls=cfg.model.controls,
     )
     json_items = {
         "config": dataclasses.asdict(cfg),
