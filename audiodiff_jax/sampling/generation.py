@@ -355,6 +355,18 @@ class Generator:
             self.use_weights(step, weights, params)
         self._fns: dict[tuple, Callable] = {}
 
+    def share_programs(self, other: Generator) -> None:
+        """Runs the sampling programs ``other`` compiled, and shares those either compiles
+        from now on: two weight sets of one model on one mesh (compared side by side)
+        compile each shape once. The programs take the weights as an argument; the model
+        and the mesh are the program."""
+        if other.cfg.model != self.cfg.model or other.mesh != self.mesh:
+            raise GenerationError(
+                f"{self.where} and {other.where} differ in their model or mesh: they cannot share "
+                "compiled sampling programs"
+            )
+        self._fns = other._fns
+
     # -- set-up checks ---------------------------------------------------------------
 
     def _check_codec(self, codec) -> None:
@@ -572,7 +584,11 @@ class Generator:
         return self.tokenizer.encode(text, self.cfg.model.text.max_len)
 
     def generate_latents(
-        self, requests: Sequence[SampleParams], edit: AudioEdit | None = None, batch_size: int | None = None
+        self,
+        requests: Sequence[SampleParams],
+        edit: AudioEdit | None = None,
+        batch_size: int | None = None,
+        on_window: Callable[[int, int], None] | None = None,
     ) -> Generated:
         """Samples one batch of requests that share :meth:`group_key`.
 
@@ -581,6 +597,8 @@ class Generator:
           edit: optional audio to continue / inpaint / vary (shared by every row).
           batch_size: pad the batch to this many rows (a multiple of the mesh's
             data x fsdp size is used) so every batch of a sweep has one shape.
+          on_window: called with (windows done, windows in all) after each window
+            (a progress bar); the sampling loop of a window runs on the device in one go.
 
         Returns:
           :class:`Generated` with each request's raw (denormalized) latents.
@@ -692,6 +710,8 @@ class Generator:
                 compiled_any |= seconds > 0
                 with jax.profiler.TraceAnnotation("sample_window", window=w, frames=win):
                     out[:, a:b] = self._get(fn(*args))[:, :win]
+                if on_window is not None:
+                    on_window(w + 1, len(starts))
         denoise_s = time.perf_counter() - t0 - compile_s
         raw = [self.card.denormalize(out[i]) for i in range(len(requests))]
         return Generated(raw, denoise_s, len(starts), compiled_any, compile_s)
