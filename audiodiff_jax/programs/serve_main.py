@@ -101,15 +101,15 @@ LOCALHOSTS = ("127.0.0.1", "localhost", "::1")
 
 def _announce(host: str, port: int) -> None:
     if host in LOCALHOSTS:
-        logging.info("serve: listening on http://%s:%d (this machine only)", host, port)
+        logging.info("serve: will listen on http://%s:%d (this machine only)", host, port)
         print(
-            f"audiodiff-serve: http://{host}:{port} (this machine only; from a laptop: "
+            f"audiodiff-serve: will listen on http://{host}:{port} (this machine only; from a laptop: "
             f"ssh -L {port}:localhost:{port} THIS_HOST, then open http://localhost:{port})",
             flush=True,
         )
         return
     message = (
-        f"listening on {host}:{port}: the page is reachable from the network, and whoever reaches it "
+        f"will listen on {host}:{port}: the page is reachable from the network, and whoever reaches it "
         "can use the model and add judgements (no login, no TLS); --host=127.0.0.1 and an SSH tunnel "
         "keep it private"
     )
@@ -144,6 +144,7 @@ def main(argv):
     if step is not None and not step.isdigit():
         raise UserError(f"--step={_STEP.value}: a step number or 'latest'")
     limits = warm.Limits(_MAX_PROMPT.value, _MAX_UPLOAD_MB.value, _MAX_UPLOAD_S.value)
+    _announce(_HOST.value, _PORT.value)  # before the minutes a big model may take to load
     mesh = sharding.make_mesh(config_lib.MeshConfig(**{a: f.value for a, f in _MESH.items()}))
     pool = listening.ModelPool(
         os.path.join(_OUT.value, "songs"),
@@ -187,7 +188,6 @@ def main(argv):
         limits=limits,
         prompt=_PROMPT.value[0] if _PROMPT.value else "",
     )
-    _announce(_HOST.value, _PORT.value)
     serve_page.launch(
         page,
         host=_HOST.value,

@@ -183,8 +183,6 @@ class SweepSource:
         return {
             "kind": "sweep",
             "folder": self.spec.path,
-            "id": row["id"],
-            "file": row["file"],
             "checkpoint": row.get("checkpoint"),
             "checkpoint_step": row.get("checkpoint_step"),
             "weights": row.get("weights"),
@@ -285,6 +283,8 @@ class ABTest:
                 side = {
                     "params": _params(row).to_dict(),
                     "edit": row.get("edit", ""),
+                    "song_id": row["id"],
+                    "sweep_file": row["file"],
                     "source_spec": s.describe(row),
                 }
             else:
@@ -298,7 +298,8 @@ class ABTest:
                 side = {
                     "params": params.to_dict(),
                     "edit": "",
-                    "source_spec": {"kind": "weights", "spec": s.name, "song_id": song.id, **song.source},
+                    "song_id": song.id,
+                    "source_spec": {"kind": "weights", "spec": s.name, **song.source},
                 }
             sides.append({"source": s.name, **side, "file": wav})
         with self._rng_lock:
