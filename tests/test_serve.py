@@ -212,6 +212,11 @@ def test_serve_says_when_it_is_reachable_from_the_network():
 # -- the page in a browser -----------------------------------------------------------
 
 
+def _chromium() -> str | None:
+    """Debian's chromium (launch/setup_env.sh installs it as root)."""
+    return shutil.which("chromium") or shutil.which("chromium-browser")
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -253,7 +258,7 @@ class Server:
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    if shutil.which("chromium") is None and not os.path.exists("/usr/bin/chromium"):
+    if _chromium() is None:
         pytest.skip("chromium is not installed: apt-get update && apt-get install -y chromium")
     root = tmp_path_factory.mktemp("serve")
     adapter = _demo_adapter(str(root / "adapter"))
@@ -312,7 +317,7 @@ def browser(server, tmp_path_factory):
     profile = tmp_path_factory.mktemp("chromium-profile")
     with sync_playwright() as p:
         context = p.chromium.launch_persistent_context(
-            str(profile), executable_path="/usr/bin/chromium", headless=True, args=CHROMIUM_ARGS
+            str(profile), executable_path=_chromium(), headless=True, args=CHROMIUM_ARGS
         )
         try:
             yield context
@@ -355,8 +360,19 @@ def _error(page, text: str) -> str:
 @pytest.mark.timeout(600)
 def test_page_generates_plays_and_compiles_each_shape_once(server, browser):
     page = _open(browser, server)
+    # Every text the song's panel shows while it is made (the progress bar's steps).
+    page.evaluate(
+        """() => { window.seen = new Set();
+        new MutationObserver(() => {
+          const t = document.querySelector('#song_info')?.innerText || '';
+          const steps = /(sampling|sampled window \\d+\\/\\d+|decoding|measuring) - \\d+/g;
+          for (const m of t.matchAll(steps)) window.seen.add(m[1]);
+        }).observe(document.body, {subtree: true, childList: true, characterData: true}); }"""
+    )
     first = _generate(page, seed=0)
     assert "compiled: yes" in first and "seed 0 · step 5000" in first, first
+    progress = page.evaluate("Array.from(window.seen)")
+    assert {"sampled window 1/1", "decoding"} & set(progress), progress  # the bar followed the song
     assert server.compilations() == 1
     # The song plays: the player's clock moves.
     page.wait_for_function(f"document.querySelector('#song #duration')?.innerText === '0:0{SONG_SECONDS}'")

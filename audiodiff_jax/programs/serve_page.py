@@ -19,6 +19,7 @@ import gradio as gr
 from absl import logging
 
 from audiodiff_jax.core import config as config_lib
+from audiodiff_jax.core import music
 from audiodiff_jax.core.errors import UserError
 from audiodiff_jax.evaluation import judgements
 from audiodiff_jax.sampling.generation import SampleParams
@@ -117,6 +118,21 @@ def _generate_tab(model: warm.WarmModel, limits: warm.Limits, prompt: str) -> No
         )
         rescale = gr.Number(label="Guidance rescale (0-1)", value=s.guidance_rescale[0], elem_id="rescale")
         eta = gr.Number(label="DDIM eta (0-1)", value=s.eta, elem_id="eta")
+    controls = g.cfg.model.controls  # the musical controls this model takes, if any
+    with gr.Row(visible=bool(controls)):
+        bpm = gr.Number(
+            label="Tempo (bpm; 0 = none)", value=s.bpm[0], visible="tempo" in controls, elem_id="bpm"
+        )
+        key = gr.Textbox(
+            label="Key ('F# minor'; empty = none)", value=s.key[0], visible="key" in controls, elem_id="key"
+        )
+        meter = gr.Dropdown(
+            ["", *music.METERS],
+            value=s.time_signature[0],
+            label="Time signature (empty = none)",
+            visible="meter" in controls,
+            elem_id="time_signature",
+        )
     with gr.Accordion("Edit an uploaded song: continuation, inpainting, variation", open=False):
         mode = gr.Radio(list(warm.EDITS), value="none", label="Edit", elem_id="edit_mode")
         upload = gr.File(
@@ -135,7 +151,7 @@ def _generate_tab(model: warm.WarmModel, limits: warm.Limits, prompt: str) -> No
 
     def generate(
         prompt_text, negative_text, seconds_v, seed_v, guidance_v, steps_v, sampler_v, schedule_v,
-        rescale_v, eta_v, mode_v, upload_v, start_v, end_v, strength_v,
+        rescale_v, eta_v, bpm_v, key_v, meter_v, mode_v, upload_v, start_v, end_v, strength_v,
         progress=gr.Progress(),
     ):  # fmt: skip
         try:
@@ -151,6 +167,9 @@ def _generate_tab(model: warm.WarmModel, limits: warm.Limits, prompt: str) -> No
                 schedule=schedule_v,
                 eta=_number(eta_v, "eta"),
                 strength=_number(strength_v, "strength"),
+                bpm=_number(bpm_v, "tempo"),
+                key=key_v or "",
+                time_signature=meter_v or "",
             )
             model.check(p)  # before an upload is encoded
             inpaint = mode_v == "inpainting"
@@ -169,7 +188,21 @@ def _generate_tab(model: warm.WarmModel, limits: warm.Limits, prompt: str) -> No
             raise gr.Error(f"the request failed: {type(e).__name__}: {e}", duration=None) from e
         return song.wav, song.spectrogram, song_text(song)
 
-    inputs = [text, negative, seconds, seed, guidance, steps, sampler, schedule, rescale, eta]
+    inputs = [
+        text,
+        negative,
+        seconds,
+        seed,
+        guidance,
+        steps,
+        sampler,
+        schedule,
+        rescale,
+        eta,
+        bpm,
+        key,
+        meter,
+    ]
     inputs += [mode, upload, start, end, strength]
     button.click(
         generate,

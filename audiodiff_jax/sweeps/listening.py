@@ -13,7 +13,7 @@ Grammar: ``PATH[:STEP][@WEIGHTS][+ADAPTERS]``; a folder holding ``manifest.jsonl
 sweep. A pair holds one song of each source made for the same request:
 
 - between sweeps, rows of both manifests with the same prompt, seed, duration, negative
-  prompt and edit (:data:`PAIR_KEY`), drawn at random; the other parameters are each
+  prompt, musical controls and edit (:data:`PAIR_KEY`), drawn at random; the other parameters are each
   sweep's own (comparing two guidance scales is comparing two sweeps);
 - with weights, a prompt of the prompt list (a sweep's prompts file rows) and a random
   seed, or a row of the sweep on the other side; each set of weights samples with its
@@ -43,16 +43,19 @@ import jax
 from absl import logging
 
 from audiodiff_jax.checkpoints import source as source_lib
+from audiodiff_jax.core import config as config_lib
 from audiodiff_jax.evaluation import judgements
 from audiodiff_jax.sampling.generation import MANIFEST, GenerationError, SampleParams, open_generator
 from audiodiff_jax.sweeps import sweep
 from audiodiff_jax.sweeps.warm import Limits, Progress, WarmModel
 
-# Two songs of two sweeps make a pair when these fields agree (the request; the rest is
-# what the sweeps compare).
-PAIR_KEY = ("prompt", "seed", "seconds", "negative_prompt", "edit")
+# Two songs of two sweeps make a pair when these fields agree (the request: what is
+# asked; the rest is how, what the sweeps compare).
+REQUEST = ("prompt", "seed", "seconds", "negative_prompt", *config_lib.SAMPLE_CONTROLS)
+PAIR_KEY = (*REQUEST, "edit")
 _WEIGHTS_RE = re.compile(r"^(raw|ema[0-9.]*)$")
 _PARAM_FIELDS = tuple(f.name for f in dataclasses.fields(SampleParams))
+_ROW_NEEDS = ("id", "file", "prompt", "seconds", "seed")  # what a manifest row needs to be played
 
 
 @dataclasses.dataclass(frozen=True)
@@ -174,7 +177,7 @@ class SweepSource:
             logging.warning("serve: %s: %d unreadable manifest line(s) skipped", spec.path, torn)
         self.rows: dict[tuple, list[dict]] = {}
         for row in rows.values():
-            if all(f in row for f in _PARAM_FIELDS) and os.path.isfile(os.path.join(spec.path, row["file"])):
+            if all(f in row for f in _ROW_NEEDS) and os.path.isfile(os.path.join(spec.path, row["file"])):
                 self.rows.setdefault(pair_key(row), []).append(row)
         if not self.rows:
             raise GenerationError(f"--ab={spec.text}: the sweep folder {spec.path} holds no finished song")
@@ -190,12 +193,14 @@ class SweepSource:
         }
 
 
-def pair_key(row: Mapping[str, Any]) -> tuple:
-    return tuple(row.get(f, "") for f in PAIR_KEY)
-
-
 def _params(row: Mapping[str, Any]) -> SampleParams:
-    return SampleParams(**{f: row[f] for f in _PARAM_FIELDS})
+    """The parameters of a manifest row (fields added since it was written at their defaults)."""
+    return SampleParams(**{f: row[f] for f in _PARAM_FIELDS if f in row})
+
+
+def pair_key(row: Mapping[str, Any]) -> tuple:
+    params = _params(row).to_dict()
+    return (*(params[f] for f in REQUEST), row.get("edit", ""))
 
 
 @dataclasses.dataclass
@@ -261,7 +266,7 @@ class ABTest:
                     n: self._rng.choice(s.rows[key]) for n, s in enumerate(self.sources) if s in self.sweeps
                 }
                 first = next(iter(rows.values()))
-                request = {f: first[f] for f in ("prompt", "seed", "seconds", "negative_prompt")}
+                request = {f: v for f, v in _params(first).to_dict().items() if f in REQUEST}
             else:
                 rows = {}
                 request = dict(self._rng.choice(self.prompts))

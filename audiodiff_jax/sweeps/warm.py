@@ -265,9 +265,7 @@ class WarmModel:
                 audio, card.sample_rate, transcriber=eval_notes.load_transcriber()
             )
             metrics.pop("window_metrics", None)
-            metrics.update(
-                eval_adherence.adherence(metrics, eval_adherence.labels_from({"prompt": p.prompt}))
-            )
+            metrics.update(eval_adherence.adherence(metrics, eval_adherence.labels_from(p.to_dict())))
             measure_s = time.perf_counter() - t0
         timings = {
             "compiled": res.compiled,
