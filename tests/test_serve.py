@@ -25,12 +25,15 @@ import sys
 import time
 import urllib.request
 
+import jax
 import numpy as np
 import pytest
 import scipy.stats
 import soundfile as sf
 
+from audiodiff_jax.checkpoints import adapter_export, source
 from audiodiff_jax.evaluation import judgements
+from audiodiff_jax.model import adapters
 from audiodiff_jax.sampling.generation import GenerationError, SampleParams
 from audiodiff_jax.sweeps import listening, warm
 from tests.helpers import REPO, bin_path
@@ -225,11 +228,6 @@ def _free_port() -> int:
 
 def _demo_adapter(out: str) -> str:
     """A real adapter folder for the demo weights (random factors on the MLP inputs)."""
-    import jax  # the test process's jax (8 fake CPU devices); only to draw the factors
-
-    from audiodiff_jax.checkpoints import adapter_export, source
-    from audiodiff_jax.model import adapters
-
     src = source.WeightsSource("demo")
     spec = adapters.AdapterSpec(2, 2.0, ("mlp.fc1",))
     params = jax.tree.map(np.asarray, adapters.make_adapter(src.cfg.model, spec).init(jax.random.key(0)))
@@ -247,6 +245,8 @@ def _demo_adapter(out: str) -> str:
 class Server:
     def __init__(self, url: str, proc: subprocess.Popen, log: str, root, adapter: str):
         self.url, self.proc, self.log, self.root, self.adapter = url, proc, log, root, adapter
+        demo = source.WeightsSource("demo")  # what the page should say of the weights it serves
+        self.step, self.sample_rate = demo.step, demo.card.codec.sample_rate
 
     def text(self) -> str:
         with open(self.log, encoding="utf-8", errors="replace") as f:
@@ -370,7 +370,7 @@ def test_page_generates_plays_and_compiles_each_shape_once(server, browser):
         }).observe(document.body, {subtree: true, childList: true, characterData: true}); }"""
     )
     first = _generate(page, seed=0)
-    assert "compiled: yes" in first and "seed 0 · step 5000" in first, first
+    assert "compiled: yes" in first and f"seed 0 · step {server.step}," in first, first
     progress = page.evaluate("Array.from(window.seen)")
     assert {"sampled window 1/1", "decoding"} & set(progress), progress  # the bar followed the song
     assert server.compilations() == 1
@@ -382,7 +382,7 @@ def test_page_generates_plays_and_compiles_each_shape_once(server, browser):
     href = page.get_attribute("#song a[download]", "href")
     with urllib.request.urlopen(href, timeout=30) as r:
         audio, rate = sf.read(io.BytesIO(r.read()), dtype="float32")
-    assert rate == 22050 and abs(len(audio) - SONG_SECONDS * rate) <= 1, (rate, audio.shape)
+    assert rate == server.sample_rate and abs(len(audio) - SONG_SECONDS * rate) <= 1, (rate, audio.shape)
     assert np.abs(audio).max() > 1e-3
     # The metrics of the song are on the page.
     assert re.search(r"tempo \(bpm\)\s+\d", first) and "key asked\tD minor" in first, first
@@ -463,7 +463,7 @@ def test_blind_pairs_are_judged_into_a_file_whose_win_rates_audiodiff_eval_repor
         assert open(left["file"], "rb").read() != open(right["file"], "rb").read()  # two sources, two songs
         for side in (left, right):
             spec = side["source_spec"]
-            assert spec["checkpoint"].endswith("demo_weights") and spec["checkpoint_step"] == 5000
+            assert spec["checkpoint"].endswith("demo_weights") and spec["checkpoint_step"] == server.step
             assert spec["adapters"] == ("" if side["source"] == "demo" else f"{server.adapter}@1")
         if row["choice"] == "same":
             ties += 1
