@@ -298,6 +298,7 @@ class ABTest:
                     params,
                     stem=stem,
                     progress=lambda f, what, n=n: report_progress((n + f) / len(self.sources), what),
+                    measure=False,
                 )
                 wav = song.wav
                 side = {

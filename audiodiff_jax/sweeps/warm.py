@@ -218,6 +218,7 @@ class WarmModel:
         edit_tag: str = "",
         stem: str = "",
         progress: Progress | None = None,
+        measure: bool | None = None,
     ) -> Song:
         """Samples, decodes, writes and measures one song.
 
@@ -227,6 +228,8 @@ class WarmModel:
           stem: the file name without extension (default: the song's id); blind pairs
             give names that do not tell the sources apart.
           progress: called with (fraction, what) as the song goes.
+          measure: measure the song (default: as the model was made; never without the
+            eval extra). Blind pairs show no numbers, and skip it.
         """
         report_progress = progress or (lambda fraction, what: None)
         self.check(p)
@@ -258,7 +261,7 @@ class WarmModel:
         write_wav(wav, audio, card.sample_rate)
         report.write_spectrogram_png(png, audio, card.sample_rate)
         metrics, measure_s = None, 0.0
-        if self.measure:
+        if self.measure and measure is not False:
             report_progress(0.9, "measuring")
             t0 = time.perf_counter()
             metrics = eval_song.song_metrics(
