@@ -69,7 +69,8 @@ def _model_pair():
 
     cfg = config_lib.from_configdict(demo.get_config())
     old = config_lib.replace(cfg, **{"model.controls": ()}).model
-    return make_model(old), make_model(config_lib.replace(cfg, **{"model.controls": ALL}).model), cfg
+    new = config_lib.replace(cfg, **{"model.controls": ALL, "model.latent_rate": 22050 / 1024})
+    return make_model(old), make_model(new.model), cfg
 
 
 def _cond(b, cfg, **controls):
@@ -209,7 +210,14 @@ def _sample(*args, cwd):
 def test_sampling_flags_and_rows_that_the_model_cannot_take(tmp_path):
     """The shipped demo weights take tempo, key and meter; their card knows which."""
     out = str(tmp_path / "bad")
-    common = ("--checkpoint=demo", f"--out={out}", "--prompt=piano and drums", "--seconds=2", "--steps=2")
+    common = (
+        "--checkpoint=demo",
+        f"--out={out}",
+        "--prompt=piano and drums",
+        "--seconds=2",
+        "--min_seconds=1",
+        "--steps=2",
+    )
     res = _sample(*common, "--time_signature=3/4", cwd=tmp_path)
     assert res.returncode == 2, res.stderr[-2000:]
     assert (
@@ -235,6 +243,7 @@ def test_sampling_flags_and_rows_that_the_model_cannot_take(tmp_path):
         f"--out={good}",
         f"--prompts_file={prompts}",
         "--seconds=2",
+        "--min_seconds=1",
         "--steps=2",
         "--eval=false",
         cwd=tmp_path,
@@ -263,3 +272,40 @@ def test_a_model_without_a_control_refuses_it_and_a_card_bounds_it():
     ):
         with pytest.raises(GenerationError, match=f"this model takes no {control} \\(model.controls=none\\)"):
             gen.check(dataclasses.replace(p, **change))
+
+
+def test_the_beat_grid_is_the_beat_phase_of_each_frame():
+    """Per frame, cos and sin of 2 pi m (seconds_start + i / latent_rate) * bpm / 60 for m in
+    BEAT_MULTIPLES (read through an identity projection), zero without a tempo."""
+    from audiodiff_jax.model import dit
+
+    rate = 22050 / 1024
+    m = len(dit.BEAT_MULTIPLES)
+    emb = dit.ControlEmbedder(
+        ("tempo",),
+        16,
+        2 * m,
+        dtype=jnp.float32,
+        param_dtype=jnp.float32,
+        keys=dit.ParamKeys(jax.random.key(0)),
+    )
+    emb.beat_proj.kernel.value = jnp.eye(2 * m)
+    cond = _cond_rows(seconds_start=jnp.array([0.0, 3.5, 1.0]), bpm=jnp.array([120.0, 81.0, 0.0]))
+    got = np.asarray(emb.beat_grid(cond, 40, rate))
+    seconds = np.array([0.0, 3.5, 1.0])[:, None] + np.arange(40) / rate
+    phase = (
+        2
+        * np.pi
+        * (seconds * np.array([120.0, 81.0, 0.0])[:, None] / 60)[..., None]
+        * np.array(dit.BEAT_MULTIPLES)
+    )
+    want = np.concatenate([np.cos(phase), np.sin(phase)], axis=-1)
+    want[2] = 0.0
+    np.testing.assert_allclose(got, want, atol=2e-4)
+
+
+def _cond_rows(seconds_start, bpm):
+    b = seconds_start.shape[0]
+    return Conditioning(
+        jnp.ones((b, 4), jnp.int32), seconds_start, jnp.full(b, 60.0), jnp.full(b, 40), bpm=bpm
+    )

@@ -68,6 +68,10 @@ class ModelConfig:
     # each embedded into the conditioning vector and missing when a record has no label.
     # () = none: the model and its parameters are what they were before controls.
     controls: tuple[str, ...] = ()
+    # Latent frames per second of the codec the model learns (the dataset card's; training
+    # fills it in when 0). With the tempo control the model also takes a beat grid per
+    # frame (cos/sin of the beat phase at 1/4, 1/2, 1, 2 and 4 times the beat rate).
+    latent_rate: float = 0.0
     dtype: str = "float32"  # compute dtype: float32 | bfloat16
     param_dtype: str = "float32"
     text: TextEncoderConfig = dataclasses.field(default_factory=TextEncoderConfig)
@@ -342,6 +346,7 @@ FIELDS_ADDED_LATER = {
     "model.masked_context",
     "diffusion.context_none_prob",
     "model.controls",
+    "model.latent_rate",
     "data.control_dropout",
     "sample.bpm",
     "sample.key",

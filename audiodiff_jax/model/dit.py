@@ -114,11 +114,19 @@ class FinalLayer(nnx.Module):
         return self.linear(modulate(self.norm(x_btd), shift, scale))
 
 
+BEAT_MULTIPLES = (0.25, 0.5, 1.0, 2.0, 4.0)  # of the beat rate: the tempo control's beat grid
+
+
 class ControlEmbedder(nnx.Module):
     """Musical controls (``model.controls``, ``core/music.py``) -> one vector added to ``c``.
 
     - ``tempo``: sinusoidal features of log-bpm in [0, 1] (:func:`music.tempo_unit`) ->
-      MLP; a learned vector where the tempo is missing (0 bpm).
+      MLP; a learned vector where the tempo is missing (0 bpm). And, per frame, a beat
+      grid (:meth:`beat_grid`): the cosine and sine of the beat phase at the frame's time
+      in the song (``seconds_start`` + frame / ``model.latent_rate``) at 1/4, 1/2, 1, 2
+      and 4 times the beat rate (bar, half bar, beat, eighths, sixteenths in 4/4),
+      projected to the width and added to the frame's input: a global vector cannot
+      make a periodic pattern, a per-frame phase can.
     - ``key``: a table of the 24 keys and one row for "missing".
     - ``meter``: a table of :data:`music.METERS` and one row for "missing".
 
@@ -139,6 +147,9 @@ class ControlEmbedder(nnx.Module):
             )
             self.tempo_fc2 = Dense(width, width, (names.EMBED, names.EMBED), kernel_init=zeros, **kw)
             self.tempo_missing = make_param(keys, zeros, (width,), (names.EMBED,), param_dtype)
+            self.beat_proj = Dense(
+                2 * len(BEAT_MULTIPLES), width, (names.COND, names.EMBED), kernel_init=zeros, **kw
+            )
         if "key" in self.controls:
             self.key_table = make_param(
                 keys, zeros, (music.NUM_KEYS + 1, width), (names.COND, names.EMBED), param_dtype
@@ -147,6 +158,19 @@ class ControlEmbedder(nnx.Module):
             self.meter_table = make_param(
                 keys, zeros, (len(music.METERS) + 1, width), (names.COND, names.EMBED), param_dtype
             )
+
+    def beat_grid(self, cond: Conditioning, frames: int, latent_rate: float) -> jax.Array:
+        """``[B, T, width]``: the beat phase features of every frame, zero where no tempo."""
+        batch = cond.seconds_start.shape[0]
+        bpm = jnp.zeros((batch,), jnp.float32) if cond.bpm is None else cond.bpm.astype(jnp.float32)
+        seconds = (
+            cond.seconds_start.astype(jnp.float32)[:, None]
+            + jnp.arange(frames, dtype=jnp.float32) / latent_rate
+        )
+        beats = seconds * (bpm / 60.0)[:, None]
+        angle = 2 * jnp.pi * beats[..., None] * jnp.asarray(BEAT_MULTIPLES, jnp.float32)
+        feats = jnp.concatenate([jnp.cos(angle), jnp.sin(angle)], axis=-1) * (bpm > 0)[:, None, None]
+        return self.beat_proj(feats)
 
     def __call__(self, cond: Conditioning, batch: int) -> jax.Array:
         out = 0.0
@@ -209,6 +233,9 @@ class DiT(nnx.Module):
         )
         if cfg.controls:
             c = c + self.control_embedder(cond, x_btc.shape[0]).astype(c.dtype)
+            if "tempo" in cfg.controls and cfg.latent_rate > 0:
+                beat = self.control_embedder.beat_grid(cond, frames, cfg.latent_rate)
+                x = x + constrain(beat.astype(x.dtype), (names.BATCH, names.LENGTH, names.ACT_EMBED))
         silu_c = jax.nn.silu(c)
         ctx, text_mask = self.text_encoder(cond.tokens)
         # Padding is always at the end: frame i is real iff i < num_frames.

@@ -344,6 +344,7 @@ def train(
     if mesh is None:
         mesh = sharding.make_mesh(cfg.mesh)
     card = check_dataset(cfg)
+    cfg = with_latent_rate(cfg, card)
     logging.info("mesh %s over %d devices, %s", dict(mesh.shape), mesh.size, checkpointing.process_info())
 
     trainer = Trainer(cfg, mesh)
@@ -365,6 +366,22 @@ def train(
         process_start=process_start,
         evaluator=evaluator_of(cfg, trainer, card, workdir, make_evaluator),
     )
+
+
+def with_latent_rate(cfg: Config, card: DatasetCard) -> Config:
+    """``model.latent_rate`` filled in from the dataset card when 0 (the tempo control's
+    beat grid needs seconds per frame); a different value set by hand is refused."""
+    rate = float(card.codec.latent_rate)
+    if cfg.model.latent_rate == 0:
+        if "tempo" not in cfg.model.controls:
+            return cfg  # nothing reads it: the config stays what it was
+        return config_lib.replace(cfg, **{"model.latent_rate": rate})
+    if abs(cfg.model.latent_rate - rate) > 1e-6 * rate:
+        raise config_lib.ConfigError(
+            f"model.latent_rate={cfg.model.latent_rate} but the dataset card in "
+            f"data.shards_dir={cfg.data.shards_dir!r} has latent_rate={rate} (0 takes the card's)"
+        )
+    return cfg
 
 
 def check_dataset(cfg: Config) -> DatasetCard:
