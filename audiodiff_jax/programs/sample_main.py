@@ -226,6 +226,16 @@ def main(argv):
             min_seconds=sample.min_seconds,
             max_seconds=sample.max_seconds,
         )
+        # Musical controls given as flags, against what the model takes (a model without
+        # the control, a meter it never saw: one line, exit 2, before anything is written).
+        for name in config_lib.SAMPLE_CONTROLS:
+            if name in overrides:
+                for value in getattr(sample, name):
+                    probe = generation.SampleParams("", seconds=gen.min_seconds, **{name: value})
+                    try:
+                        gen.check_controls(probe)
+                    except generation.GenerationError as e:
+                        raise generation.GenerationError(f"{_flag_name(name)}={value}: {e}") from None
         for step in steps:  # every step holds every weight set, before anything is restored
             src.check_weights(step, sample.weights, what=_flag_name("weights"))
         # Every adapter read whole and checked against every set of weights it is stacked

@@ -306,7 +306,7 @@ class Generator:
         max_seconds: float | None = None,
     ):
         self.cfg, self.card, self.tokenizer = cfg, card, tokenizer
-        self._warned: set = set()  # (field, value) already warned of (_check_controls)
+        self._warned: set = set()  # (field, value) already warned of (check_controls)
         self.checkpoint = checkpoint
         self.where = f"checkpoint {checkpoint}" if checkpoint else "the weights in memory"
         given = {
@@ -468,9 +468,9 @@ class Generator:
             problem = config_lib.sample_value_problem(name, value)
             if problem:
                 raise GenerationError(f"{name}={value!r} {problem}")
-        self._check_controls(p)
+        self.check_controls(p)
 
-    def _check_controls(self, p: SampleParams) -> None:
+    def check_controls(self, p: SampleParams) -> None:
         """A musical control the model does not take is an error; a value outside what its
         training data held (the dataset card's label tally) is a warning, once per value."""
         controls = self.cfg.model.controls

@@ -462,7 +462,8 @@ def run_sweep(
                 "devices": f"{jax.device_count()} x {jax.devices()[0].device_kind}, "
                 f"mesh {dict(gen.mesh.shape)}",
             }
-            section = evaluate_outputs(out_dir, eval_reference) if evaluate else None
+            # Nothing to measure when every item failed (their issues say why).
+            section = evaluate_outputs(out_dir, eval_reference) if evaluate and rows + others else None
             report_path = report.write_report(
                 out_dir, rows + others, issues, title=title, facts=facts, evaluation=section
             )
