@@ -26,6 +26,7 @@ _STEP = flags.DEFINE_string("step", "latest", "Checkpoint step (or latest).")
 _OUT = flags.DEFINE_string("out", None, "Output folder.", required=True)
 _GUIDANCE = flags.DEFINE_float("guidance", 4.0, "Classifier-free guidance scale.")
 _SECONDS = flags.DEFINE_float("seconds", 12.0, "Seconds per song.")
+_SEED = flags.DEFINE_integer("seed", 0, "Seed of every song.")
 _WEIGHTS = flags.DEFINE_string("weights", "ema", "Weight set (raw, ema, ema<decay>).")
 _TRAINED = flags.DEFINE_bool("trained", False, "Ask for trained pairings at 80 and 162 bpm instead.")
 _ORDER = flags.DEFINE_bool(
@@ -66,7 +67,7 @@ def main(argv):
         rows,
         _OUT.value,
         seconds=_SECONDS.value,
-        seeds=(0,),
+        seeds=(_SEED.value,),
         guidance=_GUIDANCE.value,
         steps=50,
         sampler="dpmpp_2m",
