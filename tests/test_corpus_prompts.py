@@ -52,6 +52,7 @@ def test_clips_are_pure_functions_of_seed_and_index(tmp_path):
         "key": choice.key,
         "mode": choice.mode,
         "tempo": choice.tempo,
+        "time_signature": "4/4",
         "instrument": choice.instrument,
     }
     path = cp.render_clips(str(tmp_path / "corpus"), 3, seed=3, clip_seconds=1.0, sample_rate=SR)
@@ -78,7 +79,7 @@ def test_renders_of_the_prompts_play_what_the_captions_say(measured_renders):
         assert r.tempo_ok and abs(r.tempo_measured - r.tempo_prompted) <= 0.08 * r.tempo_prompted
         assert r.key_prompted in r.prompt
     text = demo_prompts.verdicts(acc)
-    assert text["tempo"].startswith("100% (target 50%, chance 20%): met")
+    assert text["tempo"].startswith("100% (target 60%, chance 20%): met")
     assert text["onsets"] == "100% (target 90%): met"
 
 
@@ -99,7 +100,7 @@ def test_prompt_rows_judge_key_tempo_and_onsets():
     ]
     acc = demo_prompts.accuracies(rows)
     assert acc == pytest.approx({"key": 1 / 3, "tempo": 2 / 3, "onsets": 1 / 3})
-    assert demo_prompts.verdicts(acc)["key"] == "33% (target 50%, chance 4%): NOT met"
+    assert demo_prompts.verdicts(acc)["key"] == "33% (target 75%, chance 4%): NOT met"
 
 
 def test_shipped_demo_weights_fit_the_demo_model_and_the_demo_shards(tmp_path):
