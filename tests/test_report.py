@@ -127,7 +127,7 @@ def test_demo_report_has_the_loss_curve(tmp_path):
     ).read()
     assert "<code>heldout_renders</code>, <code>heldout_renders_codec</code>" in page
     assert "within 8%" in page and '<a href="heldout_songs/report.html">' in page
-    assert "0% (target 50%, chance 4%): NOT met" in page and "<td>88%</td><td>80%</td>" in page
+    assert "0% (target 75%, chance 4%): NOT met" in page and "<td>88%</td><td>80%</td>" in page
     assert '<td class="bad">A major</td>' in page and '<td class="ok">135.2</td>' in page
     assert Image.open(tmp_path / "loss.png").size == (640, 280)
 
