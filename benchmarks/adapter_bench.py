@@ -122,10 +122,11 @@ def _choices(seed: int, count: int, instrument: str, program: int):
 
 
 def render_folder(
-    folder: str, seed: int, count: int, program: int, sample_rate: int, channels: int
-) -> list[str]:
-    """``count`` renders of the new material as a plain audio folder (WAVs + captions.csv);
-    returns their captions."""
+    folder: str, seed: int, count: int, program: int, sample_rate: int, channels: int, controls: bool = False
+) -> list[dict]:
+    """``count`` renders of the new material as a plain audio folder (WAVs + captions.csv
+    with key, mode, tempo and time-signature columns); returns their prompt rows (with
+    the same tempo, key and meter as controls for a base that takes them)."""
     os.makedirs(folder, exist_ok=True)
     instrument = render.program_name(program)
     rows = []
@@ -146,7 +147,14 @@ def render_folder(
         w.writeheader()
         w.writerows(rows)
     os.rename(os.path.join(folder, "captions.csv.tmp"), os.path.join(folder, "captions.csv"))
-    return [r["caption"] for r in rows]
+    return [_prompt_row(r, controls) for r in rows]
+
+
+def _prompt_row(row: dict, controls: bool) -> dict:
+    out = {"prompt": row["caption"]}
+    if controls:
+        out |= {"bpm": float(row["tempo"]), "key": f"{row['key']} {row['mode']}", "time_signature": "4/4"}
+    return out
 
 
 def _manifest(folder: str) -> list[dict]:
@@ -269,13 +277,15 @@ def main(argv):
     timings_path = os.path.join(out, "timings.json")
     timings = json.load(open(timings_path)) if os.path.exists(timings_path) else {}
     card = load_codec("default").card
+    # A base with musical controls is asked through them too, as the demo asks it.
+    controls = bool(source.WeightsSource("demo").cfg.model.controls)
     if "render" in stages and not os.path.exists(os.path.join(out, "prompts.jsonl")):
         t0 = time.time()
         args = (_PROGRAM.value, card.sample_rate, card.audio_channels)
         render_folder(os.path.join(out, "mine"), 1000, _TRAIN.value, *args)
-        captions = render_folder(os.path.join(out, "mine_heldout"), 2000, _HELDOUT.value, *args)
+        prompts = render_folder(os.path.join(out, "mine_heldout"), 2000, _HELDOUT.value, *args, controls)
         with open(os.path.join(out, "prompts.jsonl"), "w") as f:
-            f.writelines(json.dumps({"prompt": c}) + "\n" for c in captions)
+            f.writelines(json.dumps(row) + "\n" for row in prompts)
         timings["render"] = {"wall_s": round(time.time() - t0, 1)}
     if "readme" in stages:
         for n, cmd in enumerate(readme_commands()):
@@ -286,7 +296,7 @@ def main(argv):
                     json.dump(timings, f, indent=1)
     if "pairings" in stages and not os.path.exists(os.path.join(out, "samples_pairings", "report.html")):
         with open(os.path.join(out, "pairings.jsonl"), "w") as f:
-            f.writelines(json.dumps({"prompt": c.caption()}) + "\n" for c in cp.held_out_prompts())
+            f.writelines(json.dumps(row) + "\n" for row in demo_prompts.held_out_rows(controls))
         timings["pairings"] = _run(
             [
                 "audiodiff-sample",
