@@ -153,7 +153,7 @@ def render_folder(
 def _prompt_row(row: dict, controls: bool) -> dict:
     out = {"prompt": row["caption"]}
     if controls:
-        out |= {"bpm": float(row["tempo"]), "key": f"{row['key']} {row['mode']}", "time_signature": "4/4"}
+        out |= demo_prompts.control_fields(row["key"], row["mode"], float(row["tempo"]))
     return out
 
 

@@ -39,14 +39,16 @@ CHANCE = {"key": 1 / 24, "tempo": 1 / len(corpus_prompts.TEMPOS), "onsets": None
 ORDER_TEMPOS = (80, 162)  # the corpus's slowest and fastest
 
 
+def control_fields(tonic: str, mode: str, tempo: float) -> dict[str, Any]:
+    """The prompt-row fields that ask a model with controls for a corpus clip's tempo,
+    key and meter (every prompted loop is 4/4)."""
+    return {"bpm": float(tempo), "key": f"{tonic} {mode}", "time_signature": "4/4"}
+
+
 def _row(choice: corpus_prompts.Choice, controls: bool, caption: str | None = None, bpm: float = 0) -> dict:
     row: dict[str, Any] = {"prompt": caption or choice.caption()}
     if controls:
-        row |= {
-            "bpm": float(bpm or choice.tempo),
-            "key": f"{choice.key} {choice.mode}",
-            "time_signature": "4/4",
-        }
+        row |= control_fields(choice.key, choice.mode, bpm or choice.tempo)
     return row
 
 

@@ -221,10 +221,7 @@ def main(argv):
             restore=False,  # the sweep restores each step once, all its weight sets together
             mesh=mesh,
             tokenizer_path=_TOKENIZER.value or None,
-            window_frames=sample.window_frames,
-            overlap_frames=sample.overlap_frames,
-            min_seconds=sample.min_seconds,
-            max_seconds=sample.max_seconds,
+            **generation.section_kwargs(sample),
         )
         # Musical controls given as flags, against what the model takes (a model without
         # the control, a meter it never saw: one line, exit 2, before anything is written).

@@ -732,6 +732,17 @@ class Generator:
         return audio
 
 
+def section_kwargs(sample: config_lib.SampleConfig) -> dict[str, Any]:
+    """The :class:`Generator` arguments a sample section sets: its windows and the
+    durations it accepts."""
+    return dict(
+        window_frames=sample.window_frames,
+        overlap_frames=sample.overlap_frames,
+        min_seconds=sample.min_seconds,
+        max_seconds=sample.max_seconds,
+    )
+
+
 def open_generator(
     checkpoint: str | source_lib.WeightsSource,
     codec: Any = None,

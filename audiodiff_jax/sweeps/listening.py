@@ -45,7 +45,13 @@ from absl import logging
 from audiodiff_jax.checkpoints import source as source_lib
 from audiodiff_jax.core import config as config_lib
 from audiodiff_jax.evaluation import judgements
-from audiodiff_jax.sampling.generation import MANIFEST, GenerationError, SampleParams, open_generator
+from audiodiff_jax.sampling.generation import (
+    MANIFEST,
+    GenerationError,
+    SampleParams,
+    open_generator,
+    section_kwargs,
+)
 from audiodiff_jax.sweeps import sweep
 from audiodiff_jax.sweeps.warm import Limits, Progress, WarmModel
 
@@ -137,10 +143,7 @@ class ModelPool:
             weights=weights,
             adapters=stack,
             mesh=self.mesh,
-            window_frames=sample.window_frames,
-            overlap_frames=sample.overlap_frames,
-            min_seconds=sample.min_seconds,
-            max_seconds=sample.max_seconds,
+            **section_kwargs(sample),
         )
         for other in self._models.values():
             if other.gen.cfg.model == gen.cfg.model and other.gen.mesh == gen.mesh:

@@ -45,6 +45,7 @@ from audiodiff_jax.sampling.generation import (
     Generator,
     SampleParams,
     open_generator,
+    section_kwargs,
     window_seams,
     write_wav,
 )
@@ -690,10 +691,7 @@ def generate_songs(
         weights=sample.weights[0],
         restore=False,
         mesh=mesh,
-        window_frames=sample.window_frames,
-        overlap_frames=sample.overlap_frames,
-        min_seconds=sample.min_seconds,
-        max_seconds=sample.max_seconds,
+        **section_kwargs(sample),
         **generator_kwargs,
     )
     rows, issues = [], []
