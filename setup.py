@@ -86,7 +86,7 @@ setup(
             "testdata/*.wav",
         ],
         # The report pages (report.py, launch/demo.py) and the demo DiT make demo continues from.
-        "audiodiff_jax": ["templates/*", "demo_weights/*"],
+        "audiodiff_jax": ["templates/*", "demo_weights/*", "demo_student/*"],
     },
     install_requires=INSTALL_REQUIRES,
     extras_require=EXTRAS_REQUIRE,

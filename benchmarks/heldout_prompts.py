@@ -6,11 +6,11 @@ prompt pairings of the prompted corpus, measured against what each prompt asks.
 
 Samples one song per prompt (``data_pipeline.corpus_prompts.held_out_prompts``; with
 ``--trained``, 12 pairings the corpus does train on, at 80 and 162 bpm) from the step's
-EMA weights with the demo's sampler settings, then measures key, tempo and onsets with
-the built-in evaluation (``launch/demo_prompts.py``). Prints one line per song and the
-accuracies; the folder holds the WAVs, ``metrics.jsonl`` and the sweep's report page.
-This is how the pretraining progress table in BENCHMARKS.md ("make demo end to end")
-was made.
+EMA weights with the demo's sampler settings (a distilled student with its own steps),
+then measures key, tempo and onsets with the built-in evaluation
+(``launch/demo_prompts.py``). Prints one line per song and the accuracies; the folder
+holds the WAVs, ``metrics.jsonl`` and the sweep's report page. This is how the
+pretraining progress table in BENCHMARKS.md ("make demo end to end") was made.
 """
 
 from __future__ import annotations
@@ -60,7 +60,10 @@ def main(argv):
     from launch import demo_prompts
 
     t = time.time()
-    controls = bool(source.WeightsSource(source.resolve(_CHECKPOINT.value)).cfg.model.controls)
+    cfg = source.WeightsSource(source.resolve(_CHECKPOINT.value)).cfg
+    controls = bool(cfg.model.controls)
+    # A distilled student samples with its own steps (its config's sample section).
+    steps = {} if cfg.model.guidance_input else {"steps": 50, "sampler": "dpmpp_2m"}
     rows = demo_prompts.tempo_order_rows() if _ORDER.value else prompts(_TRAINED.value, controls)
     result = sweep.generate_songs(
         _CHECKPOINT.value,
@@ -69,8 +72,7 @@ def main(argv):
         seconds=_SECONDS.value,
         seeds=(_SEED.value,),
         guidance=_GUIDANCE.value,
-        steps=50,
-        sampler="dpmpp_2m",
+        **steps,
         codec=load_codec("default"),
         weights=(_WEIGHTS.value,),
         checkpoint_steps=[_STEP.value],

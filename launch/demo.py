@@ -52,6 +52,8 @@ from launch import demo_prompts
 
 # The weights make demo continues from (an audiodiff-export folder, RECIPE.md inside).
 DEMO_WEIGHTS = os.path.join(os.path.dirname(audiodiff_jax.__file__), "demo_weights")
+# The few-step student distilled from them (its recipe: RECIPE.md there), shipped alike.
+DEMO_STUDENT = os.path.join(os.path.dirname(audiodiff_jax.__file__), "demo_student")
 PRETRAIN_LOSS = "pretrain_loss.json"  # {step: loss} of the pretraining, beside the weights
 
 # Flag holders, set by define_flags() when the program runs (importing the module, as
@@ -296,6 +298,15 @@ def main(argv):
         ceiling[name] = demo_prompts.measure(folder)[1]
     timings["held-out prompts"] = time.time() - t
 
+    few_step = None
+    if export.is_export(DEMO_STUDENT):
+        t = time.time()
+        logging.info(
+            "[4b/6] the same %d prompts from the shipped few-step student %s", len(heldout), DEMO_STUDENT
+        )
+        few_step = few_step_rows(prompts_dir, os.path.join(out, "heldout_student"), heldout, codec, acc)
+        timings["few-step student"] = time.time() - t
+
     t = time.time()
     full = heldout[: _NUM_SONGS.value]
     logging.info("[5/6] sampling %d songs of %.0f s: %s", len(full), _SONG_SECONDS.value, full)
@@ -345,6 +356,7 @@ def main(argv):
             "through the codec": os.path.relpath(coded_dir, out),
         },
         "order_pairs": order_pairs,
+        "few_step": few_step,
         "tempo_tolerance": demo_prompts.TEMPO_TOLERANCE,
         "min_onset_rate": demo_prompts.MIN_ONSET_RATE,
     }
@@ -360,6 +372,7 @@ def main(argv):
     summary = {
         "held_out_prompts": len(rows),
         "accuracy": acc,
+        "few_step": few_step,
         "estimator_ceiling": ceiling,
         "verdicts": verdicts,
         "wall_time_s": round(time.time() - t0, 1),
@@ -371,9 +384,50 @@ def main(argv):
     )
     for name, text in verdicts.items():
         print(f"  held-out prompts, {name}: {text}")
+    for r in few_step or []:
+        print(
+            f"  {r['model']}: {r['model_evals']:.0f} model evaluations and {r['seconds_per_song']:.2f} s "
+            f"a 12 s song; key {r['key']:.0%}, tempo {r['tempo']:.0%}, onsets {r['onsets']:.0%}"
+        )
     issues = prompt_songs.issues + songs.issues
     if issues:
         raise SystemExit(f"some songs failed: {issues}")
+
+
+def few_step_rows(teacher_dir: str, student_dir: str, rows: list, codec, teacher_acc: dict) -> list[dict]:
+    """The held-out prompts from the shipped student (``DEMO_STUDENT``, its own steps), and
+    a row each for the teacher's songs (``teacher_dir``) and the student's: steps, model
+    evaluations and seconds per song (sampling and decoding, compilation apart), adherence."""
+    sweep.generate_songs(
+        DEMO_STUDENT,
+        rows,
+        student_dir,
+        seconds=_PROMPT_SECONDS.value,
+        seeds=(0,),
+        guidance=_GUIDANCE.value,
+        codec=codec,
+        batch_size=8,
+        title="audiodiff-jax demo: held-out prompts, few-step student",
+    )
+    out = []
+    for model, folder, acc in (
+        ("the demo model (teacher)", teacher_dir, teacher_acc),
+        ("the few-step student", student_dir, demo_prompts.measure(student_dir)[1]),
+    ):
+        made = sweep.read_manifest(os.path.join(folder, sweep.MANIFEST))[0].values()
+        t = [r["timings"] for r in made]
+        first = next(iter(made))
+        out.append(
+            {
+                "model": model,
+                "sampler": f"{first['steps']} {first['sampler']} steps"
+                + (f", {first['distillation']} distillation" if first.get("distillation") else ", guided"),
+                "model_evals": float(np.mean([r["model_evals"] for r in made])),
+                "seconds_per_song": float(np.mean([x["denoise_s_per_output"] + x["decode_s"] for x in t])),
+                **{k: float(acc[k]) for k in ("key", "tempo", "onsets")},
+            }
+        )
+    return out
 
 
 def seam_comparison(workdir: str, codec, rows: list[dict]) -> dict[str, str]:

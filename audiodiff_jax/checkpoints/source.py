@@ -42,9 +42,14 @@ from audiodiff_jax.model.adapters import Adapter, AdapterSpec
 
 LATEST = "latest"
 # Weights shipped in the package, by name (README commands use them from any folder).
-SHIPPED = {"demo": str(epath.Path(__file__).parent.parent / "demo_weights")}
+SHIPPED = {
+    "demo": str(epath.Path(__file__).parent.parent / "demo_weights"),
+    # The 8-step student distilled from them (training/distill_trainer.py).
+    "demo_student": str(epath.Path(__file__).parent.parent / "demo_student"),
+}
 # The JSON item of an adapter run's checkpoints: {"spec": ..., "base": identity}.
 ADAPTER_ITEM = "adapter"
+DISTILL_ITEM = "distill"  # a distilled student's checkpoints: method, steps, teacher identity
 
 
 def _export_meta(path) -> dict:
@@ -56,7 +61,7 @@ def _export_meta(path) -> dict:
 
 def resolve(path: str) -> str:
     """``path``, or the shipped weights it names when no such path exists (``demo``: the
-    DiT of ``audiodiff_jax/demo_weights``, an export)."""
+    DiT of ``audiodiff_jax/demo_weights``, an export; ``demo_student``: its few-step student)."""
     path = str(path)
     return SHIPPED[path] if path in SHIPPED and not epath.Path(path).exists() else path
 
@@ -432,9 +437,15 @@ def open_adapter(path: str, weights: str | None = None, step: int | None = None)
 def saved_adapter_base(workdir: str) -> dict | None:
     """The base identity saved in the newest checkpoint of an adapter run's workdir
     (its ``adapter`` item); None when the workdir holds no such checkpoint yet."""
+    return saved_identity(workdir, ADAPTER_ITEM, "base")
+
+
+def saved_identity(workdir: str, item: str, key: str) -> dict | None:
+    """``item[key]`` (a weights identity) of the newest checkpoint in ``workdir`` that has
+    the JSON item ``item``; None when there is none yet."""
     try:
-        step_dir, _ = checkpointing.find_step(workdir, required_items=(ADAPTER_ITEM,))
-        return dict(_item(step_dir, ADAPTER_ITEM)["base"])
+        step_dir, _ = checkpointing.find_step(workdir, required_items=(item,))
+        return dict(_item(step_dir, item)[key])
     except (checkpointing.CheckpointNotFound, GenerationError, KeyError, TypeError):
         return None
 

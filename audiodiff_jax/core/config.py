@@ -72,6 +72,10 @@ class ModelConfig:
     # fills it in when 0). With the tempo control the model also takes a beat grid per
     # frame (cos/sin of the beat phase at 1/4, 1/2, 1, 2 and 4 times the beat rate).
     latent_rate: float = 0.0
+    # The guidance scale as an input (a distilled student, ``training/distill_trainer.py``):
+    # one evaluation gives the guided prediction; False = classifier-free guidance runs
+    # the model twice. Its embedder starts at zero output.
+    guidance_input: bool = False
     dtype: str = "float32"  # compute dtype: float32 | bfloat16
     param_dtype: str = "float32"
     text: TextEncoderConfig = dataclasses.field(default_factory=TextEncoderConfig)
@@ -267,6 +271,34 @@ class AdaptersConfig:
     dropout: float = 0.0
 
 
+DISTILL_METHODS = ("progressive",)
+
+
+@dataclasses.dataclass(frozen=True)
+class DistillConfig:
+    """Few-step students distilled from a teacher (``audiodiff_jax/training/distill_trainer.py``).
+
+    A run whose ``teacher`` is set trains a student with ``model.guidance_input`` to take,
+    in ONE step of DDIM on the ``steps``-step grid and ONE model evaluation, the teacher's
+    ``substeps`` guided DDIM steps over the same interval: progressive distillation
+    (Salimans & Ho 2022) in one phase of ratio ``substeps`` (as TRACT, Berthelot et al.
+    2023) with guidance distillation (Meng et al. 2023). The guidance scale of each row
+    is drawn in ``[guidance_min, guidance_max]`` and given to the student. A teacher that
+    is itself a student (``steps * substeps`` equal to its own steps) is run as it samples:
+    its next phase (8 -> 4 steps is ``substeps=2``). ``configs/distill.py:TEACHER`` fills
+    the model and the sampling defaults from the teacher.
+    """
+
+    teacher: str = ""  # checkpoint (run workdir, step folder) or export; "" = not a distillation
+    teacher_weights: str = ""  # weight set of a teacher checkpoint; "" = its sample.weights[0]
+    method: str = "progressive"  # DISTILL_METHODS
+    steps: int = 8  # the student's sampler steps
+    substeps: int = 4  # teacher DDIM steps per student step
+    schedule: str = "uniform"  # the time grid of both (samplers.time_grid, diffusion.schedule_shift)
+    guidance_min: float = 1.0
+    guidance_max: float = 6.0
+
+
 @dataclasses.dataclass(frozen=True)
 class ProfileConfig:
     """Profiles of chosen training steps (``audiodiff_jax/training/profiling.py``).
@@ -297,6 +329,7 @@ class Config:
     eval: EvalConfig = dataclasses.field(default_factory=EvalConfig)
     profile: ProfileConfig = dataclasses.field(default_factory=ProfileConfig)
     adapters: AdaptersConfig = dataclasses.field(default_factory=AdaptersConfig)
+    distill: DistillConfig = dataclasses.field(default_factory=DistillConfig)
 
 
 # Sections added after checkpoints were already being written: reading a config that
@@ -307,6 +340,7 @@ SECTIONS_ADDED_LATER = {
     "eval": EvalConfig,
     "profile": ProfileConfig,
     "adapters": AdaptersConfig,
+    "distill": DistillConfig,
 }
 
 
@@ -347,6 +381,7 @@ FIELDS_ADDED_LATER = {
     "diffusion.context_none_prob",
     "model.controls",
     "model.latent_rate",
+    "model.guidance_input",
     "data.control_dropout",
     "sample.bpm",
     "sample.key",
@@ -619,6 +654,21 @@ MEMORY_FIELDS = {
     "model.remat": "'dots_saveable' or 'full' keep fewer activations",
     "mesh.fsdp": "shard weights and optimizer state over more devices",
 }
+
+
+def validate_distill(d: DistillConfig) -> None:
+    _check(d.method in DISTILL_METHODS, f"distill.method={d.method!r}; one of {DISTILL_METHODS}")
+    _check(d.steps >= 1, f"distill.steps={d.steps} must be >= 1")
+    _check(d.substeps >= 1, f"distill.substeps={d.substeps} must be >= 1")
+    _check(d.schedule in SCHEDULES, f"distill.schedule={d.schedule!r}; one of {SCHEDULES}")
+    _check(
+        1.0 <= d.guidance_min <= d.guidance_max,
+        f"distill.guidance_min={d.guidance_min}, guidance_max={d.guidance_max}: need 1 <= min <= max",
+    )
+    _check(
+        not d.teacher_weights or re.fullmatch(WEIGHTS_PATTERN, d.teacher_weights) is not None,
+        f"distill.teacher_weights={d.teacher_weights!r} is not a weight set; raw, ema or ema<decay>",
+    )
 
 
 def validate_adapters(a: AdaptersConfig) -> None:
@@ -901,6 +951,17 @@ def validate(cfg: Config, num_devices: int | None = None) -> None:
     validate_eval(cfg.eval)
     validate_profile(cfg.profile)
     validate_adapters(cfg.adapters)
+    validate_distill(cfg.distill)
+    _check(
+        not (cfg.distill.teacher and (cfg.train.init_from or cfg.adapters.base)),
+        f"distill.teacher={cfg.distill.teacher!r} with train.init_from or adapters.base: a student starts "
+        "from its teacher's weights; give only the teacher",
+    )
+    _check(
+        not cfg.distill.teacher or cfg.model.guidance_input,
+        "distill.teacher is set but model.guidance_input=False: a student takes the guidance scale as "
+        "input (configs/distill.py:TEACHER sets it)",
+    )
     _check(
         not (cfg.adapters.base and cfg.train.init_from),
         f"adapters.base={cfg.adapters.base!r} and train.init_from={cfg.train.init_from!r}: an adapter run "

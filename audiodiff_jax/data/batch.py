@@ -50,6 +50,9 @@ class Conditioning(NamedTuple):
     bpm: Any = None  # float32 [B]
     key: Any = None  # int32 [B]
     meter: Any = None  # int32 [B]
+    # The guidance scale, for models with ``model.guidance_input`` (distilled students);
+    # None = 1 (no guidance). Not in training batches: the distillation step fills it.
+    guidance: Any = None  # float32 [B]
 
 
 class Batch(NamedTuple):

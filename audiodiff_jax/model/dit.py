@@ -8,7 +8,8 @@ One forward pass, in the order a batch goes through it:
 2. Conditioning vector ``c`` (one per example) = ``t_embedder(t)`` +
    ``start_embedder(seconds_start / max_seconds)`` +
    ``total_embedder(seconds_total / max_seconds)`` (+ ``control_embedder``: tempo, key
-   and time signature, for models with ``model.controls``; :class:`ControlEmbedder`).
+   and time signature, for models with ``model.controls``; :class:`ControlEmbedder`)
+   (+ ``guidance_embedder``: the guidance scale of a distilled student; :class:`GuidanceEmbedder`).
 3. ``text_encoder``: caption tokens -> context for cross-attention, and its pad mask.
 4. ``blocks``: ``DiTBlock`` x depth (unrolled, or with ``model.scan_layers`` one
    ``lax.scan`` over the blocks' parameters stacked inside the step). Each: AdaLN-zero
@@ -190,6 +191,29 @@ class ControlEmbedder(nnx.Module):
         return out
 
 
+GUIDANCE_SCALE = 10.0  # the guidance input w enters the embedder as (w - 1) / GUIDANCE_SCALE
+
+
+class GuidanceEmbedder(nnx.Module):
+    """The guidance scale of a distilled student (``model.guidance_input``) -> a vector
+    added to ``c``: sinusoidal features of ``(w - 1) / GUIDANCE_SCALE`` -> MLP whose last
+    layer starts at zero, so a student starts as its teacher's conditional prediction."""
+
+    def __init__(self, freq_dim: int, width: int, *, dtype, param_dtype, keys: ParamKeys):
+        self.freq_dim = freq_dim
+        kw = dict(dtype=dtype, param_dtype=param_dtype, keys=keys)
+        self.fc1 = Dense(
+            freq_dim, width, (names.COND, names.EMBED), kernel_init=jax.nn.initializers.normal(0.02), **kw
+        )
+        self.fc2 = Dense(
+            width, width, (names.EMBED, names.EMBED), kernel_init=jax.nn.initializers.zeros, **kw
+        )
+
+    def __call__(self, w_b: jax.Array) -> jax.Array:
+        h = self.fc1(sinusoidal_embedding((w_b.astype(jnp.float32) - 1.0) / GUIDANCE_SCALE, self.freq_dim))
+        return self.fc2(jax.nn.silu(h))
+
+
 class DiT(nnx.Module):
     """Predicts v ``[B, T, latent_channels]`` (float32) from noisy latents and conditioning."""
 
@@ -211,6 +235,8 @@ class DiT(nnx.Module):
         self.final_layer = FinalLayer(w, cfg.latent_channels, **kw)
         if cfg.controls:  # created last: the other parameters' init keys are unchanged
             self.control_embedder = ControlEmbedder(cfg.controls, cfg.freq_dim, w, **kw)
+        if cfg.guidance_input:  # after the controls, for the same reason
+            self.guidance_embedder = GuidanceEmbedder(cfg.freq_dim, w, **kw)
 
     def __call__(
         self,
@@ -236,6 +262,9 @@ class DiT(nnx.Module):
             if "tempo" in cfg.controls and cfg.latent_rate > 0:
                 beat = self.control_embedder.beat_grid(cond, frames, cfg.latent_rate)
                 x = x + constrain(beat.astype(x.dtype), (names.BATCH, names.LENGTH, names.ACT_EMBED))
+        if cfg.guidance_input:
+            w_b = jnp.ones_like(t_b, jnp.float32) if cond.guidance is None else cond.guidance
+            c = c + self.guidance_embedder(w_b).astype(c.dtype)
         silu_c = jax.nn.silu(c)
         ctx, text_mask = self.text_encoder(cond.tokens)
         # Padding is always at the end: frame i is real iff i < num_frames.

@@ -15,7 +15,9 @@ machine pass ``--coordinator_address``, ``--num_processes`` and ``--process_id``
 (``launch/local.py`` does).
 
 With ``adapters.base`` set (``--config=configs/adapter.py:BASE``) the DiT program trains
-low-rank adapters on that frozen base instead (``audiodiff_jax/training/adapter_trainer.py``).
+low-rank adapters on that frozen base instead (``audiodiff_jax/training/adapter_trainer.py``);
+with ``distill.teacher`` set (``--config=configs/distill.py:TEACHER``) it distills a few-step
+student from that teacher (``audiodiff_jax/training/distill_trainer.py``).
 
 The DiT evaluates during training when its config's ``eval.every_steps`` is above 0
 (``audiodiff_jax/evaluators/train_eval.py``). The codec, with ``--export_dir``, writes the
@@ -48,7 +50,7 @@ from audiodiff_jax.core import distributed
 from audiodiff_jax.core.config import ConfigError
 from audiodiff_jax.core.errors import UserError
 from audiodiff_jax.programs import cli
-from audiodiff_jax.training import adapter_trainer, codec_trainer, dit_trainer, loop
+from audiodiff_jax.training import adapter_trainer, codec_trainer, distill_trainer, dit_trainer, loop
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Config file, e.g. configs/tiny.py, configs/dit.py:1B or configs/codec.py:small"
@@ -135,7 +137,14 @@ def main(argv):
 
         make_evaluator = train_eval.from_config
     # An adapter run (adapters.base set) trains low-rank adapters on its frozen base.
-    train = adapter_trainer.train if cfg.adapters.base else dit_trainer.train
+    # A distillation (distill.teacher set) trains a few-step student of the teacher.
+    train = (
+        adapter_trainer.train
+        if cfg.adapters.base
+        else distill_trainer.train
+        if cfg.distill.teacher
+        else dit_trainer.train
+    )
     train_or_exit(DIT_PROGRAM, train, cfg, make_evaluator=make_evaluator)
 
 

@@ -196,11 +196,16 @@ class SampleProgram(NamedTuple):
     # The model takes the known frames as input (model.masked_context): they condition
     # every step through the model, besides being kept. Models without it only keep them.
     context: bool = False
+    # The model takes the guidance scale as input (a distilled student): one evaluation
+    # per step gives the guided prediction.
+    guidance_input: bool = False
 
     def fn(self, apply_fn: Callable[..., jax.Array]):
         def run(params, cond: Conditioning, inputs: SampleInputs) -> jax.Array:
             if self.context and self.known:
                 cond = cond._replace(known=inputs.known, known_mask=inputs.known_mask)
+            if self.guidance_input:
+                cond = cond._replace(guidance=inputs.scale)
             denoise = samplers.guided_denoiser(
                 apply_fn,
                 params,
@@ -243,6 +248,7 @@ class SampleProgram(NamedTuple):
             key=rows(np.int32),
             meter=rows(np.int32),
         )
+        # A student's guidance scale is SampleInputs.scale, put into cond by the program.
         key_shape = jax.random.key_data(jax.random.key(0)).shape
         inputs = SampleInputs(
             uncond_tokens=rows(np.int32, length),
@@ -469,6 +475,53 @@ class Generator:
             if problem:
                 raise GenerationError(f"{name}={value!r} {problem}")
         self.check_controls(p)
+        self.check_student(p)
+
+    @property
+    def student(self) -> bool:
+        """Whether the model is a distilled student (``model.guidance_input``)."""
+        return bool(self.cfg.model.guidance_input)
+
+    def check_student(self, p: SampleParams) -> None:
+        """A student samples as it was distilled (``training/distill_trainer.py``): deterministic
+        DDIM on its grid, one evaluation per step at a guidance scale of its trained range,
+        without negative prompt or guidance rescale (no unconditional branch runs)."""
+        if not self.student:
+            return
+        d = self.cfg.distill
+        what = f"this model is a student of {d.steps} steps ({d.method} distillation)"
+        wrong = [
+            (name, value, want)
+            for name, value, want in (
+                ("steps", p.steps, d.steps),
+                ("sampler", p.sampler, "ddim"),
+                ("schedule", p.schedule, d.schedule),
+                ("eta", p.eta, 0.0),
+                ("guidance_rescale", p.guidance_rescale, 0.0),
+                ("negative_prompt", p.negative_prompt, ""),
+            )
+            if value != want
+        ]
+        if wrong:
+            name, value, want = wrong[0]
+            raise GenerationError(f"{name}={value!r}: {what}; it samples with {name}={want!r}")
+        if not d.guidance_min <= p.guidance <= d.guidance_max:
+            raise GenerationError(
+                f"guidance={p.guidance:g}: {what} trained for guidance "
+                f"{d.guidance_min:g} to {d.guidance_max:g}"
+            )
+
+    def model_evals(self, p: SampleParams, windows: int) -> int:
+        """Model evaluations one song of ``p`` costs: per window, the sampler's evaluations
+        per step, twice with classifier-free guidance (the prompt and the negative prompt
+        run as one batch of two rows: two evaluations' work); a student's once."""
+        per_step = samplers.EVALS_PER_STEP[p.sampler] * (2 if p.guidance != 1.0 and not self.student else 1)
+        return windows * p.steps * per_step
+
+    @property
+    def distillation(self) -> str:
+        """How the model was made, for manifests: ``progressive`` for a distilled student, else ""."""
+        return self.cfg.distill.method if self.student else ""
 
     def check_controls(self, p: SampleParams) -> None:
         """A musical control the model does not take is an error; a value outside what its
@@ -510,14 +563,14 @@ class Generator:
                 self._warned.add((name, value))
                 logging.warning("%s=%r is outside what this model learned: %s", name, value, warning)
 
-    @staticmethod
-    def group_key(p: SampleParams, frames: int) -> tuple:
+    def group_key(self, p: SampleParams, frames: int) -> tuple:
         """Requests with equal keys run in one batch (one compiled program).
 
         Guidance on/off is part of the key (not a per-row no-op) so that a row's
         program, and thus its result, never depends on its batch mates.
         """
-        return (frames, p.sampler, p.steps, p.guidance != 1.0)
+        # A student's guidance is an input of its one evaluation: no unconditional branch.
+        return (frames, p.sampler, p.steps, p.guidance != 1.0 and not self.student)
 
     # -- audio edits -----------------------------------------------------------------
 
@@ -685,6 +738,7 @@ class Generator:
                     use_cfg,
                     bool(mask.any()),
                     self.cfg.model.masked_context,
+                    self.student,
                 )
                 key_data = np.stack(
                     [np.asarray(jax.random.key_data(jax.random.fold_in(k, w))) for k in base_keys]

@@ -574,6 +574,10 @@ def _run_batch(
                 "frames": int(lat.shape[0]),
                 "latent_rate": gen.latent_rate,
                 "windows": res.windows,
+                # The song's cost in model evaluations, and how the model was made
+                # ("progressive" for a distilled student, "" for a trained model).
+                "model_evals": gen.model_evals(it.params, res.windows),
+                "distillation": gen.distillation,
                 **seam_ratios(gen, lat, audio),
                 "audio_seconds": audio.shape[-1] / card.sample_rate,
                 "sample_rate": card.sample_rate,

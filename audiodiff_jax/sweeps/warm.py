@@ -277,6 +277,7 @@ class WarmModel:
             "decode_s": round(decode_s, 4),
             "measure_s": round(measure_s, 4),
             "windows": res.windows,
+            "model_evals": self.gen.model_evals(p, res.windows),
             "realtime_factor": round(p.seconds / max(res.denoise_s, 1e-9), 2),
         }
         song = Song(sid, wav, png, p, self.describe(), edit_tag, metrics, timings)

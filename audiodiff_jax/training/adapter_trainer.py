@@ -55,34 +55,41 @@ EXECUTION_FIELDS = ("model.preset", "model.attention", "model.remat", "model.sca
 
 
 class Base:
-    """The base model of an adapter run: its weights (host arrays), identity, config,
-    dataset card and tokenizer, read through the weights source."""
+    """The base model of an adapter run (or the teacher of a distillation, ``field``): its
+    weights (host arrays), identity, config, dataset card and tokenizer, read through the
+    weights source."""
 
-    def __init__(self, path: str, weights: str = ""):
+    def __init__(self, path: str, weights: str = "", field: str = "adapters.base"):
         try:
             src = source.WeightsSource(path)
             name = src.canonical_weights(weights or src.default_weights())
-            src.check_weights(src.step, [name], what="adapters.base_weights")
+            src.check_weights(src.step, [name], what=f"{field}_weights")
             self.params = src.host_params(src.step, name)
             self.identity = src.identity(src.step, name, self.params)
             self.tokenizer = src.tokenizer()
         except GenerationError as e:
-            raise ConfigError(f"adapters.base={path!r}: {e}") from e
+            raise ConfigError(f"{field}={path!r}: {e}") from e
         self.path, self.cfg, self.card = path, src.cfg, src.card
 
 
-def check_against_base(cfg: Config, card: DatasetCard, base: Base) -> None:
+def check_against_base(
+    cfg: Config,
+    card: DatasetCard,
+    base: Base,
+    *,
+    where: str = "",
+    model_may_differ: tuple[str, ...] = EXECUTION_FIELDS,
+    why: str = "an adapter's model is its base's (configs/adapter.py:BASE copies it)",
+) -> None:
     """Raises ConfigError when the run's model or data differ from what the base was
-    trained with (module docstring)."""
-    where = f"the base adapters.base={base.path!r}"
-    diff = config_lib.first_difference(cfg.model, base.cfg.model, "model", EXECUTION_FIELDS)
+    trained with (module docstring); ``where``, ``model_may_differ`` and ``why`` say it
+    for a distillation's teacher."""
+    where = where or f"the base adapters.base={base.path!r}"
+    diff = config_lib.first_difference(cfg.model, base.cfg.model, "model", model_may_differ)
     if diff:
         field, mine, theirs = diff
-        raise ConfigError(
-            f"{field}={mine!r} but {where} has {field}={theirs!r}: an adapter's model is its base's "
-            "(configs/adapter.py:BASE copies it)"
-        )
-    hint = f"encode the audio for an adapter with audiodiff-precompute --like={base.path}"
+        raise ConfigError(f"{field}={mine!r} but {where} has {field}={theirs!r}: {why}")
+    hint = f"encode the audio with audiodiff-precompute --like={base.path}"
     shards = f"data.shards_dir={cfg.data.shards_dir!r}"
     mine, theirs = card.codec, base.card.codec
     if mine != theirs:

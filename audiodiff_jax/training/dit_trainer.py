@@ -69,6 +69,54 @@ def v_loss(apply_fn, params, x0, noise, t, cond, loss_mask, *, per_row: bool = F
     return objective.masked_mse(v_pred, v_target, loss_mask, per_row=per_row)
 
 
+def context_draw(cfg: Config, rng: jax.Array, batch: Batch) -> tuple[Any, jax.Array, jax.Array | None]:
+    """``(cond, loss_mask, known_mask)`` of a step: with ``model.masked_context``, random
+    known frames (``objective.context_mask``, from the step key's own stream so the time
+    and noise draws stay those of a run without), given clean to the model and left out
+    of the loss; else the batch's own and None."""
+    cond, loss_mask = batch.cond, batch.loss_mask
+    if not cfg.model.masked_context:
+        return cond, loss_mask, None
+    x0 = batch.latents
+    known_mask = objective.context_mask(
+        jax.random.fold_in(rng, CONTEXT_STREAM),
+        batch.cond.num_frames,
+        x0.shape[1],
+        none_prob=cfg.diffusion.context_none_prob,
+    )
+    known_mask = sharding.constrain(known_mask, (names.BATCH, names.LENGTH))
+    cond = cond._replace(known=x0, known_mask=known_mask)
+    return cond, loss_mask * (1.0 - known_mask), known_mask  # known frames are given, not learned
+
+
+def apply_gradients(cfg: Config, tx, schedule, state: TrainState, loss, grads) -> tuple[TrainState, dict]:
+    """The optimizer update, the EMAs and the step's metrics: the end of every DiT-like
+    step (training, adapters, distillation)."""
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    ema_params = optim.update_ema(state.ema_params, params, state.step, cfg.optim.ema_decay)
+    extra_decays = dict(list(optim.ema_decays(cfg.optim).items())[1:])
+    extra_ema = {
+        name: optim.update_ema(state.extra_ema[name], params, state.step, decay)
+        for name, decay in extra_decays.items()
+    }
+    new_state = state.replace(
+        step=state.step + 1,
+        params=params,
+        opt_state=opt_state,
+        ema_params=ema_params,
+        extra_ema=extra_ema,
+    )
+    metrics = {
+        names.TRAIN_LOSS: loss,
+        names.TRAIN_GRAD_NORM: optax.global_norm(grads),
+        names.TRAIN_PARAM_NORM: optax.global_norm(params),
+        names.TRAIN_UPDATE_NORM: optax.global_norm(updates),
+        names.TRAIN_LR: schedule(state.step),
+    }
+    return new_state, metrics
+
+
 # fold_in index of the draws of ``model_params`` (an adapter run's rank dropout) within a step's key
 MODEL_PARAMS_STREAM = 11
 
@@ -92,8 +140,6 @@ def make_train_step(
     themselves. Its key is its own stream (``fold_in``), so the time and noise draws are
     those of a run without it."""
     dcfg = cfg.diffusion
-    ema_decay = cfg.optim.ema_decay
-    extra_decays = dict(list(optim.ema_decays(cfg.optim).items())[1:])
 
     def train_step(state: TrainState, batch: Batch, frozen: Any = None):
         rng = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
@@ -110,18 +156,7 @@ def make_train_step(
         )
         noise = jax.random.normal(noise_rng, x0.shape, dtype=jnp.float32)
         noise = sharding.constrain(noise, (names.BATCH, names.LENGTH, None))
-        cond, loss_mask = batch.cond, batch.loss_mask
-        if cfg.model.masked_context:
-            # Its own stream (fold_in), so the time and noise draws stay those of a run without.
-            known_mask = objective.context_mask(
-                jax.random.fold_in(rng, CONTEXT_STREAM),
-                batch.cond.num_frames,
-                x0.shape[1],
-                none_prob=dcfg.context_none_prob,
-            )
-            known_mask = sharding.constrain(known_mask, (names.BATCH, names.LENGTH))
-            cond = cond._replace(known=x0, known_mask=known_mask)
-            loss_mask = loss_mask * (1.0 - known_mask)  # the known frames are given, not learned
+        cond, loss_mask, _ = context_draw(cfg, rng, batch)
 
         def loss_fn(params):
             if model_params is not None:
@@ -129,28 +164,7 @@ def make_train_step(
             return v_loss(model_fns.apply, params, x0, noise, t, cond, loss_mask)
 
         loss, grads = jax.value_and_grad(loss_fn)(state.params)
-        updates, opt_state = tx.update(grads, state.opt_state, state.params)
-        params = optax.apply_updates(state.params, updates)
-        ema_params = optim.update_ema(state.ema_params, params, state.step, ema_decay)
-        extra_ema = {
-            name: optim.update_ema(state.extra_ema[name], params, state.step, decay)
-            for name, decay in extra_decays.items()
-        }
-        new_state = state.replace(
-            step=state.step + 1,
-            params=params,
-            opt_state=opt_state,
-            ema_params=ema_params,
-            extra_ema=extra_ema,
-        )
-        metrics = {
-            names.TRAIN_LOSS: loss,
-            names.TRAIN_GRAD_NORM: optax.global_norm(grads),
-            names.TRAIN_PARAM_NORM: optax.global_norm(params),
-            names.TRAIN_UPDATE_NORM: optax.global_norm(updates),
-            names.TRAIN_LR: schedule(state.step),
-        }
-        return new_state, metrics
+        return apply_gradients(cfg, tx, schedule, state, loss, grads)
 
     return train_step
 
