@@ -31,6 +31,7 @@ from audiodiff_jax.data.tokenizer import Tokenizer
 from audiodiff_jax.diffusion import distill, objective, samplers
 from audiodiff_jax.model import make_model
 from audiodiff_jax.sampling import generation
+from audiodiff_jax.sweeps import sweep
 from audiodiff_jax.training import distill_trainer
 from configs import distill as distill_config
 from tests.helpers import (
@@ -282,7 +283,9 @@ def test_a_resumed_run_refuses_another_teacher(student_run, shards, tmp_path):
 # Sampling a student
 
 
-def test_a_student_samples_windowed_songs_and_continuations_in_one_evaluation_a_step(student_run):
+def test_a_student_samples_windowed_songs_and_continuations_in_one_evaluation_a_step(
+    student_run, teacher, tmp_path
+):
     src = source.WeightsSource(student_run)
     gen, _ = generation.open_generator(
         src, LinearCodec(src.card.codec.latent_channels), weights="ema", window_frames=16, overlap_frames=4
@@ -316,3 +319,12 @@ def test_a_student_samples_windowed_songs_and_continuations_in_one_evaluation_a_
         with pytest.raises(GenerationError, match=match):
             gen.check(dataclasses.replace(p, **change))
     assert math.isclose(gen.cfg.distill.guidance_max, 6.0)
+
+    # Teacher and student rows side by side in one folder: cost and method in each row.
+    codec = LinearCodec(src.card.codec.latent_channels)
+    out = str(tmp_path / "side_by_side")
+    for model in (teacher, student_run):
+        sweep.generate_songs(model, ["a song"], out, seconds=1.0, guidance=4.0, codec=codec)
+    rows = {r["distillation"]: r for r in sweep.read_manifest(os.path.join(out, sweep.MANIFEST))[0].values()}
+    t, s = rows[""], rows["progressive"]
+    assert t["model_evals"] == t["windows"] * t["steps"] * 2 and s["model_evals"] == s["windows"] * 4

@@ -119,6 +119,26 @@ def test_demo_report_has_the_loss_curve(tmp_path):
         "renders": {"renders": "heldout_renders", "through the codec": "heldout_renders_codec"},
         "tempo_tolerance": 0.08,
         "min_onset_rate": 0.5,
+        "few_step": [
+            {
+                "model": "the demo model (teacher)",
+                "sampler": "50 dpmpp_2m steps, guided",
+                "model_evals": 300.0,
+                "seconds_per_song": 1.234,
+                "key": 0.79,
+                "tempo": 0.83,
+                "onsets": 1.0,
+            },
+            {
+                "model": "the few-step student",
+                "sampler": "8 ddim steps, progressive distillation",
+                "model_evals": 24.0,
+                "seconds_per_song": 0.25,
+                "key": 0.75,
+                "tempo": 0.8,
+                "onsets": 1.0,
+            },
+        ],
     }
     page = open(
         demo.write_report(
@@ -129,6 +149,11 @@ def test_demo_report_has_the_loss_curve(tmp_path):
     assert "within 8%" in page and '<a href="heldout_songs/report.html">' in page
     assert "0% (target 75%, chance 4%): NOT met" in page and "<td>88%</td><td>80%</td>" in page
     assert '<td class="bad">A major</td>' in page and '<td class="ok">135.2</td>' in page
+    # The few-step row beside the teacher's: evaluations, seconds and adherence.
+    assert "<td>the few-step student</td><td>8 ddim steps, progressive distillation</td><td>24</td>" in page
+    assert (
+        "<td>0.25</td><td>75%</td>" in page and "<td>80%</td><td>100%</td>" in page and "<td>300</td>" in page
+    )
     assert Image.open(tmp_path / "loss.png").size == (640, 280)
 
     (run / "metrics.jsonl").write_text(json.dumps({"step": 1, "loss": 1.0}) + "\n")
