@@ -39,6 +39,8 @@ import jax
 from absl import app, flags
 from ml_collections import config_flags
 
+from audiodiff_jax.checkpoints import source
+from audiodiff_jax.codec import lookup
 from audiodiff_jax.core import config as config_lib
 from audiodiff_jax.core import sharding
 from audiodiff_jax.core.config import Config
@@ -181,6 +183,88 @@ def run(
         "mesh": dict(mesh.shape),
         "dtype": cfg.model.dtype,
         "attention": cfg.model.attention,
+        "rows": rows,
+        "skipped": skipped,
+    }
+
+
+def run_weights(
+    path: str,
+    *,
+    seconds: float = 300.0,
+    paths: tuple[str, ...] | list[str] = ("shipped",),
+    repeats: int = 2,
+    deadline: float | None = None,
+) -> dict:
+    """Times one song of a run or an export (a distilled student: ``audiodiff_jax/demo_student``)
+    as ``audiodiff-sample`` makes it: its weights, the codec of its dataset card, its saved
+    sample section (sampler, steps, guidance, windows), decoding included; compilation apart.
+
+    ``paths``: ``shipped`` (the section's windows) and/or ``one_pass`` (the whole song in
+    one window). ``deadline``: as :func:`run`. Returns the figures, one row per path, with
+    ``song_s_with_decode``: sampling plus decoding of the song, compilation apart.
+    """
+    bad = [p for p in paths if p not in ("shipped", "one_pass")]
+    if bad:
+        raise ValueError(f"paths: unknown {bad}; shipped or one_pass")
+    src = source.WeightsSource(path)
+    sample = src.sample_section()
+    codec = lookup.codec_by_name(src.card.codec.name, allow_code=False)
+    p = SampleParams.from_section(PROMPT, sample, seconds=seconds, seed=0)
+    rows, skipped = [], []
+    for name in paths:
+        if deadline is not None and time.monotonic() > deadline:
+            skipped.append({"path": name, "seconds": seconds})
+            continue
+        kwargs = generation.section_kwargs(sample)
+        kwargs["max_seconds"] = max(kwargs["max_seconds"], seconds)
+        if name == "one_pass":
+            kwargs["window_frames"] = 0
+        gen, _ = generation.open_generator(src, codec, weights=sample.weights[0], **kwargs)
+        gen.check(p)
+        first = gen.generate_latents([p])
+        times = [gen.generate_latents([p]).denoise_s for _ in range(repeats)]
+        loop_s = statistics.median(times) if times else first.denoise_s
+        gen.decode(first.latents[0], seconds)  # warm-up: compiles the chunk shapes
+        decode_times = []
+        for _ in range(max(repeats, 1)):
+            t0 = time.perf_counter()
+            gen.decode(first.latents[0], seconds)
+            decode_times.append(time.perf_counter() - t0)
+        decode_s = statistics.median(decode_times)
+        row = {
+            "path": name,
+            "seconds": seconds,
+            "frames": gen.frames_for(seconds),
+            "windows": first.windows,
+            "window_frames": gen.window if name == "shipped" else 0,
+            "model_evals": gen.model_evals(p, first.windows),
+            "compile_s": round(first.compile_s, 3),
+            "first_call_s": round(first.denoise_s, 4),
+            "loop_s": round(loop_s, 4),
+            "decode_s": round(decode_s, 4),
+            "song_s_with_decode": round(loop_s + decode_s, 4),
+            "realtime_factor_with_decode": round(seconds / (loop_s + decode_s), 3),
+        }
+        print(f"[sample_bench] {json.dumps(row)}", flush=True)
+        rows.append(row)
+    device = jax.devices()[0]
+    return {
+        "path": path,
+        "student": bool(src.cfg.model.guidance_input),
+        "distill": (
+            {"steps": src.cfg.distill.steps, "method": src.cfg.distill.method}
+            if src.cfg.model.guidance_input
+            else None
+        ),
+        "preset": src.cfg.model.preset,
+        "sampler": p.sampler,
+        "steps": p.steps,
+        "guidance": p.guidance,
+        "codec": src.card.codec.name,
+        "devices": f"{jax.device_count()} x {device.device_kind}",
+        "dtype": src.cfg.model.dtype,
+        "attention": src.cfg.model.attention,
         "rows": rows,
         "skipped": skipped,
     }

@@ -14,9 +14,14 @@ Runs the existing benchmarks as parts, in one process, in this order:
    state against the step time;
 2. ``sample``: ``sample_bench.run``: one song through ``generation.Generator``
    (compilation apart), real-time factor with and without the codec decode;
-3. ``codec``: ``codec_bench.speed``: encode / decode throughput of the codec;
-4. ``loader``: ``loader_bench.run``: the Grain loader at several worker counts;
-5. ``curves``: ``sample_bench.run`` at several song lengths, one pass and windowed,
+3. ``student``: ``sample_bench.run_weights``: a 300 s song of the shipped distilled
+   student (``--student``, default ``audiodiff_jax/demo_student``, an export) as
+   ``audiodiff-sample`` makes it, decoding included, against its target (``STUDENT_TARGET``:
+   at most 1.3 s on one H200); not run, with the reason in ``suite.json``
+   (``{"not_run": ...}``), when that folder holds no export or run;
+4. ``codec``: ``codec_bench.speed``: encode / decode throughput of the codec;
+5. ``loader``: ``loader_bench.run``: the Grain loader at several worker counts;
+6. ``curves``: ``sample_bench.run`` at several song lengths, one pass and windowed,
    without decoding (seconds per song-second; ``curves.png``).
 
 After each part the suite rewrites ``suite.json`` (every figure so far, with the
@@ -28,8 +33,10 @@ curves stop taking new lengths at the budget.
 
 Profiles (``PROFILES``): ``gpu`` sizes every part for one H100 / H200 in at most
 9 minutes, compilation included (DiT-1B, 6,460 frames, 300 s songs, 50 steps with
-CFG, the 64-channel ``stable`` codec at random weights); ``tiny`` runs every part in
-seconds on a CPU (``configs/tiny.py``, the ``tiny`` codec preset at random weights).
+CFG, the 64-channel ``stable`` codec at random weights); ``tiny`` runs every part but
+``student`` in seconds on a CPU (``configs/tiny.py``, the ``tiny`` codec preset at
+random weights). Its ``student`` part (12 s songs) runs when asked: a CPU dry run of
+the step, ``--parts=student --student=audiodiff_jax/demo_weights`` on any export.
 """
 
 from __future__ import annotations
@@ -45,6 +52,7 @@ from typing import Any
 import jax
 from absl import app, flags
 
+from audiodiff_jax.checkpoints import export
 from audiodiff_jax.core import config as config_lib
 from benchmarks import codec_bench, loader_bench, sample_bench, train_bench
 from configs import dit, tiny
@@ -53,16 +61,26 @@ _PROFILE = flags.DEFINE_enum("profile", "tiny", ["tiny", "gpu"], "Sizes of every
 _OUT_DIR = flags.DEFINE_string("out_dir", "/tmp/audiodiff_suite", "suite.json, suite.md, curves.png go here.")
 _PARTS = flags.DEFINE_list("parts", [], "Run only these parts (default: all, in order).")
 _BUDGET = flags.DEFINE_float("budget_s", 0.0, "Wall-time budget (0 = the profile's).")
+_STUDENT = flags.DEFINE_string(
+    "student", "audiodiff_jax/demo_student", "The student part's weights: an export or a run."
+)
 _PEAK = flags.DEFINE_float(
     "peak_tflops", 0.0, "Peak TFLOP/s per device for MFU (0 = flops.PEAK_BF16_FLOPS by device kind)."
 )
 
-PARTS = ("train", "sample", "codec", "loader", "curves")
+PARTS = ("train", "sample", "student", "codec", "loader", "curves")
+# What the student part's figure is measured against (the distillation issue's target).
+STUDENT_TARGET = {
+    "what": "a 300 s song in at most 1.3 s on one H200, decoding included",
+    "seconds": 300.0,
+    "song_s": 1.3,
+}
 
 # Config overrides per profile (``config_lib.replace`` keys), and each part's settings.
 PROFILES: dict[str, dict[str, Any]] = {
     "gpu": {
         "budget_s": 500.0,
+        "parts": PARTS,
         "config": (dit.get_config, "1B"),
         "overrides": {"model.attention": "cudnn", "mesh.fsdp": -1},
         # After a failure (cuDNN attention unsupported, or memory): XLA attention, half the batch.
@@ -75,6 +93,7 @@ PROFILES: dict[str, dict[str, Any]] = {
             "saves": 2,
         },
         "sample": {"seconds": [300.0], "steps": 50, "guidance": 5.0, "repeats": 2, "codec": "random:stable"},
+        "student": {"seconds": 300.0, "paths": ["shipped", "one_pass"], "repeats": 2},
         "codec": {"codec": "random:stable", "seconds": 300.0},
         "loader": {
             "window_frames": 6460,
@@ -94,11 +113,13 @@ PROFILES: dict[str, dict[str, Any]] = {
     },
     "tiny": {
         "budget_s": 600.0,
+        "parts": tuple(p for p in PARTS if p != "student"),  # --parts=student: a CPU dry run
         "config": (tiny.get_config, None),
         "overrides": {},
         "fallback": None,
         "train": {"overrides": {}, "steps": 2, "warmup": 1, "profile_steps": 1, "saves": 1},
         "sample": {"seconds": [1.0], "steps": 2, "guidance": 5.0, "repeats": 1, "codec": "random:tiny"},
+        "student": {"seconds": 12.0, "paths": ["shipped"], "repeats": 1},
         "codec": {"codec": "random:tiny", "seconds": 2.0},
         "loader": {"window_frames": 32, "batch": 8, "channels": 8, "workers": [0], "batches": 5},
         "curves": {
@@ -134,6 +155,25 @@ def make_cfg(profile: dict, extra: dict | None = None, fallback: bool = False):
     return config_lib.replace(cfg, **changes) if changes else cfg
 
 
+def student_part(path: str, p: dict, deadline: float) -> dict:
+    """The student part: ``sample_bench.run_weights`` on ``path`` beside ``STUDENT_TARGET``;
+    ``{"not_run": why}`` when ``path`` holds no weights (the student not shipped yet)."""
+    target = dict(STUDENT_TARGET)
+    if not (export.is_export(path) or os.path.isdir(os.path.join(path, "checkpoints"))):
+        why = "absent" if not os.path.exists(path) else "holds no export.json (not an export) nor checkpoints"
+        return {"not_run": f"no distilled student at {path!r} ({why}); --student=PATH", "target": target}
+    result = sample_bench.run_weights(
+        path, seconds=p["seconds"], paths=p["paths"], repeats=p["repeats"], deadline=deadline
+    )
+    best = min((r["song_s_with_decode"] for r in result["rows"]), default=None)
+    # Only a song of the target's length is held to it (the tiny profile's dry run is not).
+    met = None if best is None or p["seconds"] != target["seconds"] else best <= target["song_s"]
+    result["target"] = {**target, "best_song_s": best, "met": met}
+    if not result["student"]:
+        result["target"]["note"] = "not a student (model.guidance_input is off): the target is a student's"
+    return result
+
+
 def run_part(name: str, profile: dict, out_dir: str, deadline: float, peak_tflops: float, fallback: bool):
     p = profile[name]
     if name == "train":
@@ -161,6 +201,8 @@ def run_part(name: str, profile: dict, out_dir: str, deadline: float, peak_tflop
             repeats=p["repeats"],
             codec=codec,
         )
+    if name == "student":
+        return student_part(_STUDENT.value, p, deadline)
     if name == "codec":
         return codec_bench.speed(codec_bench.open_codec(p["codec"]), p["seconds"])
     if name == "loader":
@@ -216,6 +258,9 @@ def table(report: dict) -> str:
         if "error" in r:
             add(name, "error", r["error"].splitlines()[-1][:100])
             continue
+        if "not_run" in r:
+            add(name, "not run", r["not_run"])
+            continue
         if name == "train":
             what = f"{r['preset']} x{r['global_batch']} x {r['window_frames']} frames, {r['attention']}"
             add(name, f"step time (s), {what}", r["step_time_s"])
@@ -247,6 +292,17 @@ def table(report: dict) -> str:
                     add(name, f"s per song-second, {what}", row["s_per_song_s"])
             for s in r.get("skipped", []):
                 add(name, f"skipped (budget): {s['path']} {s['seconds']:g} s", None)
+        elif name == "student":
+            evals = f"{r['steps']} {r['sampler']} steps"
+            for row in r["rows"]:
+                what = f"{row['path']} {row['seconds']:g} s ({row['windows']} windows, {evals})"
+                add(name, f"compile (s), {what}", row["compile_s"])
+                add(name, f"song with decode (s), {what}", row["song_s_with_decode"])
+                add(name, f"of which decode (s), {what}", row["decode_s"])
+            t = r["target"]
+            add(name, f"target: {t['what']}; met", {True: "yes", False: "no"}.get(t["met"]))
+            for s in r.get("skipped", []):
+                add(name, f"skipped (budget): {s['path']} {s['seconds']:g} s", None)
         elif name == "codec":
             add(
                 name, f"encode audio s/s ({r['codec']}, {r['signal_seconds']:g} s)", r["encode_audio_s_per_s"]
@@ -273,7 +329,7 @@ def write(report: dict, out_dir: str) -> None:
 def run_suite(profile_name: str, out_dir: str, parts=None, budget_s: float = 0.0, peak_tflops: float = 0.0):
     """Runs the parts of ``PROFILES[profile_name]``; returns the report (also written)."""
     profile = PROFILES[profile_name]
-    parts = list(parts or PARTS)
+    parts = list(parts or profile["parts"])
     unknown = [p for p in parts if p not in PARTS]
     if unknown:
         raise ValueError(f"--parts: unknown {unknown}; one of {PARTS}")

@@ -152,6 +152,63 @@ def test_adapter_train_step_compiles_with_the_base_as_a_frozen_input():
 
 
 @needs_libtpu
+def test_distill_train_step_compiles_with_the_teacher_as_a_frozen_input():
+    """``distill_train`` of a plain config: the student (the model with the guidance input)
+    holds a train state, donated; the teacher (the model without) is an input of fp32
+    weights that nothing donates; the model FLOPs count the teacher's guided evaluations."""
+    from audiodiff_jax.core import flops, sharding
+    from audiodiff_jax.model import count_params, make_model
+
+    spec = topology.parse_topology("v5p-8")
+    cfg = aot.prepare_config(_tiny(), spec)
+    assert not cfg.model.guidance_input
+    mesh = sharding.make_mesh(cfg.mesh, aot.get_devices(spec))
+    report = aot.compile_distill_train_step(
+        cfg, mesh, spec.generation.hbm_bytes, spec.generation.peak_bf16_flops
+    )
+    assert report.compiled and report.fits, report.error
+    assert report.kernels.get("splash_mha_fwd_segmented_residuals", 0) > 0
+    student, teacher = aot.distill_configs(cfg)
+    n_teacher = count_params(make_model(teacher.model).abstract_params())
+    n_student = count_params(make_model(student.model).abstract_params())
+    assert n_student > n_teacher  # the guidance embedder
+    # Replicated on a data-parallel mesh: the teacher's fp32 weights once; the student's
+    # fp32 params, EMA and two moments, plus scalars.
+    assert report.frozen_bytes == 4 * n_teacher
+    assert 16 * n_student <= report.state_bytes < 16 * n_student + 1024
+    # Only the student's state is donated: the outputs never reuse the teacher's buffers.
+    assert report.state_bytes <= report.alias_bytes <= report.argument_bytes - report.frozen_bytes
+    d = student.distill
+    train = flops.train_flops_per_step(cfg.model, 8, 256, cfg.model.text.max_len)
+    assert report.model_flops == pytest.approx(train * (1 + 2 * d.substeps / 3) / mesh.size)
+    text = report.format()
+    assert f"{d.steps}-step student" in text and "teacher" in text and "frozen base" not in text
+
+
+@needs_libtpu
+def test_student_sample_program_compiles_with_one_evaluation_per_step():
+    """A student's sampler (model.guidance_input): DDIM on distill.steps, the guidance
+    scale an input, no unconditional branch: one evaluation per step in its FLOPs."""
+    from audiodiff_jax.core import flops, sharding
+
+    spec = topology.parse_topology("v5p-8")
+    cfg = aot.prepare_config(_tiny(**{"model.guidance_input": True, "distill.steps": 4}), spec)
+    mesh = sharding.make_mesh(cfg.mesh, aot.get_devices(spec))
+    program = aot.sample_program(cfg, mesh, songs=4, frames=256)
+    assert program.guidance_input and not program.cfg
+    assert (program.method, program.steps) == ("ddim", 4)
+    assert aot.sample_evals(program) == 4
+    report = aot.compile_sample_step(cfg, mesh, spec.generation.hbm_bytes, songs=4, frames=256)
+    assert report.compiled and report.fits, report.error
+    forward = flops.train_flops_per_step(cfg.model, program.batch, program.frames, cfg.model.text.max_len) / 3
+    assert report.model_flops == pytest.approx(forward * 4 / mesh.size)
+    assert "sample      (ddim, 4 steps, student: guidance an input, 1 evaluation per step" in report.name
+    # The same model without the input samples with classifier-free guidance: two rows a step.
+    plain = aot.sample_program(_tiny(), mesh, songs=4, frames=256)
+    assert plain.cfg and not plain.guidance_input and aot.sample_evals(plain) == 2 * plain.steps
+
+
+@needs_libtpu
 def test_splash_runs_at_a_window_that_is_not_a_block_multiple():
     """700 frames (700 % 128 = 60, as the shipped 6,460) get as many kernels as 640."""
     from audiodiff_jax.core import sharding

@@ -39,6 +39,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from absl import logging
 
 from audiodiff_jax.core import config as config_lib
@@ -46,9 +47,11 @@ from audiodiff_jax.core import flops, memory, sharding
 from audiodiff_jax.core.config import Config, ConfigError
 from audiodiff_jax.core.topology import GiB, TopologySpec
 from audiodiff_jax.data import batch as batch_lib
+from audiodiff_jax.diffusion import distill, samplers
 from audiodiff_jax.model import make_model
 from audiodiff_jax.sampling import generation
 from audiodiff_jax.training.adapter_trainer import AdapterTrainer
+from audiodiff_jax.training.distill_trainer import DistillTrainer
 from audiodiff_jax.training.dit_trainer import Trainer
 
 
@@ -135,6 +138,7 @@ class StepReport:
     advice: str = ""
     state_bytes: int = 0  # per chip: the train state (params, optimizer state, EMAs), an argument
     frozen_bytes: int = 0  # per chip: frozen weights handed to the step (an adapter run's base)
+    frozen_label: str = "frozen base"  # what those weights are ("teacher" in distillation)
 
     @property
     def kernel_missing(self) -> bool:
@@ -191,7 +195,7 @@ class StepReport:
             f"   compile time   {self.compile_s:8.1f} s",
             f"   arguments      {gib(self.argument_bytes)}"
             + (f"  (train state {gib(self.state_bytes).strip()}" if self.state_bytes else "")
-            + (f", frozen base {gib(self.frozen_bytes).strip()}" if self.frozen_bytes else "")
+            + (f", {self.frozen_label} {gib(self.frozen_bytes).strip()}" if self.frozen_bytes else "")
             + (")" if self.state_bytes else ""),
             f"   outputs        {gib(self.output_bytes)}  "
             f"({gib(self.alias_bytes).strip()} reuse donated inputs)",
@@ -412,22 +416,95 @@ def compile_adapter_train_step(cfg: Config, mesh, hbm_bytes: int, peak_flops: fl
     return compile_and_report(trainer.train_step, args, ("state", "base", "batch"), report, mesh)
 
 
+def distill_configs(cfg: Config) -> tuple[Config, Config]:
+    """The student and the teacher of ``cfg``'s model: ``model.guidance_input`` on and off.
+
+    A plain config (``configs/dit.py:1B``) gives the student it would distill with the
+    ``distill`` section's defaults (8 steps, 4 teacher steps each); a student's config
+    (``configs/distill.py:TEACHER``) gives itself and a teacher that samples with
+    classifier-free guidance. Ahead of time the teacher is always that guided one (no
+    weights are read): for a second phase, whose teacher is a student evaluated once a
+    step, the program compiled is the larger one (twice the teacher's rows).
+
+    Raises:
+      ConfigError: the ``distill`` section's grid cannot be made.
+    """
+    student = config_lib.replace(cfg, **{"model.guidance_input": True})
+    teacher = config_lib.replace(cfg, **{"model.guidance_input": False})
+    d = student.distill
+    try:
+        distill.grids(d.steps, d.substeps, schedule=d.schedule, shift=cfg.diffusion.schedule_shift)
+    except ValueError as e:
+        raise ConfigError(f"distill.schedule={d.schedule!r}: {e}") from e
+    return student, teacher
+
+
+def compile_distill_train_step(cfg: Config, mesh, hbm_bytes: int, peak_flops: float = 0.0) -> StepReport:
+    """Compiles the distillation trainer's jitted step (``distill_trainer.DistillTrainer``:
+    the student's train state, donated, and the teacher's weights, an input like the
+    batch that nothing donates) for ``mesh``, from :func:`distill_configs`. No weights are
+    needed: the teacher is a sharded ShapeDtypeStruct, its empty caption zeros."""
+    student, teacher = distill_configs(cfg)
+    uncond = np.zeros((student.model.text.max_len,), np.int32)  # a stand-in: shapes only
+    trainer = DistillTrainer(student, mesh, teacher, uncond_tokens=uncond)
+    b, t = student.data.global_batch_size, student.data.window_frames
+    args = (trainer.abstract_state(), trainer.abstract_teacher(), batch_lib.abstract_batch(student, mesh))
+    d = student.distill
+    report = StepReport(
+        name=f"distill_train_step  ({d.steps}-step student; {d.substeps} guided teacher DDIM steps "
+        f"per student step, {2 * d.substeps} teacher evaluations; global batch {b} x {t} frames)",
+        hbm_bytes=hbm_bytes,
+        # The student's forward and backward and the teacher's forward evaluations
+        # (DistillTrainer.step_flops: train FLOPs x (1 + evaluations / 3)).
+        model_flops=trainer.step_flops / mesh.size,
+        peak_flops=peak_flops,
+        expect_kernel=_expected_kernel(student),
+        advice=memory.config_advice(student, config_lib.MEMORY_FIELDS),
+        state_bytes=per_chip_bytes(args[0]),
+        frozen_bytes=per_chip_bytes(args[1]),
+        frozen_label="teacher",
+    )
+    return compile_and_report(trainer.train_step, args, ("state", "teacher", "batch"), report, mesh)
+
+
 def sample_program(cfg: Config, mesh, *, songs: int, frames: int) -> generation.SampleProgram:
     """The program ``audiodiff-sample`` runs for ``songs`` rows of one ``frames``-frame window,
     with the config's first sampler and step count, guidance unless it is 1 and the
-    known-frames input of windowed songs (every window after the first has one)."""
+    known-frames input of windowed songs (every window after the first has one).
+
+    A student (``model.guidance_input``) samples as ``Generator.check_student`` lets it:
+    DDIM on its ``distill.steps``, one evaluation per step with the scale as input (no
+    unconditional branch), whatever the sample section says."""
     s = cfg.sample
     batch, frames_pad = generation.padded_shape(mesh, songs, frames)
+    student = bool(cfg.model.guidance_input)
+    method, steps = ("ddim", cfg.distill.steps) if student else (s.samplers[0], s.steps[0])
+    if student and (s.samplers[0], s.steps[0]) != (method, steps):
+        logging.warning(
+            "a student samples with %d ddim steps (distill.steps), not sample.samplers=%r, "
+            "sample.steps=%r: compiling its %d ddim steps",
+            steps,
+            s.samplers[0],
+            s.steps[0],
+            steps,
+        )
     return generation.SampleProgram(
-        method=s.samplers[0],
-        steps=s.steps[0],
+        method=method,
+        steps=steps,
         batch=batch,
         frames=frames_pad,
         valid=frames,
-        cfg=s.guidance[0] != 1.0,
+        cfg=s.guidance[0] != 1.0 and not student,
         known=True,
         context=cfg.model.masked_context,
+        guidance_input=student,
     )
+
+
+def sample_evals(program: generation.SampleProgram) -> int:
+    """Model evaluations of one run of ``program``: its sampler's per step, twice with
+    classifier-free guidance (the two rows of each song); a student's once per step."""
+    return program.steps * samplers.EVALS_PER_STEP[program.method] * (2 if program.cfg else 1)
 
 
 def compile_sample_step(
@@ -446,13 +523,18 @@ def compile_sample_step(
     args = program.abstract_args(cfg, params, mesh)
     with jax.set_mesh(mesh):
         jitted = jax.jit(program.fn(model.apply), out_shardings=program.out_shardings(mesh))
-    evals = program.steps * (2 if program.method == "heun" else 1) * (2 if program.cfg else 1)
+    evals = sample_evals(program)
     # forward only: a third of the train step's 6 FLOPs per parameter and token, per evaluation
     forward = flops.train_flops_per_step(cfg.model, program.batch, program.frames, cfg.model.text.max_len) / 3
     report = StepReport(
         name=(
-            f"sample      ({program.method}, {program.steps} steps, CFG {'on' if program.cfg else 'off'}: "
-            f"{program.batch} songs x {program.frames} frames)"
+            f"sample      ({program.method}, {program.steps} steps, "
+            + (
+                "student: guidance an input, 1 evaluation per step"
+                if program.guidance_input
+                else f"CFG {'on' if program.cfg else 'off'}"
+            )
+            + f": {program.batch} songs x {program.frames} frames)"
         ),
         hbm_bytes=hbm_bytes,
         model_flops=forward * evals / mesh.size,

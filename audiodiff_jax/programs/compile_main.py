@@ -7,12 +7,26 @@ r"""``audiodiff-compile``: will this config fit that pod? Compile it here and se
     audiodiff-compile --config=configs/dit.py:1B --topology=v5p-128 \
         --programs=train,adapter_train --config.adapters.rank=16
 
+    # Distillation: the student's step with its teacher (the same model without the
+    # guidance input) as an input, then the student's sampler (DDIM, distill.steps,
+    # one evaluation per step).
+    audiodiff-compile --config=configs/dit.py:1B --topology=v5p-128 --programs=train,distill_train
+    audiodiff-compile --config=configs/dit.py:1B --topology=v5p-128 --programs=sample \
+        --config.model.guidance_input=True --config.distill.steps=8
+
 Compiles the real train step (``Trainer``'s jit: shardings, donation, splash
-attention; ``adapter_train``: the adapter trainer's step, the base an input) and one
-classifier-free-guided denoiser call of the sampler for a TPU
+attention; ``adapter_train``: the adapter trainer's step, the base an input;
+``distill_train``: the distillation trainer's step, the teacher an input) and the
+sampling loop of ``audiodiff-sample`` for a TPU
 slice this machine does not have (``audiodiff_jax/compilation/aot.py``), and prints per-chip
 memory (arguments, outputs, temporaries, generated code) against the chip's HBM,
 FLOPs, and the largest buffers when the program does not fit.
+
+``distill_train`` takes any DiT config: its model with ``model.guidance_input`` on is
+the student, off the teacher, with the ``distill`` section's steps and substeps
+(defaults 8 and 4). ``sample`` with ``model.guidance_input`` on compiles a student's
+sampler as ``audiodiff-sample`` runs it: DDIM on ``distill.steps`` steps whatever the
+sample section says, the guidance scale an input, no unconditional branch.
 
 A program that does not fit, compiled or refused by the compiler for lack of memory,
 ends the output with one line on stderr: the memory it wants per chip, what the chip has,
@@ -44,6 +58,8 @@ from audiodiff_jax.core import config as config_lib
 from audiodiff_jax.core import flops, sharding, topology
 from audiodiff_jax.programs import cli
 
+PROGRAMS = ("train", "sample", "adapter_train", "distill_train")
+
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/dit.py:1B")
 _TOPOLOGY = flags.DEFINE_string(
     "topology", None, "TPU pod (v5p-128, v5e-256, v4-32, v6e-64), libtpu shape (v5p:4x4x8) or cuda:NAME."
@@ -52,8 +68,11 @@ _NUM_SLICES = flags.DEFINE_integer("num_slices", 1, "Slices joined over DCN (mul
 _PROGRAMS = flags.DEFINE_list(
     "programs",
     ["train", "sample"],
-    "Which programs to compile: train, sample, adapter_train (low-rank adapters of the adapters "
-    "section on the frozen model: no base weights needed).",
+    "Which programs to compile: "
+    + ", ".join(PROGRAMS)
+    + " (adapter_train: low-rank adapters of the adapters section on the frozen model; "
+    "distill_train: a student of the model, model.guidance_input on, taught by the model without "
+    "it; neither needs weights).",
 )
 _ATTENTION = flags.DEFINE_string(
     "attention", "splash", "model.attention for the compile ('config' keeps the config's)."
@@ -73,8 +92,13 @@ def main(argv):
     del argv
     if _CONFIG.value is None or not _TOPOLOGY.value:
         raise app.UsageError("--config and --topology are required")
+    unknown = [p for p in _PROGRAMS.value if p not in PROGRAMS]
+    if unknown:
+        raise app.UsageError(f"--programs: unknown program(s) {unknown}; one of {', '.join(PROGRAMS)}")
     try:
         cfg = config_lib.from_configdict(_CONFIG.value)
+        if "distill_train" in _PROGRAMS.value:
+            aot.distill_configs(cfg)  # the distill section's grid, before anything compiles
         if _ATTENTION.value != "config":
             cfg = config_lib.replace(cfg, **{"model.attention": _ATTENTION.value})
         if _TOPOLOGY.value.startswith("cuda:"):
@@ -111,14 +135,14 @@ def main(argv):
             r = aot.compile_train_step(cfg, mesh, hbm, peak)
         elif program == "adapter_train":
             r = aot.compile_adapter_train_step(cfg, mesh, hbm, peak)
+        elif program == "distill_train":
+            r = aot.compile_distill_train_step(cfg, mesh, hbm, peak)
         elif program == "sample":
             songs = _SAMPLE_SONGS.value or sharding.batch_shards(mesh)
             frames = _SAMPLE_FRAMES.value or cfg.data.window_frames
             r = aot.compile_sample_step(cfg, mesh, hbm, songs=songs, frames=frames, peak_flops=peak)
-        else:
-            raise app.UsageError(
-                f"--programs: unknown program {program!r}; one of train, sample, adapter_train"
-            )
+        else:  # PROGRAMS, checked above
+            raise AssertionError(program)
         print(r.format(), flush=True)
         reports.append(r)
     ok = all(r.fits for r in reports)
