@@ -78,9 +78,10 @@ def test_one_ddim_step_with_the_target_lands_on_the_teachers_end_point():
     np.testing.assert_allclose(np.asarray(x[2]), np.asarray(z_s[2]), atol=1e-5)
 
 
-def test_teacher_steps_follow_a_perfect_model_and_keep_known_frames():
-    """With the true v of a single data point, DDIM is exact: m steps from t land on
-    alpha_s x + sigma_s eps for any m; known frames follow that path too."""
+@pytest.mark.parametrize("method", ["ddim", "dpmpp_2m"])
+def test_teacher_steps_follow_a_perfect_model_and_keep_known_frames(method):
+    """With the true v of a single data point, DDIM and DPM-Solver++(2M) are exact: m steps
+    from t land on alpha_s x + sigma_s eps for any m; known frames follow that path too."""
     rng = np.random.default_rng(1)
     x = jnp.asarray(rng.standard_normal((2, 5, 3)), jnp.float32)
     eps = jnp.asarray(rng.standard_normal((2, 5, 3)), jnp.float32)
@@ -94,7 +95,7 @@ def test_teacher_steps_follow_a_perfect_model_and_keep_known_frames():
     times = jnp.asarray(np.stack([fine[0:4], fine[6:10]]))
     z_t, _ = objective.add_noise(x, eps, times[:, 0])
     mask = jnp.asarray([[1, 1, 0, 0, 0], [0, 0, 0, 0, 0]], jnp.float32)
-    out = distill.teacher_steps(perfect, z_t, times, known=(x, eps, mask))
+    out = distill.teacher_steps(perfect, z_t, times, known=(x, eps, mask), method=method)
     want, _ = objective.add_noise(x, eps, times[:, -1])
     np.testing.assert_allclose(np.asarray(out), np.asarray(want), atol=2e-5)
     with pytest.raises(ValueError, match="uniform"):

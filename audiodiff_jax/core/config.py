@@ -272,6 +272,7 @@ class AdaptersConfig:
 
 
 DISTILL_METHODS = ("progressive",)
+DISTILL_TEACHER_SAMPLERS = ("ddim", "dpmpp_2m")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -284,7 +285,8 @@ class DistillConfig:
     (Salimans & Ho 2022) in one phase of ratio ``substeps`` (as TRACT, Berthelot et al.
     2023) with guidance distillation (Meng et al. 2023). The guidance scale of each row
     is drawn in ``[guidance_min, guidance_max]`` and given to the student. A teacher that
-    is itself a student (``steps * substeps`` equal to its own steps) is run as it samples:
+    is itself a student (``steps * substeps`` equal to its own steps) is run as it samples
+    (DDIM; a guided teacher runs ``teacher_sampler``):
     its next phase (8 -> 4 steps is ``substeps=2``). ``configs/distill.py:TEACHER`` fills
     the model and the sampling defaults from the teacher.
     """
@@ -293,7 +295,10 @@ class DistillConfig:
     teacher_weights: str = ""  # weight set of a teacher checkpoint; "" = its sample.weights[0]
     method: str = "progressive"  # DISTILL_METHODS
     steps: int = 8  # the student's sampler steps
-    substeps: int = 4  # teacher DDIM steps per student step
+    substeps: int = 4  # teacher steps per student step
+    # The teacher's sampler over those substeps: ddim, or dpmpp_2m (its 50-step sampler's
+    # method; configs/distill.py's choice). A teacher that is a student runs ddim.
+    teacher_sampler: str = "ddim"
     schedule: str = "uniform"  # the time grid of both (samplers.time_grid, diffusion.schedule_shift)
     guidance_min: float = 1.0
     guidance_max: float = 6.0
@@ -382,6 +387,7 @@ FIELDS_ADDED_LATER = {
     "model.controls",
     "model.latent_rate",
     "model.guidance_input",
+    "distill.teacher_sampler",
     "data.control_dropout",
     "sample.bpm",
     "sample.key",
@@ -661,6 +667,10 @@ def validate_distill(d: DistillConfig) -> None:
     _check(d.steps >= 1, f"distill.steps={d.steps} must be >= 1")
     _check(d.substeps >= 1, f"distill.substeps={d.substeps} must be >= 1")
     _check(d.schedule in SCHEDULES, f"distill.schedule={d.schedule!r}; one of {SCHEDULES}")
+    _check(
+        d.teacher_sampler in DISTILL_TEACHER_SAMPLERS,
+        f"distill.teacher_sampler={d.teacher_sampler!r}; one of {DISTILL_TEACHER_SAMPLERS}",
+    )
     _check(
         1.0 <= d.guidance_min <= d.guidance_max,
         f"distill.guidance_min={d.guidance_min}, guidance_max={d.guidance_max}: need 1 <= min <= max",
@@ -953,9 +963,8 @@ def validate(cfg: Config, num_devices: int | None = None) -> None:
     validate_adapters(cfg.adapters)
     validate_distill(cfg.distill)
     _check(
-        not (cfg.distill.teacher and (cfg.train.init_from or cfg.adapters.base)),
-        f"distill.teacher={cfg.distill.teacher!r} with train.init_from or adapters.base: a student starts "
-        "from its teacher's weights; give only the teacher",
+        not (cfg.distill.teacher and cfg.adapters.base),
+        f"distill.teacher={cfg.distill.teacher!r} with adapters.base={cfg.adapters.base!r}: give one of them",
     )
     _check(
         not cfg.distill.teacher or cfg.model.guidance_input,

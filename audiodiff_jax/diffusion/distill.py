@@ -56,8 +56,13 @@ def teacher_steps(
     times_bm: jax.Array,
     *,
     known: tuple[jax.Array, jax.Array, jax.Array] | None = None,
+    method: str = "ddim",
 ) -> jax.Array:
-    """Runs deterministic DDIM through the per-row times ``times_bm [B, m + 1]`` (decreasing).
+    """Runs a deterministic sampler through the per-row times ``times_bm [B, m + 1]`` (decreasing).
+
+    ``method``: ``ddim``, or ``dpmpp_2m`` (DPM-Solver++(2M), first order on the first of
+    the ``m`` steps, second order after: the teacher's own sampler, so the student learns
+    the trajectory the teacher samples, not DDIM's, which at guidance 4 ends elsewhere).
 
     ``known``: ``(x_known [B, T, C], noise [B, T, C], mask [B, T])``: after every step the
     known frames are set to ``alpha x_known + sigma noise`` at the new time, as the
@@ -67,17 +72,25 @@ def teacher_steps(
     m = times_bm.shape[1] - 1
     zeros = jnp.zeros((z_t.shape[0],), jnp.float32)
 
-    def body(j, z):
+    def body(j, carry):
+        z, x_prev = carry
         t, s = times_bm[:, j], times_bm[:, j + 1]
-        z = samplers.ddim_step(z, denoise(z, t), t, s, zeros, jnp.zeros_like(z))
+        v = denoise(z, t)
+        if method == "ddim":
+            z = samplers.ddim_step(z, v, t, s, zeros, jnp.zeros_like(z))
+        else:
+            x, _ = objective.v_to_x_eps(z, v, t)
+            t_prev = times_bm[:, jnp.maximum(j - 1, 0)]
+            z = samplers.dpmpp_2m_step(z, x, x_prev, t_prev, t, s, jnp.full(zeros.shape, j > 0))
+            x_prev = x
         if known is not None:
             x_known, noise, mask = known
             a, sg = objective.alpha_sigma(s)
             bc = lambda v: v.reshape(v.shape + (1,) * (z.ndim - 1))
             z = jnp.where(mask[..., None] > 0, bc(a) * x_known + bc(sg) * noise, z)
-        return z
+        return z, x_prev
 
-    return jax.lax.fori_loop(0, m, body, z_t)
+    return jax.lax.fori_loop(0, m, body, (z_t, jnp.zeros_like(z_t)))[0]
 
 
 __all__ = ["ddim_target", "grids", "teacher_steps"]

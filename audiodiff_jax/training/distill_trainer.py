@@ -104,7 +104,9 @@ def make_distill_step(
             )
         else:
             denoise = lambda z, tt: teacher_fns.apply(teacher, z, tt, cond._replace(guidance=w))
-        z_s = distill.teacher_steps(denoise, z_t, times, known=known)
+        z_s = distill.teacher_steps(
+            denoise, z_t, times, known=known, method=d.teacher_sampler if guided_teacher else "ddim"
+        )
         v_target = jax.lax.stop_gradient(distill.ddim_target(z_t, z_s, t, s))
         student_cond = cond._replace(guidance=w)
 
@@ -174,8 +176,12 @@ class DistillTrainer(dit_trainer.Trainer):
             return self.train_step.lower(state, self.teacher, batch).compile()
 
     def initial_state(self) -> TrainState:
-        """The teacher's weights (a fresh guidance embedder at zero output when it has none)."""
+        """The teacher's weights (a fresh guidance embedder at zero output when it has
+        none), or ``train.init_from``'s: a student's, to go on from (another teacher
+        sampler, more steps)."""
         cfg = self.cfg
+        if cfg.train.init_from:
+            return loop.start_state(self.init_state, self.abstract_params, cfg.train)
         params = jax.tree.map(jnp.copy, self.teacher)
         if GUIDANCE not in params:
             fresh = self.init_state(cfg.train.seed).params[GUIDANCE]
