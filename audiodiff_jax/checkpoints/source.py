@@ -434,12 +434,6 @@ def open_adapter(path: str, weights: str | None = None, step: int | None = None)
     return adapter, {"weights": name, "step": step, "source": str(step_dir)}
 
 
-def saved_adapter_base(workdir: str) -> dict | None:
-    """The base identity saved in the newest checkpoint of an adapter run's workdir
-    (its ``adapter`` item); None when the workdir holds no such checkpoint yet."""
-    return saved_identity(workdir, ADAPTER_ITEM, "base")
-
-
 def saved_identity(workdir: str, item: str, key: str) -> dict | None:
     """``item[key]`` (a weights identity) of the newest checkpoint in ``workdir`` that has
     the JSON item ``item``; None when there is none yet."""

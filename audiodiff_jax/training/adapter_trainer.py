@@ -116,6 +116,18 @@ def check_against_base(
         )
 
 
+def check_started_on(workdir: str, item: str, role: str, weights: Base, field: str) -> None:
+    """Raises ConfigError when ``workdir``'s newest checkpoint names (``item[role]``) other
+    frozen weights (a base, a teacher) than ``weights``: a resumed run keeps its own."""
+    saved = source.saved_identity(workdir, item, role)
+    if saved is not None and saved.get("hash") != weights.identity["hash"]:
+        raise ConfigError(
+            f"{field} holds other weights ({export.short_hash(weights.identity['hash'])}) than the "
+            f"{role} this run started on, {saved.get('name')} ({export.short_hash(str(saved.get('hash')))}); "
+            f"give that {role}, or another workdir"
+        )
+
+
 def _place(host_params: Any, shardings: Any) -> Any:
     """Host arrays onto their shardings (each process gives its devices their slices)."""
 
@@ -267,14 +279,7 @@ def train(
     base = Base(cfg.adapters.base, cfg.adapters.base_weights)
     card = dit_trainer.check_dataset(cfg)
     check_against_base(cfg, card, base)
-    saved = source.saved_adapter_base(workdir)
-    if saved is not None and saved.get("hash") != base.identity["hash"]:
-        raise ConfigError(
-            f"adapters.base={cfg.adapters.base!r} holds other weights "
-            f"({export.short_hash(base.identity['hash'])}) than the base this run started on, "
-            f"{saved.get('name')} ({export.short_hash(str(saved.get('hash')))}); give that base, "
-            "or another workdir"
-        )
+    check_started_on(workdir, source.ADAPTER_ITEM, "base", base, f"adapters.base={cfg.adapters.base!r}")
     if mesh is None:
         mesh = sharding.make_mesh(cfg.mesh)
     logging.info("mesh %s over %d devices, %s", dict(mesh.shape), mesh.size, checkpointing.process_info())
@@ -293,13 +298,15 @@ def train(
         sum(x.size for x in jax.tree.leaves(trainer.model.abstract_params())) / 1e6,
         cfg.train.num_steps,
     )
-    return loop.run(
+    return dit_trainer.run_loop(
+        cfg,
         trainer,
-        lambda step: batch_lib.make_global_batch(next(data_iter), mesh),
+        mesh,
+        card,
         workdir,
-        loop.LoopConfig.from_config(cfg, step_timeout_s),
-        json_items=json_items,
-        data_iter=data_iter,
-        process_start=process_start,
-        evaluator=dit_trainer.evaluator_of(cfg, trainer, card, workdir, make_evaluator),
+        data_iter,
+        json_items,
+        step_timeout_s,
+        process_start,
+        make_evaluator,
     )

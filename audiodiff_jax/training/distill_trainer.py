@@ -47,7 +47,6 @@ from audiodiff_jax.checkpoints import checkpointing, export, source
 from audiodiff_jax.core import config as config_lib
 from audiodiff_jax.core import names, sharding
 from audiodiff_jax.core.config import Config, ConfigError
-from audiodiff_jax.data import batch as batch_lib
 from audiodiff_jax.data.batch import Batch
 from audiodiff_jax.diffusion import distill, objective, samplers
 from audiodiff_jax.model import make_model
@@ -263,14 +262,9 @@ def train(
     )
     check_teacher(cfg, teacher)
     cfg = student_config(cfg)
-    saved = source.saved_identity(workdir, source.DISTILL_ITEM, "teacher")
-    if saved is not None and saved.get("hash") != teacher.identity["hash"]:
-        raise ConfigError(
-            f"distill.teacher={d.teacher!r} holds other weights "
-            f"({export.short_hash(teacher.identity['hash'])}) "
-            f"than the teacher this run started on, {saved.get('name')} "
-            f"({export.short_hash(str(saved.get('hash')))}); give that teacher, or another workdir"
-        )
+    adapter_trainer.check_started_on(
+        workdir, source.DISTILL_ITEM, "teacher", teacher, f"distill.teacher={d.teacher!r}"
+    )
     if mesh is None:
         mesh = sharding.make_mesh(cfg.mesh)
     logging.info("mesh %s over %d devices, %s", dict(mesh.shape), mesh.size, checkpointing.process_info())
@@ -289,25 +283,28 @@ def train(
         "teacher_evals_per_step": 2 if guided else 1,
     }
     logging.info(
-        "distillation (%s): a %d-step student from the teacher %s (%s), %d teacher DDIM steps per "
+        "distillation (%s): a %d-step student from the teacher %s (%s), %d teacher %s steps per "
         "student step%s, guidance %g..%g; %d steps",
         d.method,
         d.steps,
         teacher.identity["name"],
         export.short_hash(teacher.identity["hash"]),
         d.substeps,
+        d.teacher_sampler if guided else "ddim",
         " with classifier-free guidance" if guided else " (a student itself)",
         d.guidance_min,
         d.guidance_max,
         cfg.train.num_steps,
     )
-    return loop.run(
+    return dit_trainer.run_loop(
+        cfg,
         trainer,
-        lambda step: batch_lib.make_global_batch(next(data_iter), mesh),
+        mesh,
+        card,
         workdir,
-        loop.LoopConfig.from_config(cfg, step_timeout_s),
-        json_items=json_items,
-        data_iter=data_iter,
-        process_start=process_start,
-        evaluator=dit_trainer.evaluator_of(cfg, trainer, card, workdir, make_evaluator),
+        data_iter,
+        json_items,
+        step_timeout_s,
+        process_start,
+        make_evaluator,
     )

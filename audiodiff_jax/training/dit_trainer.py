@@ -370,6 +370,34 @@ def train(
         trainer.step_flops / 1e12,
         cfg.train.num_steps,
     )
+    return run_loop(
+        cfg,
+        trainer,
+        mesh,
+        card,
+        workdir,
+        data_iter,
+        json_items,
+        step_timeout_s,
+        process_start,
+        make_evaluator,
+    )
+
+
+def run_loop(
+    cfg: Config,
+    trainer,
+    mesh: jax.sharding.Mesh,
+    card: DatasetCard,
+    workdir: str,
+    data_iter,
+    json_items: dict[str, dict],
+    step_timeout_s: float,
+    process_start: float | None,
+    make_evaluator: EvaluatorFactory | None,
+) -> loop.TrainResult:
+    """The shared loop over ``data_iter``'s batches, for any DiT-like trainer (training,
+    adapters, distillation): checkpoints with ``json_items``, evaluation by ``make_evaluator``."""
     return loop.run(
         trainer,
         lambda step: batch_lib.make_global_batch(next(data_iter), mesh),
