@@ -17,12 +17,7 @@ steps (``substeps = 2``): progressive distillation, one phase per halving.
 The recipe was measured on the demo model (BENCHMARKS.md, "Few-step students").
 """
 
-import dataclasses
-
-import ml_collections
-
 from audiodiff_jax.checkpoints import source
-from audiodiff_jax.core import config as config_lib
 
 
 def get_config(arg=None):
@@ -32,13 +27,8 @@ def get_config(arg=None):
             "(a run, a checkpoint step or an export; 'demo' is the shipped demo DiT)"
         )
     teacher = source.resolve(arg)
-    saved = source.WeightsSource(teacher).cfg
-    config = config_lib.default_configdict()
-    for section in ("model", "diffusion", "sample"):
-        config[section] = ml_collections.ConfigDict(dataclasses.asdict(getattr(saved, section)))
+    config, saved = source.configdict_like(teacher)
     config.model.guidance_input = True
-    config.data.window_frames = saved.data.window_frames
-    config.data.global_batch_size = saved.data.global_batch_size
     config.data.cfg_dropout = saved.data.cfg_dropout
     config.data.control_dropout = saved.data.control_dropout
     config.distill.teacher = teacher

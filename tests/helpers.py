@@ -25,6 +25,36 @@ def tiny_config(shards_dir: str, **changes) -> config_lib.Config:
     return config_lib.replace(cfg, **changes) if changes else cfg
 
 
+def random_export(cfg: config_lib.Config, out: str, seed: int, *, jitter: float = 0.05) -> str:
+    """An export (``audiodiff-export``'s folder) of ``cfg``'s model whose every parameter
+    is random: its init at ``seed`` plus ``jitter`` of noise, so that no layer starts at
+    zero (a trained model has none either). The card and tokenizer are its shards'."""
+    import dataclasses
+
+    import jax
+
+    from audiodiff_jax.checkpoints import export
+    from audiodiff_jax.data import loader
+    from audiodiff_jax.data.cards import DatasetCard
+    from audiodiff_jax.data.tokenizer import Tokenizer
+    from audiodiff_jax.model import make_model
+
+    params = make_model(cfg.model).init(jax.random.key(seed))
+    rng = np.random.default_rng(seed)
+    params = jax.tree.map(
+        lambda x: np.asarray(x) + jitter * rng.standard_normal(x.shape).astype(np.float32), params
+    )
+    card = DatasetCard.load(cfg.data.shards_dir)
+    items = {
+        "config": dataclasses.asdict(cfg),
+        "dataset_card": card.to_dict(),
+        "tokenizer": Tokenizer(loader.resolve_tokenizer_path(cfg.data, card)).to_json(),
+    }
+    return export.write(
+        str(out), params, weights="ema0.999", aliases=["ema"], step=0, source="random", json_items=items
+    )
+
+
 def write_shards(out_dir: str, *, num_clips: int = 48, latent_channels: int = 8, num_shards: int = 2) -> str:
     from data_pipeline import demo_shards
 

@@ -9,7 +9,6 @@ reference run that the program's interrupted and resumed run must equal bit for 
 and whose adapter the export and sampling tests use.
 """
 
-import dataclasses
 import json
 import os
 import shutil
@@ -27,10 +26,7 @@ from audiodiff_jax.core import sharding
 from audiodiff_jax.core.config import ConfigError, MeshConfig
 from audiodiff_jax.core.errors import GenerationError
 from audiodiff_jax.core.metrics import read_loss_history
-from audiodiff_jax.data import loader
-from audiodiff_jax.data.cards import DatasetCard
-from audiodiff_jax.data.tokenizer import Tokenizer
-from audiodiff_jax.model import adapters, make_model
+from audiodiff_jax.model import adapters
 from audiodiff_jax.programs import export_main
 from audiodiff_jax.sampling import generation
 from audiodiff_jax.training import adapter_trainer
@@ -39,6 +35,7 @@ from tests.helpers import (
     REPO,
     assert_trees_equal,
     bin_path,
+    random_export,
     read_state,
     tiny_config,
     wait_then_sigterm,
@@ -67,30 +64,12 @@ def shards(tmp_path_factory):
     return write_shards(str(tmp_path_factory.mktemp("shards")), num_clips=16)
 
 
-def _random_base(shards, out, seed):
-    """An export of a tiny model whose every parameter is random (none trained)."""
-    cfg = tiny_config(shards)
-    params = make_model(cfg.model).init(jax.random.key(seed))
-    rng = np.random.default_rng(seed)
-    params = jax.tree.map(
-        lambda x: np.asarray(x) + 0.05 * rng.standard_normal(x.shape).astype(np.float32), params
-    )
-    card = DatasetCard.load(shards)
-    items = {
-        "config": dataclasses.asdict(cfg),
-        "dataset_card": card.to_dict(),
-        "tokenizer": Tokenizer(loader.resolve_tokenizer_path(cfg.data, card)).to_json(),
-    }
-    return export.write(
-        str(out), params, weights="ema0.999", aliases=["ema"], step=0, source="random", json_items=items
-    )
-
-
 @pytest.fixture(scope="module")
 def base(shards, tmp_path_factory):
     """Two bases: the one the adapters are trained on, and another."""
     root = tmp_path_factory.mktemp("bases")
-    return _random_base(shards, root / "base", 0), _random_base(shards, root / "other", 1)
+    cfg = tiny_config(shards)
+    return random_export(cfg, root / "base", 0), random_export(cfg, root / "other", 1)
 
 
 def _adapter_args(base_run, shards, workdir):

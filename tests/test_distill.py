@@ -24,10 +24,7 @@ from audiodiff_jax.core import sharding
 from audiodiff_jax.core.config import ConfigError
 from audiodiff_jax.core.errors import GenerationError
 from audiodiff_jax.core.metrics import read_loss_history
-from audiodiff_jax.data import loader
 from audiodiff_jax.data.batch import Conditioning
-from audiodiff_jax.data.cards import DatasetCard
-from audiodiff_jax.data.tokenizer import Tokenizer
 from audiodiff_jax.diffusion import distill, objective, samplers
 from audiodiff_jax.model import make_model
 from audiodiff_jax.sampling import generation
@@ -38,6 +35,7 @@ from tests.helpers import (
     REPO,
     assert_trees_equal,
     bin_path,
+    random_export,
     read_state,
     tiny_config,
     wait_then_sigterm,
@@ -119,22 +117,7 @@ def _teacher_cfg(shards):
 @pytest.fixture(scope="module")
 def teacher(shards, tmp_path_factory):
     """An export of a tiny masked-context model whose every parameter is random."""
-    cfg = _teacher_cfg(shards)
-    params = make_model(cfg.model).init(jax.random.key(0))
-    rng = np.random.default_rng(0)
-    params = jax.tree.map(
-        lambda x: np.asarray(x) + 0.05 * rng.standard_normal(x.shape).astype(np.float32), params
-    )
-    card = DatasetCard.load(shards)
-    items = {
-        "config": dataclasses.asdict(cfg),
-        "dataset_card": card.to_dict(),
-        "tokenizer": Tokenizer(loader.resolve_tokenizer_path(cfg.data, card)).to_json(),
-    }
-    out = tmp_path_factory.mktemp("teacher") / "export"
-    return export.write(
-        str(out), params, weights="ema0.999", aliases=["ema"], step=0, source="random", json_items=items
-    )
+    return random_export(_teacher_cfg(shards), tmp_path_factory.mktemp("teacher") / "export", 0)
 
 
 def _args(teacher, shards, workdir):
@@ -258,23 +241,7 @@ def test_a_second_phase_halves_the_steps_of_a_student(student_run, shards, tmp_p
 
 
 def test_a_resumed_run_refuses_another_teacher(student_run, shards, tmp_path):
-    other = _teacher_cfg(shards)
-    params = make_model(other.model).init(jax.random.key(9))
-    card = DatasetCard.load(shards)
-    items = {
-        "config": dataclasses.asdict(other),
-        "dataset_card": card.to_dict(),
-        "tokenizer": Tokenizer(loader.resolve_tokenizer_path(other.data, card)).to_json(),
-    }
-    path = export.write(
-        str(tmp_path / "other"),
-        params,
-        weights="ema0.999",
-        aliases=["ema"],
-        step=0,
-        source="random",
-        json_items=items,
-    )
+    path = random_export(_teacher_cfg(shards), tmp_path / "other", 9, jitter=0.0)
     cfg = _cfg(path, shards)
     with pytest.raises(ConfigError, match="other weights .* than the teacher this run started on"):
         distill_trainer.train(cfg, student_run, mesh=_mesh(cfg))

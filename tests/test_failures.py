@@ -20,7 +20,7 @@ import time
 import pytest
 
 from audiodiff_jax.training import goodput, loop
-from tests.helpers import REPO, bin_path, last_logged_step, write_shards
+from tests.helpers import REPO, bin_path, last_logged_step
 from tests.test_resume import NUM_STEPS, _args, _compare_runs, _env
 
 pytestmark = pytest.mark.slow
@@ -33,8 +33,8 @@ SURVIVOR_EXIT_BOUND_S = 30
 
 
 @pytest.fixture(scope="module")
-def shards(tmp_path_factory):
-    return write_shards(str(tmp_path_factory.mktemp("shards")))
+def shards(resume_shards):
+    return resume_shards
 
 
 def _launch(shards, workdir, logdir, grace_s=300):
@@ -72,10 +72,8 @@ def _log(logdir, k):
     return open(os.path.join(logdir, f"process_{k}.log")).read()
 
 
-def test_dead_host_fails_cleanly_and_restart_resumes_exactly(shards, tmp_path):
-    full, crashed = str(tmp_path / "full"), str(tmp_path / "crashed")
-    p = _launch(shards, full, tmp_path / "logs_full", grace_s=20)
-    assert p.wait(timeout=600) == 0, _log(tmp_path / "logs_full", 0)[-3000:]
+def test_dead_host_fails_cleanly_and_restart_resumes_exactly(shards, two_full, tmp_path):
+    full, crashed = two_full, str(tmp_path / "crashed")  # the uninterrupted run: tests/conftest.py
 
     logs = tmp_path / "logs_a"
     p = _launch(shards, crashed, logs)

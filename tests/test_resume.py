@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from audiodiff_jax.core.metrics import read_loss_history
-from tests.helpers import REPO, assert_trees_equal, bin_path, read_state, wait_then_sigterm, write_shards
+from tests.helpers import REPO, assert_trees_equal, bin_path, read_state, wait_then_sigterm
 
 pytestmark = pytest.mark.slow
 
@@ -23,8 +23,8 @@ NUM_STEPS = 16
 
 
 @pytest.fixture(scope="module")
-def shards(tmp_path_factory):
-    return write_shards(str(tmp_path_factory.mktemp("shards")))
+def shards(resume_shards):
+    return resume_shards
 
 
 def _args(shards, workdir, mesh):
@@ -89,7 +89,7 @@ def test_sigterm_and_restart_is_bitwise_identical(shards, single_full, tmp_path)
     _compare_runs(full, resumed, stopped_at)
 
 
-def _launch(shards, workdir, logdir):
+def launch_two(shards, workdir, logdir):
     mesh = {"data": -1, "fsdp": 2, "sequence": 1, "tensor": 1}
     cmd = [
         sys.executable,
@@ -107,20 +107,10 @@ def _launch(shards, workdir, logdir):
     return subprocess.Popen(cmd, env=_env(4), cwd=REPO)
 
 
-@pytest.fixture(scope="module")
-def two_full(shards, tmp_path_factory):
-    """An uninterrupted run of two processes x 4 devices."""
-    tmp = tmp_path_factory.mktemp("two")
-    full = str(tmp / "full")
-    p = _launch(shards, full, tmp / "logs_full")
-    assert p.wait(timeout=600) == 0, open(tmp / "logs_full" / "process_1.log").read()[-3000:]
-    return full
-
-
 def test_two_processes_preempt_and_resume_exactly(shards, two_full, tmp_path):
     full, resumed = two_full, str(tmp_path / "resumed")
 
-    p = _launch(shards, resumed, tmp_path / "logs_a")
+    p = launch_two(shards, resumed, tmp_path / "logs_a")
     assert wait_then_sigterm(p, resumed, at_step=7) == 0, open(tmp_path / "logs_a" / "process_1.log").read()[
         -3000:
     ]
@@ -130,7 +120,7 @@ def test_two_processes_preempt_and_resume_exactly(shards, two_full, tmp_path):
     iters = os.listdir(os.path.join(resumed, "checkpoints", str(stopped_at), "data_iter"))
     assert len([f for f in iters if "process" in f]) == 2, iters
 
-    p = _launch(shards, resumed, tmp_path / "logs_b")
+    p = launch_two(shards, resumed, tmp_path / "logs_b")
     assert p.wait(timeout=600) == 0, open(tmp_path / "logs_b" / "process_1.log").read()[-3000:]
     _compare_runs(full, resumed, stopped_at)
 

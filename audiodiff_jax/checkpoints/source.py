@@ -15,7 +15,9 @@ the project is asked here, and nowhere else:
 - :meth:`WeightsSource.identity` names a weight set by its content hash: what an
   adapter records of its base, and what sampling checks an adapter against;
 - :func:`open_adapter` reads an adapter from its exported folder
-  (``adapter_export.py``) or from an adapter run's checkpoint.
+  (``adapter_export.py``) or from an adapter run's checkpoint;
+- :func:`configdict_like` starts the config of a run built on saved weights (an
+  adapter run on its base, a distillation on its teacher).
 
 The sampler itself (``audiodiff_jax/sampling/generation.py``) takes the result as
 arrays and objects and never reads a path.
@@ -363,6 +365,24 @@ def restore_params(
     return checkpointing.restore_params(
         path, abstract_params, use_ema=use_ema, weights=weights, required_items=required_items
     )
+
+
+def configdict_like(path: str):
+    """The default config with what a run on the weights at ``path`` must share with them:
+    the model, diffusion and sampling sections and the training window and batch (a
+    run's workdir or step, an export, or shipped weights' name). Returns the
+    ``ml_collections.ConfigDict`` and the saved :class:`config_lib.Config`."""
+    import dataclasses
+
+    import ml_collections
+
+    saved = WeightsSource(path).cfg
+    config = config_lib.default_configdict()
+    for section in ("model", "diffusion", "sample"):
+        config[section] = ml_collections.ConfigDict(dataclasses.asdict(getattr(saved, section)))
+    config.data.window_frames = saved.data.window_frames
+    config.data.global_batch_size = saved.data.global_batch_size
+    return config, saved
 
 
 def _is_adapter_run(path: str) -> tuple[epath.Path, int, config_lib.Config] | None:
