@@ -19,8 +19,10 @@ folder the README's commands run in):
    held-out captions with no adapter and the adapter at 0.5 and 1, the merged export),
    each timed: wall and CPU seconds, peak RSS.
 3. ``pairings``: the demo's 24 held-out pairings (``launch/demo_prompts.py``) sampled
-   with no adapter and the adapter at 0 and 1, at the demo's settings (12 s, seed 0,
-   guidance 4, DPM++(2M) 50 steps).
+   with no adapter and the adapter at 0 and 1 (12 s, DPM++(2M) 50 steps) at the guidance
+   of ``--pairings_guidance`` (3, at which the README samples with adapters) and the seeds
+   of ``--pairings_seeds`` (0, 1, 2: 72 songs a stack, as one seed's figure moves by 4
+   points a song).
 4. ``cost``: the adapter run against a full fine-tune (``configs/demo.py:continue`` from
    the same weights on the same latents), ``--cost_steps`` steps each: step time (mean
    of the logged steps after the first log) and peak RSS; the time to merge the adapter
@@ -68,6 +70,12 @@ _TRAIN = flags.DEFINE_integer("train_clips", 32, "Renders to train the adapter o
 _HELDOUT = flags.DEFINE_integer("heldout_clips", 24, "Held-out renders (the reference).")
 _SECONDS = flags.DEFINE_float("seconds", 12.0, "Seconds per render.")
 _COST_STEPS = flags.DEFINE_integer("cost_steps", 60, "Steps of each run of the cost stage.")
+_PAIRINGS_GUIDANCE = flags.DEFINE_float(
+    "pairings_guidance", 3.0, "Guidance of the pairings stage: the README's for sampling with adapters."
+)
+_PAIRINGS_SEEDS = flags.DEFINE_list(
+    "pairings_seeds", ["0", "1", "2"], "Seeds of the pairings stage (24 songs each; one song is 4 points)."
+)
 _STAGES = flags.DEFINE_list("stages", ["all"], f"Stages to run: all or some of {', '.join(STAGES)}.")
 
 
@@ -257,12 +265,21 @@ def measure(out: str, timings: dict) -> dict:
     by_stack: dict[str, list[dict]] = {}
     for r in rows:
         by_stack.setdefault(r["adapters"], []).append(r)
-    base_audio = {r["prompt"]: open(os.path.join(demo, r["file"]), "rb").read() for r in by_stack[""]}
+    base_audio = {
+        (r["prompt"], r["seed"]): open(os.path.join(demo, r["file"]), "rb").read() for r in by_stack[""]
+    }
     adherence, identical = {}, {}
     for stack, srows in by_stack.items():
-        prompt_rows = demo_prompts.prompt_rows([metrics[r["file"]] for r in srows])
-        adherence[stack or "base"] = demo_prompts.accuracies(prompt_rows)
-        same = sum(open(os.path.join(demo, r["file"]), "rb").read() == base_audio[r["prompt"]] for r in srows)
+        per_seed = {}
+        for seed in sorted({r["seed"] for r in srows}):
+            seed_rows = [metrics[r["file"]] for r in srows if r["seed"] == seed]
+            per_seed[seed] = demo_prompts.accuracies(demo_prompts.prompt_rows(seed_rows))
+        every = demo_prompts.accuracies(demo_prompts.prompt_rows([metrics[r["file"]] for r in srows]))
+        adherence[stack or "base"] = {**every, "per_seed": per_seed}
+        same = sum(
+            open(os.path.join(demo, r["file"]), "rb").read() == base_audio[(r["prompt"], r["seed"])]
+            for r in srows
+        )
         identical[stack or "base"] = f"{same}/{len(srows)}"
     result["demo_heldout_adherence"] = adherence
     result["songs_identical_to_base"] = identical
@@ -304,7 +321,8 @@ def main(argv):
                 "--out=samples_pairings",
                 "--prompts_file=pairings.jsonl",
                 "--seconds=12",
-                "--guidance=4",
+                f"--guidance={_PAIRINGS_GUIDANCE.value:g}",
+                f"--seeds={','.join(_PAIRINGS_SEEDS.value)}",
                 "--batch_size=8",
                 "--eval=false",
                 "--adapters=none",
