@@ -319,7 +319,7 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(base, shards, adapter_f
                 f"--config.data.shards_dir={shards}",
                 "--config.adapters.rank=65",
             ],
-            "adapters.rank=65 is larger than self_attn.query can use",
+            "adapters.rank=65 is larger than mlp.fc1 can use",  # configs/adapter.py: the MLP
             tmp_path / "w_rank",
         ),
         "codec": (
