@@ -1,7 +1,12 @@
-"""Test setup: CPU with 8 fake devices, set before jax is imported anywhere; the runs
-that several test modules compare against, made once per session."""
+"""Test setup: CPU with 8 fake devices, set before jax is imported anywhere; one
+persistent compilation cache for the session (in this process and the programs the tests
+launch, which inherit the environment: the same tiny programs compile once, not once a
+test); the runs that several test modules compare against, made once per session."""
 
+import atexit
 import os
+import shutil
+import tempfile
 
 import pytest
 
@@ -9,6 +14,12 @@ os.environ["XLA_FLAGS"] = (
     os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
 ).strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+    _cache = tempfile.mkdtemp(prefix="audiodiff-jax-test-cache-")
+    atexit.register(shutil.rmtree, _cache, ignore_errors=True)
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = _cache
+    os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
+    os.environ["JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"] = "0"
 
 
 @pytest.fixture(scope="session")
