@@ -5,7 +5,8 @@ One module run (``configs/tiny.py``, 8 steps, checkpoints at steps 4 and 8) trai
 ``audiodiff-train``; every test works on copies of it. Damage is what an operator meets
 as bit rot: 16 bytes flipped in the middle of the largest data file of a step (which
 Orbax reads back without complaint) or of an export's tensor file. The subprocesses
-share a JAX compilation cache in a module folder, so only the first one compiles.
+share the session's JAX compilation cache (tests/conftest.py), so only the first one
+compiles.
 """
 
 import hashlib
@@ -37,16 +38,12 @@ CODEC = "--codec=tests.test_generation:make_codec"
 
 
 @pytest.fixture(scope="module")
-def env(tmp_path_factory):
-    cache = tmp_path_factory.mktemp("jax_cache")
+def env():
     return {
         **os.environ,
         "PYTHONPATH": REPO,
         "XLA_FLAGS": "--xla_force_host_platform_device_count=8",
         "JAX_PLATFORMS": "cpu",
-        "JAX_COMPILATION_CACHE_DIR": str(cache),
-        "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
-        "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0",
     }
 
 

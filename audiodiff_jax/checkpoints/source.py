@@ -25,10 +25,12 @@ arrays and objects and never reads a path.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Sequence
 from typing import Any, NamedTuple
 
+import ml_collections
 from absl import logging
 from etils import epath
 
@@ -372,10 +374,6 @@ def configdict_like(path: str):
     the model, diffusion and sampling sections and the training window and batch (a
     run's workdir or step, an export, or shipped weights' name). Returns the
     ``ml_collections.ConfigDict`` and the saved :class:`config_lib.Config`."""
-    import dataclasses
-
-    import ml_collections
-
     saved = WeightsSource(path).cfg
     config = config_lib.default_configdict()
     for section in ("model", "diffusion", "sample"):
