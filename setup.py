@@ -102,6 +102,7 @@ setup(
             "audiodiff-compile=audiodiff_jax.programs.compile_main:run",
             "audiodiff-sample=audiodiff_jax.programs.sample_main:run",
             "audiodiff-export=audiodiff_jax.programs.export_main:run",
+            "audiodiff-calibrate=audiodiff_jax.programs.calibrate_main:run",
             "audiodiff-eval=audiodiff_jax.programs.eval_main:run",
             "audiodiff-scrub=audiodiff_jax.programs.scrub_main:run",
             "audiodiff-serve=audiodiff_jax.programs.serve_main:run",

@@ -14,7 +14,10 @@ A teacher that samples with classifier-free guidance gives an 8-step student (4 
 DDIM steps per student step); a teacher that is itself a student gives one of half its
 steps (``substeps = 2``): progressive distillation, one phase per halving.
 
-The recipe was measured on the demo model (BENCHMARKS.md, "Few-step students").
+After training, ``audiodiff-calibrate`` fits the student's guidance input to the teacher
+on captions it trained on (``distill.guidance_offset``: a few-step student tends to sound
+like its teacher at a lower scale). The recipe was measured on the demo model
+(BENCHMARKS.md, "Few-step students").
 """
 
 from audiodiff_jax.checkpoints import source
@@ -36,8 +39,10 @@ def get_config(arg=None):
         config.distill.steps = max(saved.distill.steps // 2, 1)
         config.distill.substeps = saved.distill.steps // config.distill.steps
         config.distill.schedule = saved.distill.schedule
-        config.distill.guidance_min = saved.distill.guidance_min
-        config.distill.guidance_max = saved.distill.guidance_max
+        # The scales the teacher-student accepts (its trained range, calibrated).
+        low, high = saved.distill.requested_range()
+        config.distill.guidance_min = low
+        config.distill.guidance_max = high
     else:
         config.distill.steps = 8
         config.distill.substeps = 4

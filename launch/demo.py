@@ -421,7 +421,8 @@ def few_step_rows(teacher_dir: str, student_dir: str, rows: list, codec, teacher
             {
                 "model": model,
                 "sampler": f"{first['steps']} {first['sampler']} steps"
-                + (f", {first['distillation']} distillation" if first.get("distillation") else ", guided"),
+                + (f", {first['distillation']} distillation" if first.get("distillation") else ", guided")
+                + (f", guidance input {first['guidance_offset']:+g}" if first.get("guidance_offset") else ""),
                 "model_evals": float(np.mean([r["model_evals"] for r in made])),
                 "seconds_per_song": float(np.mean([x["denoise_s_per_output"] + x["decode_s"] for x in t])),
                 **{k: float(acc[k]) for k in ("key", "tempo", "onsets")},

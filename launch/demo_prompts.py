@@ -58,6 +58,26 @@ def held_out_rows(controls: bool) -> list[dict]:
     return [_row(c, controls) for c in corpus_prompts.held_out_prompts()]
 
 
+TRAINING_CLIPS = 768  # the prompted corpus the demo DiT trained on (seed 0, clips 0-767)
+
+
+def training_rows(controls: bool, count: int = 48, seed: int = 0) -> list[dict]:
+    """Prompt rows of ``count`` clips the demo DiT trained on, spread over its corpus: what
+    its student's guidance input is calibrated on (``audiodiff-calibrate``), never the
+    held-out pairings it is judged on."""
+    every = TRAINING_CLIPS // count
+    return [
+        _row(corpus_prompts.training_choice(seed, i)[0], controls) for i in range(0, every * count, every)
+    ]
+
+
+def write_training_rows(path: str, count: int = 48) -> str:
+    """:func:`training_rows` (with controls, as the demo DiT takes them) as a JSONL prompts file."""
+    with open(path, "w", encoding="utf-8") as f:
+        f.writelines(json.dumps(row) + "\n" for row in training_rows(True, count))
+    return path
+
+
 def tempo_order_rows(count: int = 12) -> list[dict]:
     """``count`` held-out pairings without their tempo in the caption ("piano and drums
     in D minor"), each asked at 80 and at 162 bpm through the tempo control."""

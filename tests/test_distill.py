@@ -9,6 +9,7 @@ the program's interrupted and resumed run must equal bit for bit.
 """
 
 import dataclasses
+import json
 import math
 import os
 import subprocess
@@ -28,7 +29,7 @@ from audiodiff_jax.data.batch import Conditioning
 from audiodiff_jax.diffusion import distill, objective, samplers
 from audiodiff_jax.model import make_model
 from audiodiff_jax.sampling import generation
-from audiodiff_jax.sweeps import sweep
+from audiodiff_jax.sweeps import calibrate, sweep
 from audiodiff_jax.training import distill_trainer
 from configs import distill as distill_config
 from tests.helpers import (
@@ -296,3 +297,70 @@ def test_a_student_samples_windowed_songs_and_continuations_in_one_evaluation_a_
     rows = {r["distillation"]: r for r in sweep.read_manifest(os.path.join(out, sweep.MANIFEST))[0].values()}
     t, s = rows[""], rows["progressive"]
     assert t["model_evals"] == t["windows"] * t["steps"] * 2 and s["model_evals"] == s["windows"] * 4
+
+
+# ---------------------------------------------------------------------------
+# Calibrating a student's guidance input (audiodiff-calibrate)
+
+
+def test_a_calibrated_student_is_given_the_scale_asked_for_plus_its_offset(student_run, teacher, tmp_path):
+    out = calibrate.write_calibrated(student_run, str(tmp_path / "calibrated"), {"offset": 1.0})
+    src, cal = source.WeightsSource(student_run), source.WeightsSource(out)
+    assert cal.cfg.distill.guidance_offset == 1.0 and export.read_meta(out)["calibration"] == {"offset": 1.0}
+    assert cal.identity(None, cal.default_weights())["hash"] == src.identity(None, "ema")["hash"]
+    assert cal.cfg.distill.requested_range() == (1.0, 5.0)
+    assert all(1.0 <= g <= 5.0 for g in cal.cfg.sample.guidance)
+    codec = LinearCodec(src.card.codec.latent_channels)
+    gen, _ = generation.open_generator(src, codec, weights="ema")
+    gen_cal, _ = generation.open_generator(cal, codec)
+    p = generation.SampleParams.from_section("a song", gen.sample, seconds=2.0, guidance=4.0)
+    want = gen.generate_latents([p]).latents[0]
+    np.testing.assert_array_equal(
+        gen_cal.generate_latents([dataclasses.replace(p, guidance=3.0)]).latents[0], want
+    )
+    with pytest.raises(
+        GenerationError, match=r"guidance=5.5: .* trained for guidance 1 to 5 \(its inputs 1 to 6"
+    ):
+        gen_cal.check(dataclasses.replace(p, guidance=5.5))
+    # Its next phase draws the scales it accepts (and gives it each plus its offset).
+    cd = distill_config.get_config(out)
+    assert (cd.distill.guidance_min, cd.distill.guidance_max, cd.distill.guidance_offset) == (1.0, 5.0, 0.0)
+    with pytest.raises(calibrate.CalibrationError, match="not a distilled student"):
+        calibrate.open_student(teacher)
+    with pytest.raises(calibrate.CalibrationError, match="exists and is not empty"):
+        calibrate.write_calibrated(student_run, out, {"offset": 0.0})
+
+
+def test_the_calibration_program_finds_the_offset_that_reproduces_the_teacher(student_run, tmp_path):
+    """The "teacher" is the uncalibrated student, the student its copy calibrated by +1:
+    the copy reproduces the teacher's songs exactly at offset 0 (its input 3 + 0), and
+    the fit must find that among the candidates (the one outside its inputs left out)."""
+    plus1 = calibrate.write_calibrated(student_run, str(tmp_path / "plus1"), {"offset": 1.0})
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": f"song number {i}"}) + "\n" for i in range(4)))
+    out, fitted = tmp_path / "fit", tmp_path / "fitted"
+    proc = subprocess.run(
+        [
+            bin_path("audiodiff-calibrate"),
+            f"--student={plus1}",
+            f"--teacher={student_run}",
+            f"--prompts={prompts}",
+            f"--out={out}",
+            f"--export={fitted}",
+            "--guidance=3",
+            "--offsets=-1,0,1,9",
+            "--seconds=2",
+            "--codec=tests.test_generation:make_codec",
+        ],
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads((out / calibrate.RESULT).read_text())
+    assert result["offset"] == 0.0 and list(result["distance_by_offset"]) == ["-1", "0", "1"]
+    d = result["distance_by_offset"]
+    assert d["0"] < 1e-3 * min(d["-1"], d["1"]) and result["teacher_seed_distance"] > 0
+    assert (out / calibrate.PLOT).stat().st_size > 0 and "offset +0" in proc.stdout
+    assert source.WeightsSource(str(fitted)).cfg.distill.guidance_offset == 0.0

@@ -302,6 +302,14 @@ class DistillConfig:
     schedule: str = "uniform"  # the time grid of both (samplers.time_grid, diffusion.schedule_shift)
     guidance_min: float = 1.0
     guidance_max: float = 6.0
+    # Added to the guidance scale a user asks a trained student for, before it enters the
+    # student: the calibration fitted after training (``audiodiff-calibrate``) on captions
+    # it trained on. The scales it accepts are [guidance_min, guidance_max] minus it.
+    guidance_offset: float = 0.0
+
+    def requested_range(self) -> tuple[float, float]:
+        """The guidance scales a user may ask this student for (the trained range, calibrated)."""
+        return max(self.guidance_min - self.guidance_offset, 1.0), self.guidance_max - self.guidance_offset
 
 
 @dataclasses.dataclass(frozen=True)
@@ -388,6 +396,7 @@ FIELDS_ADDED_LATER = {
     "model.latent_rate",
     "model.guidance_input",
     "distill.teacher_sampler",
+    "distill.guidance_offset",
     "data.control_dropout",
     "sample.bpm",
     "sample.key",
@@ -674,6 +683,11 @@ def validate_distill(d: DistillConfig) -> None:
     _check(
         1.0 <= d.guidance_min <= d.guidance_max,
         f"distill.guidance_min={d.guidance_min}, guidance_max={d.guidance_max}: need 1 <= min <= max",
+    )
+    _check(
+        math.isfinite(d.guidance_offset) and d.guidance_max - d.guidance_offset >= 1.0,
+        f"distill.guidance_offset={d.guidance_offset}: the scales it leaves a user "
+        f"(guidance_max - offset = {d.guidance_max - d.guidance_offset:g}) must reach 1",
     )
     _check(
         not d.teacher_weights or re.fullmatch(WEIGHTS_PATTERN, d.teacher_weights) is not None,

@@ -505,10 +505,16 @@ class Generator:
         if wrong:
             name, value, want = wrong[0]
             raise GenerationError(f"{name}={value!r}: {what}; it samples with {name}={want!r}")
-        if not d.guidance_min <= p.guidance <= d.guidance_max:
+        low, high = d.requested_range()
+        if not low <= p.guidance <= high:
+            calibrated = (
+                f" (its inputs {d.guidance_min:g} to {d.guidance_max:g}, calibrated by "
+                f"distill.guidance_offset={d.guidance_offset:g})"
+                if d.guidance_offset
+                else ""
+            )
             raise GenerationError(
-                f"guidance={p.guidance:g}: {what} trained for guidance "
-                f"{d.guidance_min:g} to {d.guidance_max:g}"
+                f"guidance={p.guidance:g}: {what} trained for guidance {low:g} to {high:g}{calibrated}"
             )
 
     def model_evals(self, p: SampleParams, windows: int) -> int:
@@ -522,6 +528,11 @@ class Generator:
     def distillation(self) -> str:
         """How the model was made, for manifests: ``progressive`` for a distilled student, else ""."""
         return self.cfg.distill.method if self.student else ""
+
+    @property
+    def guidance_offset(self) -> float:
+        """What a student adds to the scale asked for (``distill.guidance_offset``; 0 otherwise)."""
+        return float(self.cfg.distill.guidance_offset) if self.student else 0.0
 
     def check_controls(self, p: SampleParams) -> None:
         """A musical control the model does not take is an error; a value outside what its
@@ -701,7 +712,8 @@ class Generator:
         )
         tok_c = np.stack([self.tokens(p.prompt) for p in rows])
         tok_u = np.stack([self.tokens(p.negative_prompt) for p in rows])
-        scale = np.asarray([p.guidance for p in rows], np.float32)
+        # A student's scale is its guidance input, calibrated (distill.guidance_offset).
+        scale = np.asarray([p.guidance + self.guidance_offset for p in rows], np.float32)
         rescale = np.asarray([p.guidance_rescale for p in rows], np.float32)
         eta = np.asarray([p.eta for p in rows], np.float32)
         total = np.asarray([p.seconds for p in rows], np.float32)

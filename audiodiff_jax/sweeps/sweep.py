@@ -578,6 +578,7 @@ def _run_batch(
                 # ("progressive" for a distilled student, "" for a trained model).
                 "model_evals": gen.model_evals(it.params, res.windows),
                 "distillation": gen.distillation,
+                "guidance_offset": gen.guidance_offset,  # a calibrated student's input: guidance + it
                 **seam_ratios(gen, lat, audio),
                 "audio_seconds": audio.shape[-1] / card.sample_rate,
                 "sample_rate": card.sample_rate,

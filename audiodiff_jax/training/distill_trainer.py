@@ -29,7 +29,10 @@ only, and, as the JSON item ``distill``, the method, its grid and the teacher's 
 (name and content hash); a resumed run refuses a teacher whose hash differs.
 
 The student starts as the teacher (its guidance embedder at zero output, so it first
-predicts the teacher's conditional v). Its config's sample section is set to what it
+predicts the teacher's conditional v). After training, ``audiodiff-calibrate``
+(``sweeps/calibrate.py``) may set ``distill.guidance_offset``: what sampling adds to the
+scale asked for before it enters the student, and what a next phase adds to the scale it
+gives a student-teacher. Its config's sample section is set to what it
 was trained for (``ddim``, ``distill.steps``, ``distill.schedule``): a checkpoint or
 export of it samples right by default, and ``Generator.check`` refuses other steps.
 """
@@ -65,11 +68,20 @@ def teacher_is_student(teacher_cfg: Config) -> bool:
 
 
 def make_distill_step(
-    cfg: Config, student_fns, teacher_fns, tx, schedule, *, uncond_tokens: np.ndarray, guided_teacher: bool
+    cfg: Config,
+    student_fns,
+    teacher_fns,
+    tx,
+    schedule,
+    *,
+    uncond_tokens: np.ndarray,
+    guided_teacher: bool,
+    teacher_offset: float = 0.0,
 ):
     """Builds ``step(state, batch, teacher_params) -> (state, metrics)`` (module docstring).
 
-    ``uncond_tokens [L]``: the empty caption, the unconditional branch of a guided teacher."""
+    ``uncond_tokens [L]``: the empty caption, the unconditional branch of a guided teacher;
+    ``teacher_offset``: a student-teacher's calibration (``distill.guidance_offset``)."""
     d = cfg.distill
     _, fine = distill.grids(d.steps, d.substeps, schedule=d.schedule, shift=cfg.diffusion.schedule_shift)
     fine = jnp.asarray(fine)
@@ -101,8 +113,9 @@ def make_distill_step(
                 scale_b=w,
                 rescale_b=jnp.zeros_like(w),
             )
-        else:
-            denoise = lambda z, tt: teacher_fns.apply(teacher, z, tt, cond._replace(guidance=w))
+        else:  # a student as it samples: its input is the scale asked for, calibrated
+            w_in = w + teacher_offset
+            denoise = lambda z, tt: teacher_fns.apply(teacher, z, tt, cond._replace(guidance=w_in))
         z_s = distill.teacher_steps(
             denoise, z_t, times, known=known, method=d.teacher_sampler if guided_teacher else "ddim"
         )
@@ -154,6 +167,7 @@ class DistillTrainer(dit_trainer.Trainer):
             self.schedule,
             uncond_tokens=uncond_tokens,
             guided_teacher=guided,
+            teacher_offset=float(teacher_cfg.distill.guidance_offset) if not guided else 0.0,
         )
         with jax.set_mesh(mesh):
             self.train_step = jax.jit(
@@ -192,6 +206,7 @@ class DistillTrainer(dit_trainer.Trainer):
 def student_config(cfg: Config) -> Config:
     """``cfg`` with the sample section set to what the student is trained for (module docstring)."""
     d = cfg.distill
+    low, high = d.requested_range()
     return config_lib.replace(
         cfg,
         sample=config_lib.replace(
@@ -202,8 +217,8 @@ def student_config(cfg: Config) -> Config:
             eta=0.0,
             guidance_rescale=(0.0,),
             negative_prompt="",
-            guidance=tuple(g for g in cfg.sample.guidance if d.guidance_min <= g <= d.guidance_max)
-            or (min(max(cfg.sample.guidance[0], d.guidance_min), d.guidance_max),),
+            guidance=tuple(g for g in cfg.sample.guidance if low <= g <= high)
+            or (min(max(cfg.sample.guidance[0], low), high),),
         ),
     )
 
@@ -220,10 +235,11 @@ def check_teacher(cfg: Config, teacher: adapter_trainer.Base) -> None:
                 f"{d.steps * d.substeps} {d.schedule} steps "
                 f"(set distill.substeps={max(td.steps // d.steps, 1)})"
             )
-        if not (td.guidance_min <= d.guidance_min and d.guidance_max <= td.guidance_max):
+        low, high = td.requested_range()
+        if not (low <= d.guidance_min and d.guidance_max <= high):
             raise ConfigError(
                 f"distill.guidance_min/max=[{d.guidance_min:g}, {d.guidance_max:g}] reaches beyond the "
-                f"teacher's [{td.guidance_min:g}, {td.guidance_max:g}]"
+                f"teacher's [{low:g}, {high:g}]"
             )
     try:
         distill.grids(d.steps, d.substeps, schedule=d.schedule, shift=cfg.diffusion.schedule_shift)
