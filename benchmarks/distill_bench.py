@@ -1,10 +1,11 @@
 r"""Few-step students against their teacher, side by side in one process on one machine.
 
     PYTHONPATH=. JAX_PLATFORMS=cpu .venv/bin/python benchmarks/distill_bench.py \
-        --teacher=demo --student=demo_student8 --student=demo_student4 --out=/tmp/distill_bench
+        --teacher=demo --student=demo_student --student=runs/student4_calibrated --out=/tmp/distill_bench
 
 For the teacher (its 50 DPM++(2M) steps with classifier-free guidance, as the demo
-samples) and each student (its own DDIM steps, one evaluation each), on the demo's 24
+samples) and each student (its own DDIM steps, one evaluation each; a calibrated one,
+``audiodiff-calibrate``, given the scale plus its offset), on the demo's 24
 held-out prompt pairings (``launch/demo_prompts.held_out_rows``: each key with the
 tempo it never has in training, so never trained on), 12 s each, guidance 4:
 
@@ -79,6 +80,14 @@ def _make(model: str, rows: list, out: str, seed: int, seconds: float, teacher: 
     }
 
 
+def _name(student: str) -> str:
+    """``student8``, or ``student8_offset+1.25`` for a calibrated one (``distill.guidance_offset``)."""
+    from audiodiff_jax.checkpoints import source
+
+    d = source.WeightsSource(source.resolve(student)).cfg.distill
+    return f"student{d.steps}" + (f"_offset{d.guidance_offset:+g}" if d.guidance_offset else "")
+
+
 def main(argv):
     del argv
     from audiodiff_jax.checkpoints import source
@@ -93,10 +102,9 @@ def main(argv):
     controls = bool(source.WeightsSource(teacher).cfg.model.controls)
     held = demo_prompts.held_out_rows(controls)
     songs = held[: _NUM_SONGS.value]
-    models = [("teacher", teacher, True)] + [
-        (f"student{source.WeightsSource(source.resolve(s)).cfg.distill.steps}", source.resolve(s), False)
-        for s in _STUDENTS.value
-    ]
+    models = [("teacher", teacher, True)] + [(_name(s), source.resolve(s), False) for s in _STUDENTS.value]
+    if len({name for name, _, _ in models}) < len(models):
+        raise app.UsageError(f"--student: two students of the same steps and calibration: {_STUDENTS.value}")
     result = {"guidance": _GUIDANCE.value, "seconds": _SECONDS.value, "models": {}}
     seeds = [int(x) for x in _SEEDS.value]
     if seeds[:2] != [0, 1]:

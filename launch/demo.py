@@ -34,7 +34,7 @@ import numpy as np
 from absl import flags, logging
 
 import audiodiff_jax
-from audiodiff_jax.checkpoints import export
+from audiodiff_jax.checkpoints import export, source
 from audiodiff_jax.codec import load_codec
 from audiodiff_jax.core import config as config_lib
 from audiodiff_jax.core import paths, report
@@ -299,7 +299,19 @@ def main(argv):
     timings["held-out prompts"] = time.time() - t
 
     few_step = None
-    if export.is_export(DEMO_STUDENT):
+    low, high = (
+        source.WeightsSource(DEMO_STUDENT).cfg.distill.requested_range()
+        if export.is_export(DEMO_STUDENT)
+        else (0, 0)
+    )
+    if export.is_export(DEMO_STUDENT) and not low <= _GUIDANCE.value <= high:
+        logging.warning(
+            "[4b/6] no few-step row: the shipped student accepts guidance %g to %g, not --guidance=%g",
+            low,
+            high,
+            _GUIDANCE.value,
+        )
+    elif export.is_export(DEMO_STUDENT):
         t = time.time()
         logging.info(
             "[4b/6] the same %d prompts from the shipped few-step student %s", len(heldout), DEMO_STUDENT
