@@ -299,25 +299,22 @@ def main(argv):
     timings["held-out prompts"] = time.time() - t
 
     few_step = None
-    low, high = (
-        source.WeightsSource(DEMO_STUDENT).cfg.distill.requested_range()
-        if export.is_export(DEMO_STUDENT)
-        else (0, 0)
-    )
-    if export.is_export(DEMO_STUDENT) and not low <= _GUIDANCE.value <= high:
-        logging.warning(
-            "[4b/6] no few-step row: the shipped student accepts guidance %g to %g, not --guidance=%g",
-            low,
-            high,
-            _GUIDANCE.value,
-        )
-    elif export.is_export(DEMO_STUDENT):
-        t = time.time()
-        logging.info(
-            "[4b/6] the same %d prompts from the shipped few-step student %s", len(heldout), DEMO_STUDENT
-        )
-        few_step = few_step_rows(prompts_dir, os.path.join(out, "heldout_student"), heldout, codec, acc)
-        timings["few-step student"] = time.time() - t
+    if export.is_export(DEMO_STUDENT):
+        low, high = source.WeightsSource(DEMO_STUDENT).cfg.distill.requested_range()
+        if low <= _GUIDANCE.value <= high:
+            t = time.time()
+            logging.info(
+                "[4b/6] the same %d prompts from the shipped few-step student %s", len(heldout), DEMO_STUDENT
+            )
+            few_step = few_step_rows(prompts_dir, os.path.join(out, "heldout_student"), heldout, codec, acc)
+            timings["few-step student"] = time.time() - t
+        else:
+            logging.warning(
+                "[4b/6] no few-step row: the shipped student accepts guidance %g to %g, not --guidance=%g",
+                low,
+                high,
+                _GUIDANCE.value,
+            )
 
     t = time.time()
     full = heldout[: _NUM_SONGS.value]

@@ -311,6 +311,12 @@ class DistillConfig:
         """The guidance scales a user may ask this student for (the trained range, calibrated)."""
         return max(self.guidance_min - self.guidance_offset, 1.0), self.guidance_max - self.guidance_offset
 
+    def accepted_guidance(self, scales: typing.Sequence[float]) -> tuple[float, ...]:
+        """``scales`` (a sample section's defaults) kept to :meth:`requested_range`; the
+        first clamped into it when none is inside."""
+        low, high = self.requested_range()
+        return tuple(g for g in scales if low <= g <= high) or (min(max(scales[0], low), high),)
+
 
 @dataclasses.dataclass(frozen=True)
 class ProfileConfig:

@@ -25,6 +25,7 @@ byte (the same content hash).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -187,11 +188,10 @@ def write_calibrated(student: str, out: str, result: dict[str, Any]) -> str:
     config_path = os.path.join(tmp, "config.json")
     with open(config_path, encoding="utf-8") as f:
         config = json.load(f)
-    config["distill"]["guidance_offset"] = float(result["offset"])
+    calibrated = dataclasses.replace(src.cfg.distill, guidance_offset=float(result["offset"]))
+    config["distill"]["guidance_offset"] = calibrated.guidance_offset
     # Its default scales, those of the calibrated range (as distill_trainer.student_config).
-    low, high = config_lib.from_configdict(config).distill.requested_range()
-    asked = config["sample"]["guidance"]
-    config["sample"]["guidance"] = [g for g in asked if low <= g <= high] or [min(max(asked[0], low), high)]
+    config["sample"]["guidance"] = list(calibrated.accepted_guidance(config["sample"]["guidance"]))
     config_lib.from_configdict(config)  # still a valid config
     with open(config_path, "w", encoding="utf-8") as f:
         json.dump(config, f, indent=1, sort_keys=True)

@@ -206,7 +206,6 @@ class DistillTrainer(dit_trainer.Trainer):
 def student_config(cfg: Config) -> Config:
     """``cfg`` with the sample section set to what the student is trained for (module docstring)."""
     d = cfg.distill
-    low, high = d.requested_range()
     return config_lib.replace(
         cfg,
         sample=config_lib.replace(
@@ -217,8 +216,7 @@ def student_config(cfg: Config) -> Config:
             eta=0.0,
             guidance_rescale=(0.0,),
             negative_prompt="",
-            guidance=tuple(g for g in cfg.sample.guidance if low <= g <= high)
-            or (min(max(cfg.sample.guidance[0], low), high),),
+            guidance=d.accepted_guidance(cfg.sample.guidance),
         ),
     )
 
